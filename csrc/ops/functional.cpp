@@ -1,0 +1,73 @@
+// The allocating forms of the ops: check shapes, allocate the outputs, call the *_out op.
+// One implementation, registered for every backend that has the *_out kernels.
+#include <torch/library.h>
+
+#include "mage/ops.h"
+#include "ops/checks.h"
+
+namespace mage {
+namespace {
+
+using T = const at::Tensor&;
+using Scale = std::optional<double>;
+
+std::tuple<at::Tensor, at::Tensor> allocate_out_lse(const AttentionDims& d, T q) {
+  return {at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous)),
+          at::empty({d.batch, d.hq, d.block}, q.options().dtype(at::kFloat))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_scores_impl(
+    T q, T k_cache, T v_cache, T cache_lens, T k_block, T v_block, Scale scale) {
+  const auto d = check_attention_inputs("mage.attention_with_scores", q, k_cache, v_cache,
+                                        k_block, v_block, scale);
+  auto [out, lse] = allocate_out_lse(d, q);
+  auto scores = at::empty({d.batch, d.hkv, d.capacity}, q.options().dtype(at::kFloat));
+  attention_with_scores_out(q, k_cache, v_cache, cache_lens, k_block, v_block, scale, out, lse,
+                            scores);
+  return {out, lse, scores};
+}
+
+std::tuple<at::Tensor, at::Tensor> dense_attention_impl(T q, T k_cache, T v_cache, T cache_lens,
+                                                        T k_block, T v_block, Scale scale) {
+  const auto d = check_attention_inputs("mage.dense_attention", q, k_cache, v_cache, k_block,
+                                        v_block, scale);
+  auto [out, lse] = allocate_out_lse(d, q);
+  dense_attention_out(q, k_cache, v_cache, cache_lens, k_block, v_block, scale, out, lse);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_attention_impl(T q, T k_cache, T v_cache, T indices,
+                                                         T counts, T k_block, T v_block,
+                                                         Scale scale) {
+  const auto d = check_attention_inputs("mage.sparse_attention", q, k_cache, v_cache, k_block,
+                                        v_block, scale);
+  auto [out, lse] = allocate_out_lse(d, q);
+  sparse_attention_out(q, k_cache, v_cache, indices, counts, k_block, v_block, scale, out, lse);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_select_impl(T scores, T cache_lens, int64_t k,
+                                                    int64_t n_sink, int64_t n_recent) {
+  const auto d = check_topk_inputs("mage.topk_select", scores, cache_lens, k, n_sink, n_recent);
+  auto indices = at::empty({d.batch, d.hkv, d.k}, scores.options().dtype(at::kInt));
+  auto counts = at::empty({d.batch, d.hkv}, scores.options().dtype(at::kInt));
+  topk_select_out(scores, cache_lens, k, n_sink, n_recent, indices, counts);
+  return {indices, counts};
+}
+
+void register_functional(torch::Library& m) {
+  m.impl("attention_with_scores", &attention_with_scores_impl);
+  m.impl("dense_attention", &dense_attention_impl);
+  m.impl("sparse_attention", &sparse_attention_impl);
+  m.impl("topk_select", &topk_select_impl);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mage, CPU, m) { register_functional(m); }
+
+#ifdef MAGE_WITH_CUDA
+TORCH_LIBRARY_IMPL(mage, CUDA, m) { register_functional(m); }
+#endif
+
+}  // namespace mage

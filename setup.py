@@ -1,0 +1,106 @@
+"""Builds mage_ext._C: the MAGE ops registered with the torch dispatcher.
+
+Environment switches:
+  MAGE_FORCE_CPU=1       build the CPU kernels only, even where nvcc is present.
+  MAGE_REQUIRE_CUDA=1    fail unless the CUDA kernels can be built (CI's compile check).
+  MAGE_CUDA_ARCHS="9.0"  CUDA architectures (semicolon or space separated, e.g. "8.0;9.0a").
+  DEBUG=1                -O0 -g host and device code.
+CUDA kernels are compiled when torch is a CUDA build and a CUDA toolkit (nvcc) is found;
+otherwise the build is CPU-only without error. No GPU is needed to build.
+"""
+import glob
+import os
+import shutil
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def library_sources(with_cuda: bool) -> list:
+    """Sources from csrc/sources.txt, the list CMakeLists.txt reads too (paths relative to ROOT)."""
+    sources = []
+    with open(os.path.join(ROOT, "csrc", "sources.txt")) as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            kind, pattern = (part.strip() for part in line.split(":", 1))
+            if kind == "cpu" or (kind == "cuda" and with_cuda):
+                found = glob.glob(os.path.join(ROOT, pattern))
+                sources += sorted(os.path.relpath(p, ROOT) for p in found)
+    return sources
+
+
+def cuda_wanted() -> bool:
+    if os.getenv("MAGE_FORCE_CPU", "0") == "1":
+        return False
+    if os.getenv("MAGE_REQUIRE_CUDA", "0") == "1":
+        if torch.version.cuda is None or CUDA_HOME is None:
+            raise RuntimeError("MAGE_REQUIRE_CUDA=1 but torch is a CPU build or no CUDA toolkit "
+                               f"was found (torch.version.cuda={torch.version.cuda}, "
+                               f"CUDA_HOME={CUDA_HOME})")
+        return True
+    if torch.version.cuda is None:
+        print("mage: torch is a CPU build; building CPU kernels only")
+        return False
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
+    if not nvcc or not os.path.exists(nvcc):
+        print("mage: no CUDA toolkit (nvcc) found; building CPU kernels only")
+        return False
+    return True
+
+
+def gencode_flags(archs: str) -> list:
+    flags = []
+    for arch in archs.replace(";", " ").split():
+        ptx = arch.endswith("+PTX")
+        arch = arch.removesuffix("+PTX")
+        num = arch.replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
+
+
+def extensions():
+    debug = os.getenv("DEBUG", "0") == "1"
+    use_cuda = cuda_wanted()
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx = opt + ["-std=c++17"]
+    args = {"cxx": cxx}
+    sources = library_sources(use_cuda)
+    sources.append("csrc/python_module.cpp")
+    if use_cuda:
+        archs = os.getenv("MAGE_CUDA_ARCHS", "9.0")
+        args["cxx"] = cxx + ["-DMAGE_WITH_CUDA"]
+        args["nvcc"] = opt + [
+            "-std=c++17",
+            "-DMAGE_WITH_CUDA",
+            "--expt-relaxed-constexpr",
+            "-lineinfo",
+        ] + gencode_flags(archs) + (["-G"] if debug else [])
+        ext = CUDAExtension
+        print(f"mage: building CPU + CUDA kernels for archs {archs}")
+    else:
+        ext = CppExtension
+    return [
+        ext(
+            "mage_ext._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")],
+            extra_compile_args=args,
+            # Limited Python API: the library uses torch/library.h only, so one abi3 binary
+            # serves every Python >= 3.9 built against the same torch.
+            py_limited_api=True,
+        )
+    ]
+
+
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)

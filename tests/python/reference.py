@@ -1,0 +1,111 @@
+"""Plain-PyTorch references of the MAGE ops and the inputs the tests draw.
+
+`reference_attention` loops over sequences and KV heads and calls nothing from mage_ext. Run in
+float64 it is the ground truth; run in the inputs' own dtype it measures how much error plain
+PyTorch makes in that dtype, which sets the tolerance (the FlashAttention rule):
+    err(kernel) <= 2 * err(PyTorch in the same dtype) + rounding noise of the dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class AttentionInputs:
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    cache_lens: torch.Tensor
+    k_block: torch.Tensor
+    v_block: torch.Tensor
+
+    def args(self):
+        return (self.q, self.k_cache, self.v_cache, self.cache_lens, self.k_block, self.v_block)
+
+
+def make_inputs(batch, hq, hkv, block, dim, lens, dtype=torch.float32, device="cpu",
+                capacity=None, generator=None) -> AttentionInputs:
+    capacity = capacity or max(max(lens), 1)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float32).to(dtype).to(device)
+
+    return AttentionInputs(
+        q=randn(batch, hq, block, dim),
+        k_cache=randn(batch, hkv, capacity, dim),
+        v_cache=randn(batch, hkv, capacity, dim),
+        cache_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+        k_block=randn(batch, hkv, block, dim),
+        v_block=randn(batch, hkv, block, dim),
+    )
+
+
+def random_selection(lens, hkv, k, generator=None, device="cpu"):
+    """Random ascending selections of min(k, len) positions per (sequence, KV head)."""
+    batch = len(lens)
+    indices = torch.full((batch, hkv, k), -1, dtype=torch.int32)
+    counts = torch.zeros((batch, hkv), dtype=torch.int32)
+    for b, n in enumerate(lens):
+        for h in range(hkv):
+            c = min(k, n)
+            pick = torch.randperm(n, generator=generator)[:c].sort().values
+            indices[b, h, :c] = pick.to(torch.int32)
+            counts[b, h] = c
+    return indices.to(device), counts.to(device)
+
+
+def reference_attention(inp: AttentionInputs, indices: Optional[torch.Tensor] = None,
+                        counts: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                        dtype: torch.dtype = torch.float64):
+    """(out, lse, scores) computed with plain PyTorch in `dtype` on the CPU.
+
+    out/lse/scores are float64 tensors (values as computed in `dtype`). Without indices every
+    position [0, cache_lens[b]) is attended; with them, indices[b, h, :counts[b, h]].
+    """
+    q, kc, vc = (t.detach().cpu().to(dtype) for t in (inp.q, inp.k_cache, inp.v_cache))
+    kb, vb = (t.detach().cpu().to(dtype) for t in (inp.k_block, inp.v_block))
+    batch, hq, block, dim = q.shape
+    hkv, capacity = kc.shape[1], kc.shape[2]
+    group = hq // hkv
+    scale = dim ** -0.5 if scale is None else scale
+    out = torch.zeros(batch, hq, block, dim, dtype=torch.float64)
+    lse = torch.zeros(batch, hq, block, dtype=torch.float64)
+    scores = torch.zeros(batch, hkv, capacity, dtype=torch.float64)
+    lens = inp.cache_lens.cpu().tolist()
+    for b in range(batch):
+        for h in range(hkv):
+            if indices is None:
+                pos = torch.arange(lens[b])
+            else:
+                pos = indices[b, h, : int(counts[b, h])].cpu().long()
+            keys = torch.cat([kc[b, h, pos], kb[b, h]])
+            values = torch.cat([vc[b, h, pos], vb[b, h]])
+            rows = q[b, h * group:(h + 1) * group].reshape(group * block, dim)
+            logits = (rows @ keys.T) * scale
+            probs = torch.softmax(logits, dim=-1)
+            o = probs @ values
+            out[b, h * group:(h + 1) * group] = o.reshape(group, block, dim).double()
+            lse[b, h * group:(h + 1) * group] = torch.logsumexp(
+                logits.double(), -1).reshape(group, block)
+            scores[b, h, pos] = probs[:, : len(pos)].double().mean(0)
+    return out, lse, scores
+
+
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().cpu().double() - b.detach().cpu().double()).abs().max().item()
+
+
+def rounding_noise(dtype: torch.dtype, ref: torch.Tensor) -> float:
+    """One unit of rounding of the dtype at the reference's magnitude (plus a floor)."""
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    return eps * max(ref.abs().max().item(), 1.0) + 1e-6
+
+
+def assert_close_fa(got, ref64, ref_same_dtype, dtype, what=""):
+    """FlashAttention tolerance rule (see module docstring)."""
+    err = max_error(got, ref64)
+    bound = 2 * max_error(ref_same_dtype, ref64) + rounding_noise(dtype, ref64)
+    assert err <= bound, f"{what}: max error {err:.3e} exceeds bound {bound:.3e}"

@@ -1,0 +1,68 @@
+"""torch.library.opcheck on every op, and the ops inside torch.compile(fullgraph=True)."""
+import pytest
+import torch
+
+import mage_ext
+from conftest import DEVICES
+from reference import make_inputs, random_selection
+
+
+def sample(device, gen, dtype=torch.float32):
+    inp = make_inputs(2, 6, 2, 4, 64, [19, 5], dtype, device, capacity=24, generator=gen)
+    idx, cnt = random_selection([19, 5], 2, 8, generator=gen, device=device)
+    return inp, idx, cnt
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_every_op(device, dtype, gen):
+    inp, idx, cnt = sample(device, gen, dtype)
+    ops = torch.ops.mage
+    scores = torch.rand(2, 2, 24, generator=gen).to(device)
+    out = torch.empty_like(inp.q)
+    lse = torch.empty(2, 6, 4, device=device)
+    cases = [
+        (ops.attention_with_scores.default, inp.args() + (None,)),
+        (ops.dense_attention.default, inp.args() + (0.2,)),
+        (ops.sparse_attention.default,
+         (inp.q, inp.k_cache, inp.v_cache, idx, cnt, inp.k_block, inp.v_block, None)),
+        (ops.topk_select.default, (scores, inp.cache_lens, 6, 1, 1)),
+        (ops.attention_with_scores_out.default,
+         inp.args() + (None, out, lse, torch.empty(2, 2, 24, device=device))),
+        (ops.dense_attention_out.default, inp.args() + (None, out, lse)),
+        (ops.sparse_attention_out.default,
+         (inp.q, inp.k_cache, inp.v_cache, idx, cnt, inp.k_block, inp.v_block, None, out, lse)),
+        (ops.topk_select_out.default,
+         (scores, inp.cache_lens, 6, 0, 2, torch.empty(2, 2, 6, dtype=torch.int32, device=device),
+          torch.empty(2, 2, dtype=torch.int32, device=device))),
+        (ops.append_kv.default,
+         (inp.k_cache.clone(), inp.v_cache.clone(), inp.cache_lens, inp.k_block, inp.v_block)),
+    ]
+    covered = set()
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+        covered.add(op._schema.name)
+    registered = {f"mage::{name}" for name in dir(ops) if not name.startswith("_")
+                  and isinstance(getattr(ops, name), torch._ops.OpOverloadPacket)}
+    assert registered <= covered, f"ops without an opcheck: {registered - covered}"
+
+
+def mage_step(q, k_cache, v_cache, cache_lens, k_block, v_block):
+    """One block with the MAGE policy: first step selects, a later step reuses the selection."""
+    out_first, _, scores = mage_ext.attention_with_scores(q, k_cache, v_cache, cache_lens,
+                                                          k_block, v_block)
+    idx, cnt = mage_ext.topk_select(scores, cache_lens, 8, 1, 1)
+    out_later, _ = mage_ext.sparse_attention(q * 0.5, k_cache, v_cache, idx, cnt, k_block,
+                                             v_block)
+    return out_first + out_later
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(device, backend, gen):
+    inp, _, _ = sample(device, gen)
+    torch._dynamo.reset()
+    compiled = torch.compile(mage_step, fullgraph=True, backend=backend)
+    got = compiled(*inp.args())
+    want = mage_step(*inp.args())
+    torch.testing.assert_close(got, want)
