@@ -2,6 +2,8 @@
 
 Importing this package loads the compiled library, which registers torch.ops.mage.*.
 """
+import torch  # noqa: F401  (the library links against torch's shared libraries)
+
 from . import _C  # noqa: F401  (loads the library: registers torch.ops.mage.*)
 from . import ops
 from .ops import (
@@ -29,6 +31,4 @@ __all__ = [
 
 def cuda_kernels_built() -> bool:
     """True when this build of the library holds the CUDA kernels."""
-    import torch
-
     return torch._C._dispatch_has_kernel_for_dispatch_key("mage::dense_attention_out", "CUDA")

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One call on the GPU machine (see /work/.library/device): installs the carried wheels, makes
+# sure the extension with its CUDA kernels is importable (a carried abi3 build, else builds
+# here), then runs the stages named on the command line, logging each under $OUT.
+#   bash benchmarks/gpu_session.sh tests bench-quick
+# Stages: tests (pytest, CUDA included), cpp (not yet), bench-quick, bench-full, e2e, <cmd...>
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/mage-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv \
+  | tee "$OUT/gpu.txt"
+if ! python3 -c "import mage_ext, sys; sys.exit(0 if mage_ext.cuda_kernels_built() else 1)"; then
+  echo "building the extension here"
+  rm -f mage_ext/_C*.so
+  MAX_JOBS=16 python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1 \
+    || { tail -40 "$OUT/build.log"; exit 1; }
+fi
+status=0
+for stage in "$@"; do
+  echo "=== $stage ==="
+  start=$(date +%s)
+  case "$stage" in
+    tests) python3 -m pytest tests/python -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
+    bench-quick) python3 benchmarks/bench_kernels.py --quick --output kernels_h200_quick.json 2>&1 | tee "$OUT/bench_quick.log" ;;
+    bench-full) python3 benchmarks/bench_kernels.py 2>&1 | tee "$OUT/bench_full.log" ;;
+    *) bash -c "$stage" 2>&1 | tee -a "$OUT/extra.log" ;;
+  esac
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  echo "=== $stage: $(( $(date +%s) - start ))s ==="
+done
+exit $status

@@ -1,0 +1,325 @@
+// Tensor-core (mma.sync m16n8k16, fp16/bf16 in, fp32 accumulate) attention kernels.
+//
+// attention_tile_kernel: one CTA = 64 query rows (4 warps x 16) of one (sequence, KV head)
+//   against one split of its key list, streamed through shared memory in tiles of 64 keys
+//   (cp.async, double-buffered), with an online softmax in registers (FlashAttention-2 style).
+//   The G*B rows of a KV head are packed, so every K/V tile read serves the whole GQA group.
+//   Grid: (row tiles, splits, batch * Hkv); row tiles vary fastest so the CTAs that share a K/V
+//   split run together and the re-reads come from L2.
+// scores_kernel: second pass of the first step. Recomputes Q K^T for the cache keys and sums
+//   exp(logit - lse) over the G*B rows of each key (deterministic order: no atomics).
+#pragma once
+
+#include <cmath>
+
+#include "cuda/key_list.cuh"
+
+namespace mage::cuda {
+
+constexpr int kTcWarps = 4;
+constexpr int kTcRows = 16 * kTcWarps;  // query rows per CTA
+
+template <int D>
+constexpr int attention_smem_bytes() {
+  return (kTcRows * D + 4 * kKeyTile * D) * 2;  // Q + double-buffered K and V (16-bit)
+}
+
+// Loads the A fragments (16 rows x D) of one warp's m-tile from a swizzled smem tile.
+template <typename T, int D>
+MAGE_DEVICE void load_q_fragments(uint32_t (&qf)[D / 16][4], const T* s_q, int row_base,
+                                  int lane) {
+  const int row = row_base + (lane & 15);
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    ldmatrix_x4(qf[ks], s_q + swizzled<D>(row, ks * 2 + (lane >> 4)));
+  }
+}
+
+// s (16 rows x 64 keys, fp32) = Q fragments x K tile^T.
+template <typename T, int D>
+MAGE_DEVICE void qk_tile(float (&s)[8][4], const uint32_t (&qf)[D / 16][4], const T* s_k,
+                         int lane) {
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      const int key = np * 16 + (lane & 7) + ((lane >> 4) << 3);
+      uint32_t r[4];
+      ldmatrix_x4(r, s_k + swizzled<D>(key, ks * 2 + ((lane >> 3) & 1)));
+      mma_16816<T>(s[2 * np], qf[ks], r[0], r[1]);
+      mma_16816<T>(s[2 * np + 1], qf[ks], r[2], r[3]);
+    }
+  }
+}
+
+template <typename T, int D, bool kSparse>
+__global__ void __launch_bounds__(kTcWarps * 32)
+    attention_tile_kernel(const __grid_constant__ AttentionArgs a) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  constexpr int kThreads = kTcWarps * 32;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* s_q = reinterpret_cast<T*>(smem_raw);
+  T* s_k = s_q + kTcRows * D;
+  T* s_v = s_k + 2 * kKeyTile * D;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int bh = blockIdx.z, b = bh / a.hkv, h = bh % a.hkv;
+  const int split = blockIdx.y, row0 = blockIdx.x * kTcRows;
+  const KeyList<T, kSparse> keys(a, b, h);
+  const int k_begin = split * a.keys_per_split;
+  const int k_end = min(keys.n_total, k_begin + a.keys_per_split);
+  const int64_t total_rows = static_cast<int64_t>(a.batch) * a.hq * a.block;
+  const int64_t head_row0 = (static_cast<int64_t>(b) * a.hq + h * a.group) * a.block;
+
+  if (k_begin >= k_end) {  // this sequence's keys end before this split (num_splits > 1)
+    for (int r = tid; r < kTcRows; r += kThreads) {
+      if (row0 + r < a.rows) a.lse_part[split * total_rows + head_row0 + row0 + r] = -INFINITY;
+    }
+    return;
+  }
+
+  const T* q = static_cast<const T*>(a.q) + head_row0 * D;
+  for (int c = tid; c < kTcRows * kChunks; c += kThreads) {
+    const int r = c / kChunks, ch = c % kChunks;
+    const bool valid = row0 + r < a.rows;
+    cp_async_16(s_q + swizzled<D>(r, ch), q + (valid ? (row0 + r) * D + ch * 8 : 0), valid);
+  }
+  bool bad = false;
+  auto load_tile = [&](int start, int buf) {
+    T* dk = s_k + buf * kKeyTile * D;
+    T* dv = s_v + buf * kKeyTile * D;
+    for (int c = tid; c < kKeyTile * kChunks; c += kThreads) {
+      const int r = c / kChunks, ch = c % kChunks;
+      const int v = start + r;
+      const bool valid = v < k_end;
+      bool in_block = true;
+      const int64_t off = valid ? keys.row_offset(v, in_block, bad) : 0;
+      const T* ksrc = (in_block ? keys.k_block : keys.k_cache) + off + ch * 8;
+      const T* vsrc = (in_block ? keys.v_block : keys.v_cache) + off + ch * 8;
+      cp_async_16(dk + swizzled<D>(r, ch), ksrc, valid);
+      cp_async_16(dv + swizzled<D>(r, ch), vsrc, valid);
+    }
+  };
+
+  load_tile(k_begin, 0);
+  cp_async_commit();
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY};  // running max (log2 units) of rows g and g + 8
+  float l[2] = {0.f, 0.f};              // this thread's share of the running sums
+  uint32_t qf[D / 16][4];
+  const int g = lane >> 2, tig = lane & 3;
+
+  int buf = 0;
+  for (int t = k_begin; t < k_end; t += kKeyTile, buf ^= 1) {
+    if (t + kKeyTile < k_end) load_tile(t + kKeyTile, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    if (t == k_begin) load_q_fragments<T, D>(qf, s_q, warp * 16, lane);
+
+    float s[8][4];
+    qk_tile<T, D>(s, qf, s_k + buf * kKeyTile * D, lane);
+
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int v = t + nt * 8 + tig * 2 + (e & 1);
+        s[nt][e] = v < k_end ? s[nt][e] * a.scale_log2 : -INFINITY;
+        mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+      }
+    }
+    float alpha[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+      alpha[i] = exp2f(m[i] - mx[i]);  // m = -inf on the first tile: alpha = 0
+      m[i] = mx[i];
+      l[i] *= alpha[i];
+    }
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = exp2f(s[nt][e] - mx[e >> 1]);
+        l[e >> 1] += s[nt][e];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      o[i][0] *= alpha[0];
+      o[i][1] *= alpha[0];
+      o[i][2] *= alpha[1];
+      o[i][3] *= alpha[1];
+    }
+    // O += P V: the accumulator layout of two adjacent key n-tiles is the A layout of one
+    // 16-key k-step.
+    const T* vt = s_v + buf * kKeyTile * D;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t pa[4] = {pack2<T>(s[2 * j][0], s[2 * j][1]),
+                              pack2<T>(s[2 * j][2], s[2 * j][3]),
+                              pack2<T>(s[2 * j + 1][0], s[2 * j + 1][1]),
+                              pack2<T>(s[2 * j + 1][2], s[2 * j + 1][3])};
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        const int key = j * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+        uint32_t r[4];
+        ldmatrix_x4_trans(r, vt + swizzled<D>(key, dp * 2 + (lane >> 4)));
+        mma_16816<T>(o[2 * dp], pa, r[0], r[1]);
+        mma_16816<T>(o[2 * dp + 1], pa, r[2], r[3]);
+      }
+    }
+    __syncthreads();
+  }
+
+  const bool poisoned = __syncthreads_or(bad);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+    const int row = row0 + warp * 16 + g + i * 8;
+    if (row >= a.rows) continue;
+    const float inv = poisoned ? NAN : 1.f / l[i];
+    const float lse = poisoned ? NAN : (m[i] + log2f(l[i])) * kLn2;
+    const int64_t grow = head_row0 + row;
+    if (a.num_splits == 1) {
+      T* out = static_cast<T*>(a.out) + grow * D;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        *reinterpret_cast<uint32_t*>(out + dt * 8 + tig * 2) =
+            pack2<T>(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv);
+      }
+      if (tig == 0) a.lse[grow] = lse;
+    } else {
+      float* out = a.o_part + (split * total_rows + grow) * D;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        *reinterpret_cast<float2*>(out + dt * 8 + tig * 2) =
+            make_float2(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv);
+      }
+      if (tig == 0) a.lse_part[split * total_rows + grow] = lse;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scores: one CTA per (split of the cache, KV head, sequence); all G*B rows of the head, in
+// groups of up to kScoreRows rows held in shared memory.
+
+constexpr int kScoreWarps = 8;
+constexpr int kScoreRows = 256;
+
+template <int D>
+constexpr int scores_smem_bytes() {
+  return (kScoreRows * D + 2 * kKeyTile * D) * 2 + kScoreRows * 4 + kScoreWarps * kKeyTile * 4;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kScoreWarps * 32)
+    scores_kernel(const __grid_constant__ ScoresArgs a) {
+  constexpr int kChunks = D / 8;
+  constexpr int kThreads = kScoreWarps * 32;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* s_q = reinterpret_cast<T*>(smem_raw);
+  T* s_k = s_q + kScoreRows * D;
+  float* s_lse = reinterpret_cast<float*>(s_k + 2 * kKeyTile * D);
+  float* s_red = s_lse + kScoreRows;  // [warps][64] per-warp column sums
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int n_cache = clamp_int(a.cache_lens[b], 0, a.capacity);
+  const int range_begin = blockIdx.x * a.keys_per_split;
+  const int range_end = min(a.capacity, range_begin + a.keys_per_split);
+  float* scores = a.scores + (static_cast<int64_t>(b) * a.hkv + h) * a.capacity;
+  for (int j = max(range_begin, n_cache) + tid; j < range_end; j += kThreads) scores[j] = 0.f;
+  const int k_end = min(n_cache, range_end);
+  if (range_begin >= k_end) return;
+
+  const T* k_cache = static_cast<const T*>(a.k_cache) + b * a.cache_stride_b + h * a.cache_stride_h;
+  const int64_t head_row0 = (static_cast<int64_t>(b) * a.hq + h * a.group) * a.block;
+  const T* q = static_cast<const T*>(a.q) + head_row0 * D;
+  const float inv_rows = 1.f / static_cast<float>(a.rows);
+  const int g = lane >> 2, tig = lane & 3;
+
+  auto load_k = [&](int start, int buf) {
+    T* dst = s_k + buf * kKeyTile * D;
+    for (int c = tid; c < kKeyTile * kChunks; c += kThreads) {
+      const int r = c / kChunks, ch = c % kChunks;
+      const bool valid = start + r < k_end;
+      cp_async_16(dst + swizzled<D>(r, ch),
+                  k_cache + (valid ? static_cast<int64_t>(start + r) * D + ch * 8 : 0), valid);
+    }
+  };
+
+  for (int rg0 = 0; rg0 < a.rows; rg0 += kScoreRows) {
+    const int nrows = min(kScoreRows, a.rows - rg0);
+    const int mtiles = (nrows + 15) / 16;
+    __syncthreads();  // the previous row group is done with s_q / s_lse
+    for (int c = tid; c < kScoreRows * kChunks; c += kThreads) {
+      const int r = c / kChunks, ch = c % kChunks;
+      const bool valid = r < nrows;
+      cp_async_16(s_q + swizzled<D>(r, ch), q + (valid ? (rg0 + r) * D + ch * 8 : 0), valid);
+    }
+    for (int r = tid; r < kScoreRows; r += kThreads) {
+      // Rows past the group get +inf: exp2(s - inf) = 0.
+      s_lse[r] = r < nrows ? a.lse[head_row0 + rg0 + r] * kLog2e : INFINITY;
+    }
+    load_k(range_begin, 0);
+    cp_async_commit();
+    int buf = 0;
+    for (int t = range_begin; t < k_end; t += kKeyTile, buf ^= 1) {
+      if (t + kKeyTile < k_end) load_k(t + kKeyTile, buf ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+      __syncthreads();
+      float colsum[8][2];
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) colsum[nt][0] = colsum[nt][1] = 0.f;
+      for (int mt = warp; mt < mtiles; mt += kScoreWarps) {
+        uint32_t qf[D / 16][4];
+        load_q_fragments<T, D>(qf, s_q, mt * 16, lane);
+        float s[8][4];
+        qk_tile<T, D>(s, qf, s_k + buf * kKeyTile * D, lane);
+        const float lse_lo = s_lse[mt * 16 + g], lse_hi = s_lse[mt * 16 + g + 8];
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+          colsum[nt][0] += exp2f(s[nt][0] * a.scale_log2 - lse_lo) +
+                           exp2f(s[nt][2] * a.scale_log2 - lse_hi);
+          colsum[nt][1] += exp2f(s[nt][1] * a.scale_log2 - lse_lo) +
+                           exp2f(s[nt][3] * a.scale_log2 - lse_hi);
+        }
+      }
+      // Sum over the 8 row groups (g) of the warp: lanes with equal tig.
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float v = colsum[nt][e];
+          v += __shfl_xor_sync(0xffffffffu, v, 4);
+          v += __shfl_xor_sync(0xffffffffu, v, 8);
+          v += __shfl_xor_sync(0xffffffffu, v, 16);
+          if (g == 0) s_red[warp * kKeyTile + nt * 8 + tig * 2 + e] = v;
+        }
+      }
+      __syncthreads();
+      if (tid < kKeyTile && t + tid < k_end) {
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < kScoreWarps; ++w) v += s_red[w * kKeyTile + tid];
+        if (rg0 > 0) v += scores[t + tid];  // earlier row groups (same CTA: ordered)
+        scores[t + tid] = (rg0 + kScoreRows >= a.rows) ? v * inv_rows : v;
+      }
+      __syncthreads();
+    }
+  }
+}
+
+}  // namespace mage::cuda

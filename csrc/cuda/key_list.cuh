@@ -1,0 +1,58 @@
+// The key list one (sequence, KV head) attends to: its cache keys (a dense prefix, or the
+// selected indices) followed by the block's own B keys. Shared by every attention kernel.
+#pragma once
+
+#include "cuda/device_utils.cuh"
+
+namespace mage::cuda {
+
+template <typename T, bool kSparse>
+struct KeyList {
+  const T* k_cache;
+  const T* v_cache;
+  const T* k_block;
+  const T* v_block;
+  const int32_t* indices;
+  int n_cache;  // cache keys in the list
+  int n_total;  // n_cache + B
+  int capacity;
+  int dim;
+
+  MAGE_DEVICE KeyList(const AttentionArgs& a, int b, int h) {
+    const int64_t cache_off = b * a.cache_stride_b + h * a.cache_stride_h;
+    const int64_t block_off = (static_cast<int64_t>(b) * a.hkv + h) * a.block * a.dim;
+    k_cache = static_cast<const T*>(a.k_cache) + cache_off;
+    v_cache = static_cast<const T*>(a.v_cache) + cache_off;
+    k_block = static_cast<const T*>(a.k_block) + block_off;
+    v_block = static_cast<const T*>(a.v_block) + block_off;
+    capacity = a.capacity;
+    dim = a.dim;
+    if constexpr (kSparse) {
+      indices = a.indices + (static_cast<int64_t>(b) * a.hkv + h) * a.kmax;
+      n_cache = clamp_int(a.counts[b * a.hkv + h], 0, a.kmax);
+    } else {
+      indices = nullptr;
+      // Lengths are not validated on the GPU (no host sync): clamp so nothing reads past.
+      n_cache = clamp_int(a.cache_lens[b], 0, a.capacity);
+    }
+    n_total = n_cache + a.block;
+  }
+
+  // Offset (in elements) of key v's row in its cache or block tensor; `in_block` says which.
+  // An out-of-range selected index reads row 0 and raises `bad` (the output becomes NaN).
+  MAGE_DEVICE int64_t row_offset(int v, bool& in_block, bool& bad) const {
+    in_block = v >= n_cache;
+    if (in_block) return static_cast<int64_t>(v - n_cache) * dim;
+    int pos = v;
+    if constexpr (kSparse) {
+      pos = __ldg(indices + v);
+      if (pos < 0 || pos >= capacity) {
+        bad = true;
+        pos = 0;
+      }
+    }
+    return static_cast<int64_t>(pos) * dim;
+  }
+};
+
+}  // namespace mage::cuda

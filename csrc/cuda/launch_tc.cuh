@@ -1,0 +1,65 @@
+// Launch helpers for the tensor-core kernels, instantiated once per 16-bit element type by
+// attention_f16.cu and attention_bf16.cu.
+#pragma once
+
+#include "cuda/attention_tc.cuh"
+#include "cuda/merge.cuh"
+
+namespace mage::cuda {
+
+// Kernels with more than 48 KB of dynamic shared memory must opt in; the callers keep the
+// result in a function-local static, so this runs once per kernel instantiation.
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, int bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+
+template <typename T, int D, bool kSparse>
+cudaError_t launch_tc_attention(const AttentionArgs& a, cudaStream_t stream) {
+  constexpr int smem = attention_smem_bytes<D>();
+  auto kernel = attention_tile_kernel<T, D, kSparse>;
+  static const cudaError_t attr = allow_smem(kernel, smem);
+  if (attr != cudaSuccess) return attr;
+  const dim3 grid((a.rows + kTcRows - 1) / kTcRows, a.num_splits, a.batch * a.hkv);
+  kernel<<<grid, kTcWarps * 32, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_tc(bool sparse, const AttentionArgs& a, cudaStream_t stream) {
+  if (a.dim == 64) {
+    return sparse ? launch_tc_attention<T, 64, true>(a, stream)
+                  : launch_tc_attention<T, 64, false>(a, stream);
+  }
+  return sparse ? launch_tc_attention<T, 128, true>(a, stream)
+                : launch_tc_attention<T, 128, false>(a, stream);
+}
+
+template <typename T, int D>
+cudaError_t launch_tc_scores_d(const ScoresArgs& a, cudaStream_t stream) {
+  constexpr int smem = scores_smem_bytes<D>();
+  auto kernel = scores_kernel<T, D>;
+  static const cudaError_t attr = allow_smem(kernel, smem);
+  if (attr != cudaSuccess) return attr;
+  const dim3 grid(a.num_splits, a.hkv, a.batch);
+  kernel<<<grid, kScoreWarps * 32, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_tc_scores(const ScoresArgs& a, cudaStream_t stream) {
+  return a.dim == 64 ? launch_tc_scores_d<T, 64>(a, stream) : launch_tc_scores_d<T, 128>(a, stream);
+}
+
+template <typename T>
+cudaError_t launch_merge_typed(const MergeArgs& a, cudaStream_t stream) {
+  const dim3 grid((a.total_rows + kMergeWarps - 1) / kMergeWarps);
+  if (a.dim == 64) {
+    merge_splits_kernel<T, 64><<<grid, kMergeWarps * 32, 0, stream>>>(a);
+  } else {
+    merge_splits_kernel<T, 128><<<grid, kMergeWarps * 32, 0, stream>>>(a);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace mage::cuda

@@ -1,0 +1,128 @@
+"""CUDA-only checks (skipped without a GPU): long caches that split across CTAs, exact
+agreement of the GPU top-k with the CPU one, determinism, CUDA graphs, poisoned rows."""
+import pytest
+import torch
+
+import mage_ext
+from conftest import requires_cuda
+from reference import assert_close_fa, make_inputs, random_selection, reference_attention
+
+pytestmark = requires_cuda
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("hq,hkv,block", [(12, 2, 32), (28, 4, 32), (32, 8, 4), (8, 8, 64)])
+def test_long_cache_with_splits(dtype, dim, hq, hkv, block, gen):
+    lens = [5003, 1, 2500]
+    inp = make_inputs(3, hq, hkv, block, dim, lens, dtype, "cuda", capacity=5010, generator=gen)
+    out, lse, scores = mage_ext.attention_with_scores(*inp.args())
+    ref64 = reference_attention(inp)
+    ref_pt = reference_attention(inp, dtype=dtype)
+    assert_close_fa(out, ref64[0], ref_pt[0], dtype, "out")
+    assert_close_fa(lse, ref64[1], ref_pt[1], dtype, "lse")
+    assert_close_fa(scores, ref64[2], ref_pt[2], dtype, "scores")
+    idx, cnt = random_selection(lens, hkv, 700, generator=gen, device="cuda")
+    sp_out, sp_lse = mage_ext.sparse_attention(inp.q, inp.k_cache, inp.v_cache, idx, cnt,
+                                               inp.k_block, inp.v_block)
+    ref64 = reference_attention(inp, idx, cnt)
+    ref_pt = reference_attention(inp, idx, cnt, dtype=dtype)
+    assert_close_fa(sp_out, ref64[0], ref_pt[0], dtype, "sparse out")
+    assert_close_fa(sp_lse, ref64[1], ref_pt[1], dtype, "sparse lse")
+
+
+def test_cuda_matches_cpu_kernels_on_a_large_case(gen):
+    inp = make_inputs(2, 12, 2, 32, 128, [20000, 13001], torch.bfloat16, "cpu", generator=gen)
+    cpu = mage_ext.attention_with_scores(*inp.args())
+    gpu = mage_ext.attention_with_scores(*(t.cuda() for t in inp.args()))
+    for name, a, b in zip(["out", "lse", "scores"], cpu, gpu):
+        rel = (a.double() - b.cpu().double()).norm() / a.double().norm()
+        assert rel < 1e-2, f"{name}: relative difference {rel:.2e}"
+
+
+@pytest.mark.parametrize("k,n_sink,n_recent", [(1, 0, 0), (512, 4, 64), (2048, 0, 0)])
+def test_topk_matches_cpu_exactly(k, n_sink, n_recent, gen):
+    lens = [131072, 3000, 2048, 70000]
+    scores = torch.rand(4, 2, 131072, generator=gen)
+    scores[:, :, 1000:1100] = 0.5  # ties
+    scores[0, 0, 5] = float("nan")
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    cpu_idx, cpu_cnt = mage_ext.topk_select(scores, lens_t, k, n_sink, n_recent)
+    gpu_idx, gpu_cnt = mage_ext.topk_select(scores.cuda(), lens_t.cuda(), k, n_sink, n_recent)
+    assert torch.equal(cpu_cnt, gpu_cnt.cpu())
+    assert torch.equal(cpu_idx, gpu_idx.cpu())
+
+
+def test_repeated_runs_are_identical(gen):
+    inp = make_inputs(2, 28, 4, 32, 128, [9000, 4097], torch.bfloat16, "cuda", generator=gen)
+    first = mage_ext.attention_with_scores(*inp.args())
+    for _ in range(3):
+        again = mage_ext.attention_with_scores(*inp.args())
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+def test_sparse_step_under_cuda_graph(gen):
+    inp = make_inputs(2, 12, 2, 32, 128, [4000, 3000], torch.bfloat16, "cuda", generator=gen)
+    _, lse0, scores = mage_ext.attention_with_scores(*inp.args())
+    idx, cnt = mage_ext.topk_select(scores, inp.cache_lens, 512)
+    out = torch.empty_like(inp.q)
+    lse = torch.empty_like(lse0)
+    q_static = inp.q.clone()
+    step = lambda: mage_ext.ops.sparse_attention_out(q_static, inp.k_cache, inp.v_cache, idx,
+                                                     cnt, inp.k_block, inp.v_block, None, out,
+                                                     lse)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(2):
+        q_static.copy_(torch.randn(inp.q.shape, generator=gen).to(q_static))
+        out.fill_(float("nan"))
+        graph.replay()
+        want, want_lse = mage_ext.sparse_attention(q_static, inp.k_cache, inp.v_cache, idx, cnt,
+                                                   inp.k_block, inp.v_block)
+        assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+def test_out_of_range_indices_poison_rows_instead_of_reading_out_of_bounds(gen):
+    inp = make_inputs(2, 4, 2, 8, 64, [100, 100], torch.bfloat16, "cuda", generator=gen)
+    idx, cnt = random_selection([100, 100], 2, 16, generator=gen, device="cuda")
+    idx[1, 0, 3] = 10_000_000
+    out, lse = mage_ext.sparse_attention(inp.q, inp.k_cache, inp.v_cache, idx, cnt, inp.k_block,
+                                         inp.v_block)
+    torch.cuda.synchronize()
+    assert out[1, :2].isnan().all() and lse[1, :2].isnan().all()  # KV head 0 of sequence 1
+    assert not out[0].isnan().any() and not out[1, 2:].isnan().any()
+    with pytest.raises(ValueError, match="outside the cache"):
+        mage_ext.check_selection(idx, cnt, capacity=100)
+
+
+def test_append_kv_matches_cpu(gen):
+    kc = torch.randn(3, 2, 40, 128, generator=gen).bfloat16()
+    vc = torch.randn(3, 2, 40, 128, generator=gen).bfloat16()
+    kb = torch.randn(3, 2, 8, 128, generator=gen).bfloat16()
+    vb = torch.randn(3, 2, 8, 128, generator=gen).bfloat16()
+    lens = torch.tensor([0, 17, 32], dtype=torch.int32)
+    kc_gpu, vc_gpu = kc.cuda(), vc.cuda()
+    mage_ext.append_kv(kc, vc, lens, kb, vb)
+    mage_ext.append_kv(kc_gpu, vc_gpu, lens.cuda(), kb.cuda(), vb.cuda())
+    assert torch.equal(kc, kc_gpu.cpu()) and torch.equal(vc, vc_gpu.cpu())
+
+
+def test_cache_views_with_batch_stride(gen):
+    """A cache that is a batch slice of a larger allocation (serving: a slot pool)."""
+    pool_k = torch.randn(5, 2, 300, 64, generator=gen).half().cuda()
+    pool_v = torch.randn(5, 2, 300, 64, generator=gen).half().cuda()
+    kc, vc = pool_k[1:4], pool_v[1:4]
+    q = torch.randn(3, 6, 16, 64, generator=gen).half().cuda()
+    kb = torch.randn(3, 2, 16, 64, generator=gen).half().cuda()
+    vb = torch.randn(3, 2, 16, 64, generator=gen).half().cuda()
+    lens = torch.tensor([300, 5, 129], dtype=torch.int32, device="cuda")
+    out, lse = mage_ext.dense_attention(q, kc, vc, lens, kb, vb)
+    ref, ref_lse = mage_ext.dense_attention(q, kc.contiguous(), vc.contiguous(), lens, kb, vb)
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
