@@ -7,6 +7,9 @@ naive torch sparse step (gather + SDPA), the naive first step (explicit softmax 
 + torch.topk), optionally FlexAttention. Peers get their K/V already concatenated with the block
 (the concatenation is not timed: in their favour).
 
+Every function is timed as CUDA-graph replays (device time without host launch overhead;
+time_us), and the MAGE ops also eagerly (eager_us, what a plain Python loop pays).
+
 Floor = bytes that must move / copy bandwidth measured in this run:
   dense / first step: the cache's K and V once (b * Hkv * N * d * 2 tensors * 2 bytes),
   sparse: the selected K/V rows (b * Hkv * k * d * 2 * 2), top-k: the scores (b * Hkv * N * 4).
@@ -27,7 +30,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mage_ext  # noqa: E402
-from common import copy_bandwidth_tbps, environment, time_us, write_results  # noqa: E402
+from common import (copy_bandwidth_tbps, environment, graph_time_us, time_us,  # noqa: E402
+                    write_results)
 
 SHAPES = {"fdllm-1.5b": (12, 2, 128), "fdllm-7b": (28, 4, 128), "sdar-4b": (32, 8, 128)}
 CACHE_LENS = [8192, 32768, 65536, 131072]
@@ -45,6 +49,14 @@ def configs(quick: bool):
                     if quick and block == 4:
                         continue
                     yield name, hq, hkv, d, block, batch, n
+
+
+def timed(fn) -> float:
+    try:
+        return graph_time_us(fn)
+    except RuntimeError:  # not capturable: eager
+        torch.cuda.synchronize()
+        return time_us(fn)
 
 
 def run_config(name, hq, hkv, d, block, batch, n, bw, flex):
@@ -73,16 +85,17 @@ def run_config(name, hq, hkv, d, block, batch, n, bw, flex):
     def dense():
         mage_ext.ops.dense_attention_out(q, kc, vc, lens, kb, vb, None, out, lse)
 
-    peers = {"sdpa_gqa": time_us(lambda: F.scaled_dot_product_attention(q, k_full, v_full,
+    peers = {"sdpa_gqa": timed(lambda: F.scaled_dot_product_attention(q, k_full, v_full,
                                                                          enable_gqa=True))}
     if expand:
-        peers["sdpa_expanded_kv"] = time_us(
+        peers["sdpa_expanded_kv"] = timed(
             lambda: F.scaled_dot_product_attention(q, k_exp, v_exp))
     if flex:
         from torch.nn.attention.flex_attention import flex_attention
         flex_c = torch.compile(flex_attention, dynamic=False)
-        peers["flex_attention"] = time_us(lambda: flex_c(q, k_full, v_full, enable_gqa=True))
-    records.append(dict(base, op="dense_step", k=None, time_us=time_us(dense),
+        peers["flex_attention"] = timed(lambda: flex_c(q, k_full, v_full, enable_gqa=True))
+    records.append(dict(base, op="dense_step", k=None, time_us=timed(dense),
+                        eager_us=time_us(dense),
                         floor_us=floor(kv_bytes + io_bytes), peers=peers))
 
     idx = torch.empty(batch, hkv, FIRST_STEP_K, dtype=torch.int32, device="cuda")
@@ -101,14 +114,15 @@ def run_config(name, hq, hkv, d, block, batch, n, bw, flex):
 
     first_peers = {"sdpa_gqa_no_scores": peers["sdpa_gqa"]}
     if batch * hq * block * (n + block) * 4 < 8e9:
-        first_peers["naive_torch"] = time_us(naive_first)
-    records.append(dict(base, op="first_step", k=FIRST_STEP_K, time_us=time_us(first),
+        first_peers["naive_torch"] = timed(naive_first)
+    records.append(dict(base, op="first_step", k=FIRST_STEP_K, time_us=timed(first),
+                        eager_us=time_us(first),
                         floor_us=floor(kv_bytes + io_bytes), peers=first_peers))
     records.append(dict(base, op="topk", k=FIRST_STEP_K,
-                        time_us=time_us(lambda: mage_ext.ops.topk_select_out(
+                        time_us=timed(lambda: mage_ext.ops.topk_select_out(
                             scores, lens, FIRST_STEP_K, 0, 0, idx, cnt)),
                         floor_us=floor(scores.numel() * 4),
-                        peers={"torch_topk": time_us(lambda: scores.topk(FIRST_STEP_K, -1))}))
+                        peers={"torch_topk": timed(lambda: scores.topk(FIRST_STEP_K, -1))}))
 
     for k in KS:
         sel_scores = torch.rand(batch, hkv, n, device="cuda")
@@ -123,9 +137,10 @@ def run_config(name, hq, hkv, d, block, batch, n, bw, flex):
             vs = torch.cat([vc.gather(2, gather_idx), vb], 2)
             return F.scaled_dot_product_attention(q, ks, vs, enable_gqa=True)
 
-        records.append(dict(base, op="sparse_step", k=k, time_us=time_us(sparse),
+        records.append(dict(base, op="sparse_step", k=k, time_us=timed(sparse),
+                            eager_us=time_us(sparse),
                             floor_us=floor(2 * batch * hkv * k * d * esize + io_bytes),
-                            peers={"naive_torch_gather_sdpa": time_us(naive_sparse)}))
+                            peers={"naive_torch_gather_sdpa": timed(naive_sparse)}))
     return records
 
 
@@ -140,7 +155,7 @@ def main():
     print(f"{env['device']}, torch {env['torch']}, CUDA {env['cuda']}, copy {bw:.2f} TB/s")
     records = []
     header = f"{'op':12} {'shape':26} {'B':>3} {'bat':>4} {'N':>7} {'k':>5} {'us':>9} " \
-             f"{'floor':>8} {'x':>6}  peers (us)"
+             f"{'eager':>8} {'floor':>8} {'x':>6}  peers (us)"
     print(header)
     for cfg in configs(args.quick):
         for r in run_config(*cfg, bw=bw, flex=args.flex):
@@ -148,7 +163,7 @@ def main():
             peers = ", ".join(f"{k}={v:.1f}" for k, v in r["peers"].items())
             print(f"{r['op']:12} {r['shape']:26} {r['block']:>3} {r['batch']:>4} "
                   f"{r['cache_len']:>7} {str(r['k'] or ''):>5} {r['time_us']:>9.1f} "
-                  f"{r['floor_us']:>8.1f} {r['time_us'] / r['floor_us']:>6.2f}  {peers}",
+                  f"{r.get('eager_us', float('nan')):>8.1f} {r['floor_us']:>8.1f} {r['time_us'] / r['floor_us']:>6.2f}  {peers}",
                   flush=True)
         torch.cuda.empty_cache()
     path = write_results(args.output, dict(env, copy_bw_tbps=bw, records=records))

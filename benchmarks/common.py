@@ -49,6 +49,21 @@ def time_us(fn, warmup_ms: float = 10, rep_ms: float = 40) -> float:
     return ms * 1e3
 
 
+def graph_time_us(fn, **kw) -> float:
+    """Like time_us, but fn is captured once in a CUDA graph and the replays are timed: the
+    device time of its kernels without the host's launch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_us(graph.replay, **kw)
+
+
 def copy_bandwidth_tbps(nbytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth (bytes read + written per second), in TB/s."""
     src = torch.randn(nbytes // 4, device="cuda")

@@ -12,6 +12,9 @@ namespace mage::cuda {
 
 constexpr int kSimtWarps = 4;
 
+// Keys are taken 32 at a time, one per lane: each lane computes its key's logit, the chunk's
+// max and sum are warp reductions (a tree, so the running sum gets one addition per 32 keys,
+// which keeps fp32 rounding of long caches small), and lane d accumulates output dims d + 32e.
 template <int D, bool kSparse>
 __global__ void __launch_bounds__(kSimtWarps * 32)
     simt_attention_kernel(const __grid_constant__ AttentionArgs a) {
@@ -23,30 +26,43 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
   const KeyList<float, kSparse> keys(a, b, h);
   const int64_t grow = (static_cast<int64_t>(b) * a.hq + h * a.group) * a.block + row;
   const float* q = static_cast<const float*>(a.q) + grow * D;
-  float qv[kPerLane], acc[kPerLane];
-#pragma unroll
-  for (int e = 0; e < kPerLane; ++e) {
-    qv[e] = q[lane + 32 * e] * a.scale_log2;
-    acc[e] = 0.f;
-  }
+  float acc[kPerLane] = {};
   float m = -INFINITY, l = 0.f;
   bool bad = false;
-  for (int v = 0; v < keys.n_total; ++v) {
-    bool in_block;
-    const int64_t off = keys.row_offset(v, in_block, bad);
-    const float* k = (in_block ? keys.k_block : keys.k_cache) + off;
-    const float* val = (in_block ? keys.v_block : keys.v_cache) + off;
-    float s = 0.f;
+  for (int base = 0; base < keys.n_total; base += 32) {
+    const int v = base + lane;
+    float s = -INFINITY;
+    const float* my_v = nullptr;
+    if (v < keys.n_total) {
+      bool in_block;
+      const int64_t off = keys.row_offset(v, in_block, bad);
+      const float* k = (in_block ? keys.k_block : keys.k_cache) + off;
+      my_v = (in_block ? keys.v_block : keys.v_cache) + off;
+      float dot = 0.f;
+#pragma unroll 8
+      for (int c = 0; c < D; ++c) dot += q[c] * k[c];
+      s = dot * a.scale_log2;
+    }
+    float chunk_max = s;
 #pragma unroll
-    for (int e = 0; e < kPerLane; ++e) s += qv[e] * k[lane + 32 * e];
-    s = warp_sum(s);
-    const float m_new = fmaxf(m, s);
-    const float alpha = exp2f(m - m_new), p = exp2f(s - m_new);
-    l = l * alpha + p;
-#pragma unroll
-    for (int e = 0; e < kPerLane; ++e) acc[e] = acc[e] * alpha + p * val[lane + 32 * e];
+    for (int o = 16; o > 0; o >>= 1) chunk_max = fmaxf(chunk_max, __shfl_xor_sync(0xffffffffu, chunk_max, o));
+    const float m_new = fmaxf(m, chunk_max);
+    const float alpha = exp2f(m - m_new);
+    const float p = exp2f(s - m_new);
+    l = l * alpha + warp_sum(p);
     m = m_new;
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) acc[e] *= alpha;
+    const int n = min(32, keys.n_total - base);
+    for (int j = 0; j < n; ++j) {
+      const float pj = __shfl_sync(0xffffffffu, p, j);
+      const float* vj = reinterpret_cast<const float*>(
+          __shfl_sync(0xffffffffu, reinterpret_cast<uintptr_t>(my_v), j));
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) acc[e] += pj * vj[lane + 32 * e];
+    }
   }
+  bad = __any_sync(0xffffffffu, bad);
   float* out = static_cast<float*>(a.out) + grow * D;
   const float inv = bad ? NAN : 1.f / l;
 #pragma unroll

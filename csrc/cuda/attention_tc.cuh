@@ -1,6 +1,6 @@
 // Tensor-core (mma.sync m16n8k16, fp16/bf16 in, fp32 accumulate) attention kernels.
 //
-// attention_tile_kernel: one CTA = 64 query rows (4 warps x 16) of one (sequence, KV head)
+// attention_tile_kernel: one CTA = 128 query rows (4 warps x 32) of one (sequence, KV head)
 //   against one split of its key list, streamed through shared memory in tiles of 64 keys
 //   (cp.async, double-buffered), with an online softmax in registers (FlashAttention-2 style).
 //   The G*B rows of a KV head are packed, so every K/V tile read serves the whole GQA group.
@@ -17,14 +17,17 @@
 namespace mage::cuda {
 
 constexpr int kTcWarps = 4;
-constexpr int kTcRows = 16 * kTcWarps;  // query rows per CTA
+constexpr int kWarpRows = 32;  // two 16-row m-tiles per warp: each K/V fragment read from
+                               // shared memory feeds 4 MMAs
+constexpr int kTcRows = kWarpRows * kTcWarps;
+static_assert(kTcRows == kRowsPerCta, "host launch plan and kernel disagree");
 
 template <int D>
 constexpr int attention_smem_bytes() {
   return (kTcRows * D + 4 * kKeyTile * D) * 2;  // Q + double-buffered K and V (16-bit)
 }
 
-// Loads the A fragments (16 rows x D) of one warp's m-tile from a swizzled smem tile.
+// Loads the A fragments (16 rows x D) of one m-tile from a swizzled smem tile.
 template <typename T, int D>
 MAGE_DEVICE void load_q_fragments(uint32_t (&qf)[D / 16][4], const T* s_q, int row_base,
                                   int lane) {
@@ -54,8 +57,39 @@ MAGE_DEVICE void qk_tile(float (&s)[8][4], const uint32_t (&qf)[D / 16][4], cons
   }
 }
 
+// s[mt] (two m-tiles of 16 rows x 64 keys) = Q rows x K tile^T; Q fragments are re-read from
+// shared memory per k-step (keeping them in registers for the whole loop would spill).
+template <typename T, int D>
+MAGE_DEVICE void qk_tile_2m(float (&s)[2][8][4], const T* s_q, int row_base, const T* s_k,
+                            int lane) {
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    uint32_t qf[2][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      const int row = row_base + mt * 16 + (lane & 15);
+      ldmatrix_x4(qf[mt], s_q + swizzled<D>(row, ks * 2 + (lane >> 4)));
+    }
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      const int key = np * 16 + (lane & 7) + ((lane >> 4) << 3);
+      uint32_t r[4];
+      ldmatrix_x4(r, s_k + swizzled<D>(key, ks * 2 + ((lane >> 3) & 1)));
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        mma_16816<T>(s[mt][2 * np], qf[mt], r[0], r[1]);
+        mma_16816<T>(s[mt][2 * np + 1], qf[mt], r[2], r[3]);
+      }
+    }
+  }
+}
+
 template <typename T, int D, bool kSparse>
-__global__ void __launch_bounds__(kTcWarps * 32)
+__global__ void __launch_bounds__(kTcWarps * 32, 2)
     attention_tile_kernel(const __grid_constant__ AttentionArgs a) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   constexpr int kThreads = kTcWarps * 32;
@@ -106,13 +140,17 @@ __global__ void __launch_bounds__(kTcWarps * 32)
   load_tile(k_begin, 0);
   cp_async_commit();
 
-  float o[D / 8][4];
+  // Per thread: rows g and g + 8 of each of the warp's two m-tiles (index 2 * mt + i).
+  float o[2][D / 8][4];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY};  // running max (log2 units) of rows g and g + 8
-  float l[2] = {0.f, 0.f};              // this thread's share of the running sums
-  uint32_t qf[D / 16][4];
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
+  float m[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};  // running max, log2 units
+  float l[4] = {0.f, 0.f, 0.f, 0.f};  // this thread's share of the running sums
   const int g = lane >> 2, tig = lane & 3;
+  const int warp_row0 = warp * kWarpRows;
+  const bool active = row0 + warp_row0 < a.rows;  // warps past the last row only load
 
   int buf = 0;
   for (int t = k_begin; t < k_end; t += kKeyTile, buf ^= 1) {
@@ -120,92 +158,106 @@ __global__ void __launch_bounds__(kTcWarps * 32)
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    if (t == k_begin) load_q_fragments<T, D>(qf, s_q, warp * 16, lane);
-
-    float s[8][4];
-    qk_tile<T, D>(s, qf, s_k + buf * kKeyTile * D, lane);
-
-    float mx[2] = {m[0], m[1]};
+    if (active) {
+      float s[2][8][4];
+      qk_tile_2m<T, D>(s, s_q, warp_row0, s_k + buf * kKeyTile * D, lane);
+      float mx[4] = {m[0], m[1], m[2], m[3]};
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
+      for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int v = t + nt * 8 + tig * 2 + (e & 1);
-        s[nt][e] = v < k_end ? s[nt][e] * a.scale_log2 : -INFINITY;
-        mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int v = t + nt * 8 + tig * 2 + (e & 1);
+            s[mt][nt][e] = v < k_end ? s[mt][nt][e] * a.scale_log2 : -INFINITY;
+            mx[2 * mt + (e >> 1)] = fmaxf(mx[2 * mt + (e >> 1)], s[mt][nt][e]);
+          }
+      float alpha[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+        alpha[i] = exp2f(m[i] - mx[i]);  // m = -inf on the first tile: alpha = 0
+        m[i] = mx[i];
+        l[i] *= alpha[i];
       }
-    }
-    float alpha[2];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-      alpha[i] = exp2f(m[i] - mx[i]);  // m = -inf on the first tile: alpha = 0
-      m[i] = mx[i];
-      l[i] *= alpha[i];
-    }
+      for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
+        for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[nt][e] = exp2f(s[nt][e] - mx[e >> 1]);
-        l[e >> 1] += s[nt][e];
+          for (int e = 0; e < 4; ++e) {
+            s[mt][nt][e] = exp2f(s[mt][nt][e] - mx[2 * mt + (e >> 1)]);
+            l[2 * mt + (e >> 1)] += s[mt][nt][e];
+          }
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+          o[mt][i][0] *= alpha[2 * mt];
+          o[mt][i][1] *= alpha[2 * mt];
+          o[mt][i][2] *= alpha[2 * mt + 1];
+          o[mt][i][3] *= alpha[2 * mt + 1];
+        }
       }
-    }
+      // O += P V: the accumulator layout of two adjacent key n-tiles is the A layout of one
+      // 16-key k-step.
+      const T* vt = s_v + buf * kKeyTile * D;
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      o[i][0] *= alpha[0];
-      o[i][1] *= alpha[0];
-      o[i][2] *= alpha[1];
-      o[i][3] *= alpha[1];
-    }
-    // O += P V: the accumulator layout of two adjacent key n-tiles is the A layout of one
-    // 16-key k-step.
-    const T* vt = s_v + buf * kKeyTile * D;
+      for (int j = 0; j < 4; ++j) {
+        uint32_t pa[2][4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint32_t pa[4] = {pack2<T>(s[2 * j][0], s[2 * j][1]),
-                              pack2<T>(s[2 * j][2], s[2 * j][3]),
-                              pack2<T>(s[2 * j + 1][0], s[2 * j + 1][1]),
-                              pack2<T>(s[2 * j + 1][2], s[2 * j + 1][3])};
+        for (int mt = 0; mt < 2; ++mt) {
+          pa[mt][0] = pack2<T>(s[mt][2 * j][0], s[mt][2 * j][1]);
+          pa[mt][1] = pack2<T>(s[mt][2 * j][2], s[mt][2 * j][3]);
+          pa[mt][2] = pack2<T>(s[mt][2 * j + 1][0], s[mt][2 * j + 1][1]);
+          pa[mt][3] = pack2<T>(s[mt][2 * j + 1][2], s[mt][2 * j + 1][3]);
+        }
 #pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        const int key = j * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-        uint32_t r[4];
-        ldmatrix_x4_trans(r, vt + swizzled<D>(key, dp * 2 + (lane >> 4)));
-        mma_16816<T>(o[2 * dp], pa, r[0], r[1]);
-        mma_16816<T>(o[2 * dp + 1], pa, r[2], r[3]);
+        for (int dp = 0; dp < D / 16; ++dp) {
+          const int key = j * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+          uint32_t r[4];
+          ldmatrix_x4_trans(r, vt + swizzled<D>(key, dp * 2 + (lane >> 4)));
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            mma_16816<T>(o[mt][2 * dp], pa[mt], r[0], r[1]);
+            mma_16816<T>(o[mt][2 * dp + 1], pa[mt], r[2], r[3]);
+          }
+        }
       }
     }
     __syncthreads();
   }
 
   const bool poisoned = __syncthreads_or(bad);
+  if (!active) return;
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
-    const int row = row0 + warp * 16 + g + i * 8;
-    if (row >= a.rows) continue;
-    const float inv = poisoned ? NAN : 1.f / l[i];
-    const float lse = poisoned ? NAN : (m[i] + log2f(l[i])) * kLn2;
-    const int64_t grow = head_row0 + row;
-    if (a.num_splits == 1) {
-      T* out = static_cast<T*>(a.out) + grow * D;
+  for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        *reinterpret_cast<uint32_t*>(out + dt * 8 + tig * 2) =
-            pack2<T>(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv);
+    for (int i = 0; i < 2; ++i) {
+      float li = l[2 * mt + i];
+      li += __shfl_xor_sync(0xffffffffu, li, 1);
+      li += __shfl_xor_sync(0xffffffffu, li, 2);
+      const int row = row0 + warp_row0 + mt * 16 + g + i * 8;
+      if (row >= a.rows) continue;
+      const float inv = poisoned ? NAN : 1.f / li;
+      const float lse = poisoned ? NAN : (m[2 * mt + i] + log2f(li)) * kLn2;
+      const int64_t grow = head_row0 + row;
+      if (a.num_splits == 1) {
+        T* out = static_cast<T*>(a.out) + grow * D;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+          *reinterpret_cast<uint32_t*>(out + dt * 8 + tig * 2) =
+              pack2<T>(o[mt][dt][2 * i] * inv, o[mt][dt][2 * i + 1] * inv);
+        }
+        if (tig == 0) a.lse[grow] = lse;
+      } else {
+        float* out = a.o_part + (split * total_rows + grow) * D;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+          *reinterpret_cast<float2*>(out + dt * 8 + tig * 2) =
+              make_float2(o[mt][dt][2 * i] * inv, o[mt][dt][2 * i + 1] * inv);
+        }
+        if (tig == 0) a.lse_part[split * total_rows + grow] = lse;
       }
-      if (tig == 0) a.lse[grow] = lse;
-    } else {
-      float* out = a.o_part + (split * total_rows + grow) * D;
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        *reinterpret_cast<float2*>(out + dt * 8 + tig * 2) =
-            make_float2(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv);
-      }
-      if (tig == 0) a.lse_part[split * total_rows + grow] = lse;
     }
   }
 }

@@ -105,7 +105,9 @@ cudaError_t launch_merge_f16(const MergeArgs& args, cudaStream_t stream);
 cudaError_t launch_merge_bf16(const MergeArgs& args, cudaStream_t stream);
 cudaError_t launch_merge_f32(const MergeArgs& args, cudaStream_t stream);
 
-// Keys per CTA tile of the tensor-core kernels (split sizes are multiples of it).
+// Keys per CTA tile of the tensor-core kernels (split sizes are multiples of it), and query
+// rows per CTA of the tensor-core attention kernel.
 constexpr int kKeyTile = 64;
+constexpr int kRowsPerCta = 128;
 
 }  // namespace mage::cuda

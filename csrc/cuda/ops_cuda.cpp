@@ -104,7 +104,7 @@ void run_attention(const char* op, bool sparse, AttentionArgs a, const Prepared&
     C10_CUDA_CHECK(launch_attention(dtype, sparse, a, stream));
     return;
   }
-  const int64_t row_tiles = (a.rows + 63) / 64;
+  const int64_t row_tiles = (a.rows + kRowsPerCta - 1) / kRowsPerCta;
   plan_splits(max_keys, row_tiles * a.batch * a.hkv, 4LL * sm_count(), /*min_tiles=*/2,
               &a.num_splits, &a.keys_per_split);
   at::Tensor o_part, lse_part;
