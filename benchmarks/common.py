@@ -38,15 +38,51 @@ def environment(device: str = "cuda") -> dict:
     return info
 
 
-def time_us(fn, warmup_ms: float = 10, rep_ms: float = 40) -> float:
-    """Median time of fn in microseconds, CUDA events around each call, L2 flushed between
-    calls (triton.testing.do_bench), after warm-up."""
-    import triton.testing
+_FLUSH = []
 
-    ms = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+def flush_l2() -> None:
+    """Evicts the L2 cache by READING 512 MB (writing would leave dirty lines whose write-back
+    the next measured kernel would pay for)."""
+    if not _FLUSH:
+        _FLUSH.append(torch.randn(128 << 20, device="cuda"))
+    _FLUSH[0].sum()
+
+
+def time_us(fn, reps: int = 40, warmup: int = 3) -> float:
+    """Median device time of fn in microseconds: CUDA events around each call, after warm-up,
+    with a cold L2 (flushed by a read before each call). The flush keeps the GPU busy while the
+    host enqueues fn, so host overhead is not counted (see eager_us for that)."""
+    for _ in range(warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        flush_l2()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    ms = times[len(times) // 2]
     if not ms > 0:
         raise RuntimeError(f"timing returned {ms} ms: not a measurement")
     return ms * 1e3
+
+
+def eager_us(fn, reps: int = 50) -> float:
+    """Mean time per call of fn called back to back from Python: includes the host's launch
+    overhead when the host is the bottleneck (and a warm L2)."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / reps
 
 
 def graph_time_us(fn, **kw) -> float:
@@ -68,7 +104,7 @@ def copy_bandwidth_tbps(nbytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth (bytes read + written per second), in TB/s."""
     src = torch.randn(nbytes // 4, device="cuda")
     dst = torch.empty_like(src)
-    us = time_us(lambda: dst.copy_(src), rep_ms=100)
+    us = time_us(lambda: dst.copy_(src))
     del src, dst
     return 2 * nbytes / (us * 1e-6) / 1e12
 

@@ -1,11 +1,11 @@
 // Tensor-core (mma.sync m16n8k16, fp16/bf16 in, fp32 accumulate) attention kernels.
 //
-// attention_tile_kernel: one CTA = 128 query rows (4 warps x 32) of one (sequence, KV head)
-//   against one split of its key list, streamed through shared memory in tiles of 64 keys
-//   (cp.async, double-buffered), with an online softmax in registers (FlashAttention-2 style).
-//   The G*B rows of a KV head are packed, so every K/V tile read serves the whole GQA group.
-//   Grid: (row tiles, splits, batch * Hkv); row tiles vary fastest so the CTAs that share a K/V
-//   split run together and the re-reads come from L2.
+// attention_tile_kernel: one CTA = up to 256 query rows (8 warps x 32) of one (sequence, KV
+//   head) against one split of its key list, streamed through shared memory in tiles of 64
+//   keys (cp.async, kStages tiles in flight), with an online softmax in registers
+//   (FlashAttention-2 style). The G*B rows of a KV head are packed (G*B <= 256 for the usual
+//   shapes), so each K/V tile is read from memory once for the whole GQA group.
+//   Grid: (row tiles, splits, batch * Hkv).
 // scores_kernel: second pass of the first step. Recomputes Q K^T for the cache keys and sums
 //   exp(logit - lse) over the G*B rows of each key (deterministic order: no atomics).
 #pragma once
@@ -16,15 +16,16 @@
 
 namespace mage::cuda {
 
-constexpr int kTcWarps = 4;
+constexpr int kTcWarps = 8;
 constexpr int kWarpRows = 32;  // two 16-row m-tiles per warp: each K/V fragment read from
                                // shared memory feeds 4 MMAs
 constexpr int kTcRows = kWarpRows * kTcWarps;
+constexpr int kStages = 4;     // K/V tiles in flight: hides HBM latency at one CTA per SM
 static_assert(kTcRows == kRowsPerCta, "host launch plan and kernel disagree");
 
 template <int D>
 constexpr int attention_smem_bytes() {
-  return (kTcRows * D + 4 * kKeyTile * D) * 2;  // Q + double-buffered K and V (16-bit)
+  return (kTcRows * D + 2 * kStages * kKeyTile * D) * 2;  // Q + kStages of K and V (16-bit)
 }
 
 // Loads the A fragments (16 rows x D) of one m-tile from a swizzled smem tile.
@@ -89,14 +90,14 @@ MAGE_DEVICE void qk_tile_2m(float (&s)[2][8][4], const T* s_q, int row_base, con
 }
 
 template <typename T, int D, bool kSparse>
-__global__ void __launch_bounds__(kTcWarps * 32, 2)
+__global__ void __launch_bounds__(kTcWarps * 32, 1)
     attention_tile_kernel(const __grid_constant__ AttentionArgs a) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   constexpr int kThreads = kTcWarps * 32;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* s_q = reinterpret_cast<T*>(smem_raw);
   T* s_k = s_q + kTcRows * D;
-  T* s_v = s_k + 2 * kKeyTile * D;
+  T* s_v = s_k + kStages * kKeyTile * D;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int bh = blockIdx.z, b = bh / a.hkv, h = bh % a.hkv;
@@ -137,8 +138,12 @@ __global__ void __launch_bounds__(kTcWarps * 32, 2)
     }
   };
 
-  load_tile(k_begin, 0);
-  cp_async_commit();
+  // Prologue: tiles 0 .. kStages-2 in flight (the first group also carries Q).
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (k_begin + i * kKeyTile < k_end) load_tile(k_begin + i * kKeyTile, i);
+    cp_async_commit();
+  }
 
   // Per thread: rows g and g + 8 of each of the warp's two m-tiles (index 2 * mt + i).
   float o[2][D / 8][4];
@@ -152,11 +157,12 @@ __global__ void __launch_bounds__(kTcWarps * 32, 2)
   const int warp_row0 = warp * kWarpRows;
   const bool active = row0 + warp_row0 < a.rows;  // warps past the last row only load
 
-  int buf = 0;
-  for (int t = k_begin; t < k_end; t += kKeyTile, buf ^= 1) {
-    if (t + kKeyTile < k_end) load_tile(t + kKeyTile, buf ^ 1);
+  for (int it = 0, t = k_begin; t < k_end; ++it, t += kKeyTile) {
+    const int buf = it % kStages;
+    const int next = t + (kStages - 1) * kKeyTile;
+    if (next < k_end) load_tile(next, (it + kStages - 1) % kStages);
     cp_async_commit();
-    cp_async_wait<1>();
+    cp_async_wait<kStages - 1>();  // tile `it` has landed
     __syncthreads();
     if (active) {
       float s[2][8][4];
@@ -271,18 +277,19 @@ constexpr int kScoreRows = 256;
 
 template <int D>
 constexpr int scores_smem_bytes() {
-  return (kScoreRows * D + 2 * kKeyTile * D) * 2 + kScoreRows * 4 + kScoreWarps * kKeyTile * 4;
+  return (kScoreRows * D + kStages * kKeyTile * D) * 2 + kScoreRows * 4 +
+         kScoreWarps * kKeyTile * 4;
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kScoreWarps * 32)
+__global__ void __launch_bounds__(kScoreWarps * 32, 1)
     scores_kernel(const __grid_constant__ ScoresArgs a) {
   constexpr int kChunks = D / 8;
   constexpr int kThreads = kScoreWarps * 32;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* s_q = reinterpret_cast<T*>(smem_raw);
   T* s_k = s_q + kScoreRows * D;
-  float* s_lse = reinterpret_cast<float*>(s_k + 2 * kKeyTile * D);
+  float* s_lse = reinterpret_cast<float*>(s_k + kStages * kKeyTile * D);
   float* s_red = s_lse + kScoreRows;  // [warps][64] per-warp column sums
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -324,13 +331,17 @@ __global__ void __launch_bounds__(kScoreWarps * 32)
       // Rows past the group get +inf: exp2(s - inf) = 0.
       s_lse[r] = r < nrows ? a.lse[head_row0 + rg0 + r] * kLog2e : INFINITY;
     }
-    load_k(range_begin, 0);
-    cp_async_commit();
-    int buf = 0;
-    for (int t = range_begin; t < k_end; t += kKeyTile, buf ^= 1) {
-      if (t + kKeyTile < k_end) load_k(t + kKeyTile, buf ^ 1);
+#pragma unroll
+    for (int i = 0; i < kStages - 1; ++i) {
+      if (range_begin + i * kKeyTile < k_end) load_k(range_begin + i * kKeyTile, i);
       cp_async_commit();
-      cp_async_wait<1>();
+    }
+    for (int it = 0, t = range_begin; t < k_end; ++it, t += kKeyTile) {
+      const int buf = it % kStages;
+      const int next = t + (kStages - 1) * kKeyTile;
+      if (next < k_end) load_k(next, (it + kStages - 1) % kStages);
+      cp_async_commit();
+      cp_async_wait<kStages - 1>();
       __syncthreads();
       float colsum[8][2];
 #pragma unroll

@@ -108,6 +108,6 @@ cudaError_t launch_merge_f32(const MergeArgs& args, cudaStream_t stream);
 // Keys per CTA tile of the tensor-core kernels (split sizes are multiples of it), and query
 // rows per CTA of the tensor-core attention kernel.
 constexpr int kKeyTile = 64;
-constexpr int kRowsPerCta = 128;
+constexpr int kRowsPerCta = 256;
 
 }  // namespace mage::cuda

@@ -105,7 +105,8 @@ void run_attention(const char* op, bool sparse, AttentionArgs a, const Prepared&
     return;
   }
   const int64_t row_tiles = (a.rows + kRowsPerCta - 1) / kRowsPerCta;
-  plan_splits(max_keys, row_tiles * a.batch * a.hkv, 4LL * sm_count(), /*min_tiles=*/2,
+  // One CTA per SM (the kernel fills an SM's shared memory): one wave of equal splits.
+  plan_splits(max_keys, row_tiles * a.batch * a.hkv, sm_count(), /*min_tiles=*/1,
               &a.num_splits, &a.keys_per_split);
   at::Tensor o_part, lse_part;
   const int64_t total_rows = static_cast<int64_t>(a.batch) * a.hq * a.block;
@@ -178,8 +179,8 @@ void attention_with_scores_out(const at::Tensor& q, const at::Tensor& k_cache,
   s.dim = a.dim;
   s.rows = a.rows;
   s.scale_log2 = a.scale_log2;
-  plan_splits(a.capacity, static_cast<int64_t>(a.batch) * a.hkv, 2LL * sm_count(),
-              /*min_tiles=*/4, &s.num_splits, &s.keys_per_split);
+  plan_splits(a.capacity, static_cast<int64_t>(a.batch) * a.hkv, sm_count(),
+              /*min_tiles=*/2, &s.num_splits, &s.keys_per_split);
   C10_CUDA_CHECK(launch_scores(dtype_of(p.q), s, at::cuda::getCurrentCUDAStream()));
 }
 

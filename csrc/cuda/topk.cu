@@ -44,7 +44,7 @@ __global__ void __cluster_dims__(kClusterCtas, 1, 1) __launch_bounds__(kTopkThre
 
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
-  const int tid = threadIdx.x, lane = tid & 31;
+  const int tid = threadIdx.x;
   const int row = blockIdx.y, b = row / a.hkv;
   const int len = clamp_int(a.cache_lens[b], 0, a.capacity);
   int32_t* out = a.indices + static_cast<int64_t>(row) * a.k;
@@ -76,15 +76,22 @@ __global__ void __cluster_dims__(kClusterCtas, 1, 1) __launch_bounds__(kTopkThre
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int i = tid; i < 256; i += kTopkThreads) s_hist[i] = 0;
     __syncthreads();
-    for (int base = 0; base < n; base += kTopkThreads) {
-      const int i = base + tid;
-      const uint32_t key = i < n ? key_at(i) : 0u;
-      const bool active = i < n && (key & mask) == prefix;
-      const uint32_t bin = active ? (key >> shift) & 255u : 256u + lane;  // unique if inactive
-      // Warp-aggregated increment: scores crowd into few bins, plain atomics would serialise.
-      const unsigned peers = __match_any_sync(0xffffffffu, bin);
-      if (active && lane == __ffs(peers) - 1) atomicAdd(&s_hist[bin], __popc(peers));
+    // Run-length aggregation per thread: the scores crowd into few bins (most of all in the
+    // first pass), so consecutive keys of a thread usually share one; one atomic per run.
+    uint32_t run_bin = 0;
+    int run = 0;
+    for (int i = tid; i < n; i += kTopkThreads) {
+      const uint32_t key = key_at(i);
+      if ((key & mask) != prefix) continue;
+      const uint32_t bin = (key >> shift) & 255u;
+      if (run > 0 && bin != run_bin) {
+        atomicAdd(&s_hist[run_bin], run);
+        run = 0;
+      }
+      run_bin = bin;
+      ++run;
     }
+    if (run > 0) atomicAdd(&s_hist[run_bin], run);
     cluster.sync();  // every CTA's histogram is complete
     if (tid < 256) {
       int total = 0;
