@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mage_ext  # noqa: E402
+import peers_flashinfer  # noqa: E402
 from common import (copy_bandwidth_tbps, eager_us, environment, graph_time_us,  # noqa: E402
                     time_us, write_results)
 
@@ -60,7 +61,7 @@ def timed(fn) -> float:
         return time_us(fn)
 
 
-def run_config(name, hq, hkv, d, block, batch, n, bw, flex):
+def run_config(name, hq, hkv, d, block, batch, n, bw, flex, flashinfer):
     esize = 2
     rnd = lambda *s: torch.randn(*s, device="cuda", dtype=DTYPE)  # noqa: E731
     q, kb, vb = rnd(batch, hq, block, d), rnd(batch, hkv, block, d), rnd(batch, hkv, block, d)
@@ -95,6 +96,11 @@ def run_config(name, hq, hkv, d, block, batch, n, bw, flex):
         from torch.nn.attention.flex_attention import flex_attention
         flex_c = torch.compile(flex_attention, dynamic=False)
         peers["flex_attention"] = timed(lambda: flex_c(q, k_full, v_full, enable_gqa=True))
+    if flashinfer:
+        try:
+            peers["flashinfer_prefill"] = timed(peers_flashinfer.make_dense(q, k_full, v_full))
+        except Exception as e:  # report, keep benchmarking the rest
+            print(f"flashinfer peer failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
     records.append(dict(base, op="dense_step", k=None, time_us=timed(dense),
                         eager_us=eager_us(dense),
                         floor_us=floor(kv_bytes + io_bytes), peers=peers))
@@ -149,8 +155,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="batch 1, 32K and 128K only")
     p.add_argument("--flex", action="store_true", help="also time FlexAttention (compiles)")
+    p.add_argument("--no-flashinfer", action="store_true", help="skip the FlashInfer peer")
     p.add_argument("--output", default="kernels_h200.json")
     args = p.parse_args()
+    flashinfer = not args.no_flashinfer and peers_flashinfer.available() is None
+    if not args.no_flashinfer and not flashinfer:
+        print(f"FlashInfer peer unavailable: {peers_flashinfer.available()}")
     bw = copy_bandwidth_tbps()
     env = environment()
     print(f"{env['device']}, torch {env['torch']}, CUDA {env['cuda']}, copy {bw:.2f} TB/s")
@@ -159,7 +169,7 @@ def main():
              f"{'eager':>8} {'floor':>8} {'x':>6}  peers (us)"
     print(header)
     for cfg in configs(args.quick):
-        for r in run_config(*cfg, bw=bw, flex=args.flex):
+        for r in run_config(*cfg, bw=bw, flex=args.flex, flashinfer=flashinfer):
             records.append(r)
             peers = ", ".join(f"{k}={v:.1f}" for k, v in r["peers"].items())
             print(f"{r['op']:12} {r['shape']:26} {r['block']:>3} {r['batch']:>4} "
