@@ -36,38 +36,29 @@ class FakeLoop:
     def randn(self, *shape):
         return torch.randn(*shape, generator=self.gen)
 
-    def forward(self, step, phase):
-        batch = self.kv[0].k.shape[0]
-        self.sel.begin_step(step)
-        for layer, kv in enumerate(self.kv):
-            q = self.randn(batch, self.hq, self.block, self.dim)
-            kb, vb = (self.randn(batch, self.hkv, self.block, self.dim) for _ in range(2))
-            ctx = StepContext(layer, self.n_layers, step, phase, self.dim ** -0.5, self.steps_hint)
-            out, sel = self.sel.attend(ctx, q, kb, vb, kv)
-            self.records.append(dict(step=step, layer=layer, phase=phase, q=q, kb=kb, vb=vb,
-                                     kv=LayerKV(kv.k.clone(), kv.v.clone(), kv.lens.clone()),
-                                     out=out, sel=sel))
-        self.sel.end_step(step)
+    def attend(self, step, phase, layer, kv):
+        batch = kv.k.shape[0]
+        q = self.randn(batch, self.hq, self.block, self.dim)
+        kb, vb = (self.randn(batch, self.hkv, self.block, self.dim) for _ in range(2))
+        ctx = StepContext(layer, self.n_layers, step, phase, self.dim ** -0.5, self.steps_hint)
+        out, sel = self.sel.attend(ctx, q, kb, vb, kv)
+        self.records.append(dict(step=step, layer=layer, phase=phase, q=q, kb=kb, vb=vb,
+                                 kv=LayerKV(kv.k.clone(), kv.v.clone(), kv.lens.clone()),
+                                 out=out, sel=sel))
         return kb, vb
+
+    def forward(self, step, phase):
+        self.sel.begin_step(step)
+        blocks = [self.attend(step, phase, layer, kv) for layer, kv in enumerate(self.kv)]
+        self.sel.end_step(step)
+        return blocks
 
     def run_block(self, steps):
         self.sel.begin_block()
         for step in range(steps):
             self.forward(step, "denoise")
-        self.sel.begin_step(steps)
-        # commit forward: each layer's block KV is then appended
-        kbs = []
-        for layer, kv in enumerate(self.kv):
-            ctx = StepContext(layer, self.n_layers, steps, "commit", self.dim ** -0.5, self.steps_hint)
-            q = self.randn(kv.k.shape[0], self.hq, self.block, self.dim)
-            kb, vb = (self.randn(kv.k.shape[0], self.hkv, self.block, self.dim) for _ in range(2))
-            out, sel = self.sel.attend(ctx, q, kb, vb, kv)
-            self.records.append(dict(step=steps, layer=layer, phase="commit", q=q, kb=kb, vb=vb,
-                                     kv=LayerKV(kv.k.clone(), kv.v.clone(), kv.lens.clone()),
-                                     out=out, sel=sel))
-            kbs.append((kb, vb))
-        self.sel.end_step(steps)
-        for layer, (kv, (kb, vb)) in enumerate(zip(self.kv, kbs)):
+        # the commit forward, then each layer's block KV is written and reported
+        for layer, (kv, (kb, vb)) in enumerate(zip(self.kv, self.forward(steps, "commit"))):
             ops.append_kv(kv.k, kv.v, kv.lens, kb, vb)
             start = kv.lens.clone()
             kv.lens += self.block
@@ -330,3 +321,9 @@ def test_quest_on_append_rejects_bad_arguments():
         sel.on_append(0, kv, torch.zeros(2, dtype=torch.int64), -1)
     with pytest.raises(ValueError, match="capacity"):
         sel.on_append(0, kv, torch.tensor([4, 0]), 5)
+
+
+def test_sparsed_pooling_sums_each_kv_block_partial_last_included():
+    from mage_ext.selectors.sparsed import pooled_block_scores
+    scores = torch.arange(10, dtype=torch.float32).view(1, 1, 10)
+    assert pooled_block_scores(scores, 4).tolist() == [[[6.0, 22.0, 17.0]]]
