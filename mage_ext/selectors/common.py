@@ -53,15 +53,19 @@ def top_pages(page_scores: Tensor, lens: Tensor, page: int, keep: int, n_sink: i
     """Token selection made of the ``keep`` best pages of ``page`` tokens per (sequence, KV head).
 
     page_scores [batch, Hkv, pages] (entries past a sequence's last page are ignored); lens int32
-    [batch]. n_sink / n_recent tokens are rounded up to whole pages at the two ends of the page
-    grid and count towards ``keep``. Returns token indices ascending, clipped to lens, -1 padded.
+    [batch]. The pages holding the first n_sink and the last n_recent tokens are always kept
+    (the most pages any sequence needs for that; they count towards ``keep``). Returns token indices ascending, clipped to lens, -1 padded.
     """
     total = int(page_scores.shape[-1])
     keep = max(1, min(keep, total))  # topk_select wants 1 <= k <= capacity
+    last = n_pages(lens, page)
     sink_pages = min(-(-n_sink // page), keep)
-    recent_pages = min(-(-n_recent // page), keep - sink_pages)
-    pages, _ = ops.topk_select(page_scores.float().contiguous(), n_pages(lens, page), keep,
-                               sink_pages, recent_pages)
+    recent_pages = 0
+    if n_recent > 0:  # pages holding the last n_recent tokens (the last page may be partial)
+        first = torch.div((lens.long() - n_recent).clamp(min=0), page, rounding_mode="floor")
+        recent_pages = min(int((last.long() - first).max()), keep - sink_pages)
+    pages, _ = ops.topk_select(page_scores.float().contiguous(), last, keep, sink_pages,
+                               recent_pages)
     # Pages come ascending and only a sequence's last page can be partial, so the valid tokens
     # of each row form a prefix: no compaction is needed.
     offs = torch.arange(page, device=pages.device, dtype=torch.int32)

@@ -33,8 +33,11 @@ def quest_page_scores(q: Tensor, page_min: Tensor, page_max: Tensor) -> Tensor:
     page_min / page_max [batch, Hkv, pages, d]; the query heads of KV head h are
     h*G .. h*G+G-1 (the usual GQA grouping).
     """
-    batch, hq, block, dim = q.shape
     hkv = page_min.shape[1]
+    if q.dim() != 4 or q.shape[1] % hkv or q.shape[3] != page_min.shape[3]:
+        raise ValueError(f"q: expected [batch, Hq, B, d] with Hq a multiple of Hkv={hkv} and "
+                         f"d={page_min.shape[3]}, got {tuple(q.shape)}")
+    batch, hq, block, dim = q.shape
     qf = q.float().reshape(batch, hkv, (hq // hkv) * block, dim)
     pos, neg = qf.clamp(min=0).sum(2), qf.clamp(max=0).sum(2)  # [batch, Hkv, d]
     return (torch.einsum("bhd,bhpd->bhp", pos, page_max.float())
