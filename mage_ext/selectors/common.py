@@ -54,7 +54,8 @@ def top_pages(page_scores: Tensor, lens: Tensor, page: int, keep: int, n_sink: i
 
     page_scores [batch, Hkv, pages] (entries past a sequence's last page are ignored); lens int32
     [batch]. The pages holding the first n_sink and the last n_recent tokens are always kept
-    (the most pages any sequence needs for that; they count towards ``keep``). Returns token indices ascending, clipped to lens, -1 padded.
+    (the most pages any sequence needs for that; they count towards ``keep``).
+    Returns token indices ascending, clipped to lens, -1 padded.
     """
     total = int(page_scores.shape[-1])
     keep = max(1, min(keep, total))  # topk_select wants 1 <= k <= capacity
