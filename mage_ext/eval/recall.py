@@ -1,0 +1,141 @@
+"""Recall of a step's selection against the exact per-step oracle (spec section 4).
+
+O = top-k of the exact block/group-averaged scores at this step (``ops.attention_with_scores`` +
+``ops.topk_select``), T = the selection the step read. Per (sequence, KV head):
+  set recall  = |T & O| / |O|   (|O| = min(k, cache length); equals the spec's |T & O| / k
+                                 whenever the cache holds at least k entries)
+  mass recall = sum of the exact scores inside T / sum over the whole cache
+                (the share of this step's cache attention mass that the selection read).
+Undefined values (an empty cache, k = 0) are NaN and left out of every mean.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..selectors.base import LayerKV, Selection, StepContext
+
+
+@dataclass
+class StepRecall:
+    set_recall: Tensor   # float64 [batch, Hkv]
+    mass_recall: Tensor  # float64 [batch, Hkv]
+
+
+def membership(indices: Tensor, counts: Tensor, capacity: int) -> Tensor:
+    """bool [batch, Hkv, capacity]: True at indices[b, h, :counts[b, h]]."""
+    valid = torch.arange(indices.shape[-1], device=indices.device) < counts.unsqueeze(-1)
+    slot = torch.where(valid, indices.long(), torch.full_like(indices, capacity, dtype=torch.long))
+    mask = torch.zeros(*indices.shape[:2], capacity + 1, dtype=torch.bool, device=indices.device)
+    return mask.scatter_(2, slot, True)[..., :capacity]
+
+
+def _check_selection(selection: Selection, batch: int, hkv: int) -> None:
+    if not isinstance(selection, Selection):
+        raise TypeError(f"selection: expected a Selection or None, got {type(selection).__name__}")
+    ind, cnt = selection.indices, selection.counts
+    if ind.dim() != 3 or tuple(ind.shape[:2]) != (batch, hkv):
+        raise ValueError(f"selection.indices: expected [batch={batch}, Hkv={hkv}, k], got "
+                         f"{tuple(ind.shape)}")
+    if tuple(cnt.shape) != (batch, hkv):
+        raise ValueError(f"selection.counts: expected [batch={batch}, Hkv={hkv}], got "
+                         f"{tuple(cnt.shape)}")
+
+
+def oracle_recall(q: Tensor, k_block: Tensor, v_block: Tensor, kv: LayerKV,
+                  selection: Optional[Selection], k: Union[int, Tensor, None] = None,
+                  scale: Optional[float] = None) -> Optional[StepRecall]:
+    """Set and mass recall of ``selection`` at this step; None for a dense step (selection None).
+
+    k: the oracle's budget: an int, an int tensor [batch, Hkv], or None for the selection's own
+    counts (each row is compared with an oracle of its own size).
+    """
+    if selection is None:
+        return None
+    batch, hkv, capacity, _ = kv.k.shape
+    _check_selection(selection, batch, hkv)
+    if k is None:
+        ks = selection.counts.long()
+    elif isinstance(k, Tensor):
+        if tuple(k.shape) != (batch, hkv):
+            raise ValueError(f"k: expected an int or a tensor [batch={batch}, Hkv={hkv}], got "
+                             f"{tuple(k.shape)}")
+        ks = k.long()
+    else:
+        if int(k) <= 0:
+            raise ValueError(f"k: the oracle budget must be > 0, got {k}")
+        ks = torch.full((batch, hkv), int(k), dtype=torch.long)
+    ks = ks.to(kv.k.device).clamp(0, capacity)  # topk_select wants k <= capacity
+    _, _, scores = ops.attention_with_scores(q, kv.k, kv.v, kv.lens, k_block, v_block, scale)
+
+    oracle = torch.zeros(batch, hkv, capacity, dtype=torch.bool, device=scores.device)
+    for kk in ks.unique().tolist():  # topk_select takes one k: one call per distinct budget
+        if kk > 0:
+            rows = ks == kk
+            oracle[rows] = membership(*ops.topk_select(scores, kv.lens, kk), capacity)[rows]
+    chosen = membership(selection.indices.to(scores.device), selection.counts.to(scores.device),
+                        capacity)
+
+    n_oracle = oracle.sum(-1).double()
+    hits = (oracle & chosen).sum(-1).double()
+    nan = torch.full_like(n_oracle, float("nan"))
+    set_recall = torch.where(n_oracle > 0, hits / n_oracle.clamp(min=1), nan)
+    s = scores.double()
+    total, inside = s.sum(-1), (s * chosen).sum(-1)
+    mass_recall = torch.where(total > 0, inside / torch.where(total > 0, total, 1.0), nan)
+    return StepRecall(set_recall.cpu(), mass_recall.cpu())
+
+
+class RecallMeter:
+    """Accumulates recall per (layer, KV head, step) over a generation; see ``summary()``.
+
+    The loop calls ``record`` for every attention call of denoise steps >= 1; dense calls
+    (selection None), commit forwards and steps below ``min_step`` are skipped. k: the oracle
+    budget (None = each selection's own counts).
+    """
+
+    def __init__(self, k: Optional[int] = None, min_step: int = 1):
+        if k is not None and int(k) <= 0:
+            raise ValueError(f"k: the oracle budget must be > 0 or None, got {k}")
+        self.k, self.min_step = k, int(min_step)
+        self._acc: dict[tuple[int, int, int], list[float]] = {}  # set sum, set n, mass sum, mass n
+
+    def record(self, ctx: StepContext, q: Tensor, k_block: Tensor, v_block: Tensor,
+               kv: LayerKV, selection: Optional[Selection]) -> Optional[StepRecall]:
+        if selection is None or ctx.phase != "denoise" or ctx.step < self.min_step:
+            return None
+        r = oracle_recall(q, k_block, v_block, kv, selection, self.k, ctx.scale)
+        for h in range(r.set_recall.shape[1]):
+            acc = self._acc.setdefault((ctx.layer, h, ctx.step), [0.0, 0, 0.0, 0])
+            for i, vals in ((0, r.set_recall[:, h]), (2, r.mass_recall[:, h])):
+                ok = ~vals.isnan()
+                acc[i] += float(vals[ok].sum())
+                acc[i + 1] += int(ok.sum())
+        return r
+
+    def summary(self) -> dict:
+        """{'set_recall', 'mass_recall', 'n', 'per_layer': {layer: {...}}, 'records': [...]}.
+
+        Overall and per-layer values are means over every recorded (sequence, KV head, step)
+        (layer too, for the overall ones); None where nothing was recorded. Only layers that
+        made a selection are recorded, so dense layers never enter the means.
+        """
+        def mean(s, n):
+            return s / n if n else None
+
+        records, layers, total = [], {}, [0.0, 0, 0.0, 0]
+        for (layer, head, step), acc in sorted(self._acc.items()):
+            records.append({"layer": layer, "head": head, "step": step,
+                            "set_recall": mean(acc[0], acc[1]),
+                            "mass_recall": mean(acc[2], acc[3]), "n": acc[1]})
+            for dst in (layers.setdefault(layer, [0.0, 0, 0.0, 0]), total):
+                for i in range(4):
+                    dst[i] += acc[i]
+        per_layer = {layer: {"set_recall": mean(a[0], a[1]), "mass_recall": mean(a[2], a[3]),
+                             "n": a[1]} for layer, a in layers.items()}
+        return {"set_recall": mean(total[0], total[1]), "mass_recall": mean(total[2], total[3]),
+                "n": total[1], "per_layer": per_layer, "records": records}
