@@ -15,7 +15,7 @@ Call order within one generation::
             attend(ctx, ...) for layer 0..L-1    # ctx.phase == "denoise"
             end_step(step)
         begin_step(step + 1); attend(ctx with phase "commit") per layer; end_step(step + 1)
-        on_append(layer, kv, k_block, v_block) per layer, after the block's KV is written
+        on_append(layer, kv, start, length) per layer, after the block's KV is written
 
 Prefill (the prompt's full blocks) uses dense attention and does not go through selectors;
 ``on_append`` is still called for every chunk written to the cache so metadata (Quest's page

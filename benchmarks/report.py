@@ -1,0 +1,55 @@
+"""Markdown tables for the README from a kernel benchmark JSON (benchmarks/results/kernels_h200.json).
+
+    python benchmarks/report.py [path] [--batch 1] [--block 32]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def table(records, batch: int, block: int) -> str:
+    rows = {}
+    for r in records:
+        if r["batch"] != batch or r["block"] != block:
+            continue
+        key = (r["shape"].split()[0], r["cache_len"])
+        rows.setdefault(key, {})[(r["op"], r["k"])] = r
+    out = ["| shape | cache | dense us (x floor) | FlashInfer | SDPA gqa | first step us (x dense floor) "
+           "| top-k us | sparse k=512 us (x floor) | naive sparse |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (shape, n), ops in rows.items():
+        d, f, t, s = (ops.get(("dense_step", None)), ops.get(("first_step", 512)),
+                      ops.get(("topk", 512)), ops.get(("sparse_step", 512)))
+        if not (d and f and t and s):
+            continue
+        fi = d["peers"].get("flashinfer_prefill")
+        out.append(
+            f"| {shape} | {n // 1024}K | {d['time_us']:.0f} ({d['time_us'] / d['floor_us']:.1f}x) "
+            f"| {fi:.0f} | {d['peers']['sdpa_gqa']:.0f} " if fi else
+            f"| {shape} | {n // 1024}K | {d['time_us']:.0f} ({d['time_us'] / d['floor_us']:.1f}x) "
+            f"| - | {d['peers']['sdpa_gqa']:.0f} ")
+        out[-1] += (f"| {f['time_us']:.0f} ({f['time_us'] / d['floor_us']:.1f}x) | {t['time_us']:.0f} "
+                    f"| {s['time_us']:.1f} ({s['time_us'] / s['floor_us']:.1f}x) "
+                    f"| {s['peers']['naive_torch_gather_sdpa']:.0f} |")
+    return "\n".join(out)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("path", nargs="?",
+                   default=str(Path(__file__).parent / "results" / "kernels_h200.json"))
+    p.add_argument("--batch", type=int, nargs="*", default=[1, 8, 32])
+    p.add_argument("--block", type=int, default=32)
+    a = p.parse_args()
+    data = json.loads(Path(a.path).read_text())
+    print(f"{data['device']}, torch {data['torch']}, CUDA {data['cuda']}, copy "
+          f"{data['copy_bw_tbps']:.2f} TB/s, commit {data['commit'][:7]}, {data['date']}\n")
+    for b in a.batch:
+        print(f"batch {b}, block {a.block}, bf16, one layer:\n")
+        print(table(data["records"], b, a.block) + "\n")
+
+
+if __name__ == "__main__":
+    main()
