@@ -1,5 +1,10 @@
 // Merges the per-split partial results of a flash-decoding attention: each split holds its
 // normalised output and log-sum-exp; the final row is their softmax-weighted sum.
+//
+// One warp per row. The split loop is latency-bound (a row may have 100+ splits), so the
+// weights of 32 splits are computed at once (one per lane) and broadcast, and the partial rows
+// are read 8 splits at a time as 16/8-byte vectors with no data-dependent branch, keeping
+// eight loads in flight per lane.
 #pragma once
 
 #include <cmath>
@@ -8,41 +13,79 @@
 
 namespace mage::cuda {
 
-constexpr int kMergeWarps = 8;
+constexpr int kMergeWarps = 4;
+
+template <int D>
+struct MergeVec;  // the columns one lane owns
+template <>
+struct MergeVec<128> {
+  using type = float4;
+};
+template <>
+struct MergeVec<64> {
+  using type = float2;
+};
+
+MAGE_DEVICE void fma_vec(float4& acc, float w, const float4& v) {
+  acc.x += w * v.x; acc.y += w * v.y; acc.z += w * v.z; acc.w += w * v.w;
+}
+MAGE_DEVICE void fma_vec(float2& acc, float w, const float2& v) {
+  acc.x += w * v.x; acc.y += w * v.y;
+}
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kMergeWarps * 32)
     merge_splits_kernel(const __grid_constant__ MergeArgs a) {
-  constexpr int kPerLane = D / 32;
+  using Vec = typename MergeVec<D>::type;
+  constexpr int kPer = D / 32;  // floats per lane
+  constexpr int kUnroll = 8;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeWarps + warp;
   if (row >= a.total_rows) return;
+  const int64_t rows = a.total_rows;
   float mx = -INFINITY;
   bool poisoned = false;
   for (int s = lane; s < a.num_splits; s += 32) {
-    const float v = a.lse_part[s * static_cast<int64_t>(a.total_rows) + row];
+    const float v = a.lse_part[s * rows + row];
     poisoned |= isnan(v);
     mx = fmaxf(mx, v);
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
   poisoned = __any_sync(0xffffffffu, poisoned);
-  float acc[kPerLane] = {};
+
+  Vec acc{};
   float wsum = 0.f;
-  for (int s = 0; s < a.num_splits; ++s) {
-    const int64_t prow = s * static_cast<int64_t>(a.total_rows) + row;
-    const float v = a.lse_part[prow];
-    if (v == -INFINITY) continue;  // an empty split (past this sequence's keys)
-    const float w = expf(v - mx);
+  for (int base = 0; base < a.num_splits; base += 32) {
+    const int s = base + lane;
+    // An empty split (past this sequence's keys) has lse -inf: weight 0, its row unread.
+    const float v = s < a.num_splits ? a.lse_part[s * rows + row] : -INFINITY;
+    const float w = v == -INFINITY ? 0.f : expf(v - mx);
     wsum += w;
-    const float* o = a.o_part + prow * D;
+    const int n = min(32, a.num_splits - base);
+    for (int j0 = 0; j0 < n; j0 += kUnroll) {
+      Vec part[kUnroll];
+      float wj[kUnroll];
 #pragma unroll
-    for (int e = 0; e < kPerLane; ++e) acc[e] += w * o[lane + 32 * e];
+      for (int u = 0; u < kUnroll; ++u) {
+        wj[u] = __shfl_sync(0xffffffffu, w, (j0 + u) & 31);
+        const int sj = min(base + j0 + u, a.num_splits - 1);
+        part[u] = reinterpret_cast<const Vec*>(a.o_part + (sj * rows + row) * D)[lane];
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        // Splits past n, or empty ones, may hold anything (even NaN): select, don't multiply.
+        if (j0 + u < n && wj[u] != 0.f) fma_vec(acc, wj[u], part[u]);
+      }
+    }
   }
-  const float inv = poisoned ? NAN : 1.f / wsum;
-  T* out = static_cast<T*>(a.out) + row * D;
 #pragma unroll
-  for (int e = 0; e < kPerLane; ++e) out[lane + 32 * e] = from_float<T>(acc[e] * inv);
+  for (int o = 16; o > 0; o >>= 1) wsum += __shfl_xor_sync(0xffffffffu, wsum, o);
+  const float inv = poisoned ? NAN : 1.f / wsum;
+  const float* accf = reinterpret_cast<const float*>(&acc);
+  T* out = static_cast<T*>(a.out) + row * D + lane * kPer;
+#pragma unroll
+  for (int e = 0; e < kPer; ++e) out[e] = from_float<T>(accf[e] * inv);
   if (lane == 0) a.lse[row] = poisoned ? NAN : mx + logf(wsum);
 }
 
