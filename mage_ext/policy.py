@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Optional, Sequence, Tuple, Union
 
-METHODS = ("exact", "mage", "quest", "tidal", "sparsed")
+METHODS = ("exact", "mage", "quest", "tidal", "sparsed", "window")
 COMMIT_MODES = ("sparse", "exact")
 
 
@@ -32,6 +32,8 @@ class PolicyConfig:
     sparsed_skip: float = 0.2         # share of a block's steps with full attention
     sparsed_kv_block: int = 32        # pooling block of the cache (128 in the paper, 32 for short)
     sparsed_steps: int = 8            # steps per block assumed when the loop cannot know (threshold)
+    # window: the last `window` cache entries only (with dense_layers=0: the evaluation's control)
+    window: int = 32
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -45,7 +47,8 @@ class PolicyConfig:
         for v in ks:
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"PolicyConfig.k: budgets must be positive integers, got {self.k!r}")
-        for name in ("k_min", "quest_page_size", "quest_min_pages", "sparsed_kv_block", "sparsed_steps"):
+        for name in ("k_min", "quest_page_size", "quest_min_pages", "sparsed_kv_block", "sparsed_steps",
+                     "window"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"PolicyConfig.{name}: must be > 0, got {getattr(self, name)}")
         for name in ("dense_layers", "n_sink", "n_recent"):

@@ -12,6 +12,7 @@ _REGISTRY = {
     "quest": ("quest", "QuestSelector"),
     "tidal": ("tidal", "TidalSelector"),
     "sparsed": ("sparsed", "SparseDSelector"),
+    "window": ("window", "WindowSelector"),
 }
 
 

@@ -1,0 +1,180 @@
+"""The evaluation harness: accuracy, recall and KV fraction per method / budget / task / length.
+
+    from mage_ext.eval.harness import EvalConfig, evaluate
+    report = evaluate("mage_ext/assets/tiny", EvalConfig(tasks=("passkey",), lengths=(4096,)))
+
+Every method runs in the same generation loop (mage_ext.generate) at the same budget k:
+  exact              dense attention everywhere
+  mage / mage_l1     MAGE with the default dense layers / with only the first layer dense
+  mage_adaptive      MAGE with the adaptive per-layer budget (mean budget k)
+  quest, tidal, sparsed   the baselines (spec section 6)
+  control            every layer reads only the last prompt block (window = block size): if
+                     accuracy does not fall to chance here, the task does not need the cache
+Recall (set and mass, spec section 4) is measured at every later denoising step against that
+step's exact top-k, averaged over the layers that select; kv_fraction is the share of the
+cache the denoise/commit forwards read.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from ..policy import PolicyConfig
+from . import tasks as T
+from .meters import MeterGroup, NeedleMassMeter, needle_positions
+from .recall import RecallMeter
+
+METHOD_NAMES = ("exact", "mage", "mage_l1", "mage_adaptive", "quest", "tidal", "sparsed",
+                "control")
+
+
+@dataclass
+class EvalConfig:
+    tasks: Sequence[str] = ("passkey", "niah_single")
+    lengths: Sequence[int] = (4096, 8192, 16384)
+    depths: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    samples_per_depth: int = 2
+    methods: Sequence[str] = METHOD_NAMES
+    ks: Sequence[int] = (64, 128, 256, 512, 1024, 2048)
+    dense_layers: int = 2            # MAGE / baselines default (mage_l1 uses 1)
+    batch_size: int = 8
+    recall: bool = True
+    needle_mass: bool = True         # per-layer attention mass on the needle (exact only)
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        for t in self.tasks:
+            if t not in T.TASKS:
+                raise ValueError(f"EvalConfig.tasks: unknown task '{t}', expected one of {T.TASKS}")
+        for m in self.methods:
+            if m not in METHOD_NAMES:
+                raise ValueError(f"EvalConfig.methods: unknown method '{m}', expected one of "
+                                 f"{METHOD_NAMES}")
+        if any(int(n) <= 0 for n in self.lengths) or any(int(k) <= 0 for k in self.ks):
+            raise ValueError("EvalConfig: lengths and ks must be positive")
+        if not all(0.0 <= d <= 1.0 for d in self.depths):
+            raise ValueError(f"EvalConfig.depths: must lie in [0, 1], got {self.depths}")
+        if self.samples_per_depth <= 0 or self.batch_size <= 0:
+            raise ValueError("EvalConfig: samples_per_depth and batch_size must be > 0")
+
+
+def method_policies(name: str, ks: Sequence[int], dense_layers: int, block_size: int):
+    """(k or None, adaptive, PolicyConfig) for each budget of one method."""
+    if name == "exact":
+        return [(None, False, PolicyConfig(method="exact"))]
+    if name == "control":
+        return [(block_size, False, PolicyConfig(method="window", window=block_size,
+                                                 dense_layers=0, k=block_size))]
+    out = []
+    for k in ks:
+        if name == "mage":
+            p = PolicyConfig(method="mage", k=k, dense_layers=dense_layers)
+        elif name == "mage_l1":
+            p = PolicyConfig(method="mage", k=k, dense_layers=1)
+        elif name == "mage_adaptive":
+            p = PolicyConfig(method="mage", k=k, adaptive=True, dense_layers=dense_layers)
+        else:
+            p = PolicyConfig(method=name, k=k, dense_layers=dense_layers)
+        out.append((k, name == "mage_adaptive", p))
+    return out
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done, self.enabled, self.t0 = total, 0, enabled, time.time()
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        el = time.time() - self.t0
+        eta = el / self.done * (self.total - self.done)
+        width = 30
+        bar = "#" * int(width * self.done / self.total)
+        sys.stderr.write(f"\r[{bar:<{width}}] {self.done}/{self.total} {what[:40]:<40} "
+                         f"{el:5.0f}s eta {eta:5.0f}s")
+        if self.done == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _samples(cfg: EvalConfig, task: str, length: int, block_size: int):
+    # make_sample mixes task, length and depth into its own seed: sample i of each cell differs
+    return [T.make_sample(task, length, seed=cfg.seed * 100_003 + i, depth=depth,
+                          block_size=block_size)
+            for depth in cfg.depths for i in range(cfg.samples_per_depth)]
+
+
+def evaluate(model, cfg: Optional[EvalConfig] = None, *, device=None, dtype=None) -> dict:
+    """Runs the grid; ``model`` is a checkpoint directory or a ``LoadedModel``."""
+    from .. import generate as gen_mod
+    from ..hf.checkpoint import LoadedModel, load_model
+
+    cfg = cfg or EvalConfig()
+    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
+    block = lm.block_size
+    grid = [(m, k, ad, p) for m in cfg.methods
+            for (k, ad, p) in method_policies(m, cfg.ks, cfg.dense_layers, block)]
+    cells = [(t, n) for t in cfg.tasks for n in cfg.lengths]
+    prog = _Progress(len(grid) * len(cells), cfg.progress)
+    records, heat, needle = [], [], []
+    for task, length in cells:
+        samples = _samples(cfg, task, length, block)
+        for method, k, adaptive, policy in grid:
+            correct, recall_m = [], RecallMeter() if cfg.recall else None
+            kv_fracs = []
+            mass_meter = None
+            for i in range(0, len(samples), cfg.batch_size):
+                chunk = samples[i:i + cfg.batch_size]
+                if cfg.needle_mass and method == "exact":
+                    mass_meter = mass_meter or NeedleMassMeter([])
+                    mass_meter.positions = [needle_positions(s.context, s.answer) for s in chunk]
+                meter = MeterGroup(recall_m if method != "exact" else None, mass_meter)
+                res = gen_mod.generate(lm, input_ids=[s.prompt for s in chunk], policy=policy,
+                                       max_new_tokens=block - len(chunk[0].prefix),
+                                       recall_meter=meter if meter.meters else None)
+                kv_fracs.append(res.kv_fraction)
+                for s, ids in zip(chunk, res.token_ids):
+                    correct.append((s.depth, T.score(s, ids)))
+            summ = recall_m.summary() if (recall_m is not None and method != "exact") else {}
+            records.append(dict(method=method, k=k, adaptive=adaptive,
+                                dense_layers=policy.dense_layers, task=task, context_len=length,
+                                accuracy=sum(c for _, c in correct) / len(correct),
+                                recall=summ.get("set_recall"), mass_recall=summ.get("mass_recall"),
+                                kv_fraction=sum(kv_fracs) / len(kv_fracs), n=len(correct)))
+            for depth in cfg.depths:
+                vals = [c for d, c in correct if d == depth]
+                heat.append(dict(method=method, k=k, task=task, context_len=length, depth=depth,
+                                 accuracy=sum(vals) / len(vals)))
+            if mass_meter is not None:
+                needle.append(dict(task=task, context_len=length,
+                                   per_layer=mass_meter.per_layer()))
+            prog.step(f"{task} {length} {method} k={k}")
+    return dict(records=records, heatmap=heat, needle_mass=needle)
+
+
+def chance_level(task: str) -> float:
+    """Accuracy of guessing one value word uniformly (the control should sit near it)."""
+    from . import vocab as V
+    return 1.0 / max(1, len(getattr(V, "VALUES", ()) or ()))
+
+
+def records_table(records: list) -> str:
+    """Markdown table: accuracy / recall / mass recall / KV fraction per method and k."""
+    lines = ["| method | k | task | context | accuracy | set recall | mass recall | KV read |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for r in records:
+        lines.append(f"| {r['method']} | {r['k'] or '-'} | {r['task']} | {r['context_len']} | "
+                     f"{r['accuracy']:.3f} | {f(r['recall'])} | {f(r['mass_recall'])} | "
+                     f"{r['kv_fraction']:.3f} |")
+    return "\n".join(lines)
+
+
+__all__ = ["EvalConfig", "METHOD_NAMES", "evaluate", "method_policies", "records_table",
+           "chance_level"]

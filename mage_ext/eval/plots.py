@@ -1,0 +1,43 @@
+"""Needle heatmaps (depth x context length, one PNG per method and k). Needs matplotlib."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def heatmaps(heat: list, out_dir: str) -> list:
+    """Writes one PNG per (method, k, task) from the harness's heatmap records; returns paths."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("heatmaps: matplotlib is not installed (pip install matplotlib); skipped")
+        return []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = {}
+    for r in heat:
+        groups.setdefault((r["method"], r["k"], r["task"]), []).append(r)
+    paths = []
+    for (method, k, task), rows in groups.items():
+        depths = sorted({r["depth"] for r in rows})
+        lengths = sorted({r["context_len"] for r in rows})
+        grid = [[next((r["accuracy"] for r in rows if r["depth"] == d and r["context_len"] == n),
+                      float("nan")) for n in lengths] for d in depths]
+        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.0 + 0.5 * len(depths)))
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("context length")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"{task}: {method}" + (f" k={k}" if k else ""), fontsize=9)
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+        fig.colorbar(im, ax=ax, fraction=0.05)
+        fig.tight_layout()
+        path = out / f"needle_{task}_{method}{'_k' + str(k) if k else ''}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(str(path))
+    return paths
