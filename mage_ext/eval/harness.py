@@ -112,7 +112,7 @@ def _samples(cfg: EvalConfig, task: str, length: int, block_size: int):
 
 def evaluate(model, cfg: Optional[EvalConfig] = None, *, device=None, dtype=None) -> dict:
     """Runs the grid; ``model`` is a checkpoint directory or a ``LoadedModel``."""
-    from .. import generate as gen_mod
+    from ..generate import generate as run_generation
     from ..hf.checkpoint import LoadedModel, load_model
 
     cfg = cfg or EvalConfig()
@@ -135,7 +135,7 @@ def evaluate(model, cfg: Optional[EvalConfig] = None, *, device=None, dtype=None
                     mass_meter = mass_meter or NeedleMassMeter([])
                     mass_meter.positions = [needle_positions(s.context, s.answer) for s in chunk]
                 meter = MeterGroup(recall_m if method != "exact" else None, mass_meter)
-                res = gen_mod.generate(lm, input_ids=[s.prompt for s in chunk], policy=policy,
+                res = run_generation(lm, input_ids=[s.prompt for s in chunk], policy=policy,
                                        max_new_tokens=block - len(chunk[0].prefix),
                                        recall_meter=meter if meter.meters else None)
                 kv_fracs.append(res.kv_fraction)
