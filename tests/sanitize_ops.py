@@ -1,0 +1,36 @@
+"""Runs every CUDA op once on small shapes, for compute-sanitizer (not a pytest file):
+
+    compute-sanitizer --tool memcheck  --kernel-name kns=mage python3 tests/sanitize_ops.py
+    compute-sanitizer --tool racecheck --kernel-name kns=mage python3 tests/sanitize_ops.py
+
+Shapes cover: lengths not multiple of the tiles, a split cache (merge kernel), batch 2 with
+unequal lengths, GQA, d 64 and 128, fp16 / bf16 / fp32, sparse with counts < k, top-k with
+sinks and recents, append.
+"""
+import torch
+
+import mage_ext
+
+
+def main():
+    assert torch.cuda.is_available() and mage_ext.cuda_kernels_built(), "needs the CUDA kernels"
+    torch.manual_seed(0)
+    dev = "cuda"
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for d in (64, 128):
+            b, hq, hkv, blk, cap = 2, 6, 2, 5, 1500
+            r = lambda *s: torch.randn(*s, device=dev, dtype=dtype)  # noqa: E731
+            q, kb, vb = r(b, hq, blk, d), r(b, hkv, blk, d), r(b, hkv, blk, d)
+            kc, vc = r(b, hkv, cap, d), r(b, hkv, cap, d)
+            lens = torch.tensor([1333, 77], dtype=torch.int32, device=dev)
+            out, lse, scores = mage_ext.attention_with_scores(q, kc, vc, lens, kb, vb)
+            mage_ext.dense_attention(q, kc, vc, lens, kb, vb)
+            idx, cnt = mage_ext.topk_select(scores, lens, 100, n_sink=3, n_recent=5)
+            mage_ext.sparse_attention(q, kc, vc, idx, cnt, kb, vb)
+            mage_ext.append_kv(kc, vc, lens, kb, vb)
+    torch.cuda.synchronize()
+    print("sanitize_ops: all ops ran")
+
+
+if __name__ == "__main__":
+    main()
