@@ -116,7 +116,8 @@ def evaluate(model, cfg: Optional[EvalConfig] = None, *, device=None, dtype=None
     from ..hf.checkpoint import LoadedModel, load_model
 
     cfg = cfg or EvalConfig()
-    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
+    lm = model if isinstance(model, LoadedModel) else load_model(
+        model, device=device or "cpu", dtype=dtype or torch.float32)
     block = lm.block_size
     grid = [(m, k, ad, p) for m in cfg.methods
             for (k, ad, p) in method_policies(m, cfg.ks, cfg.dense_layers, block)]
