@@ -126,4 +126,5 @@ def adaptive_budgets(layer_scores: Sequence[float], mean_budget: int, k_min: int
     total, n = float(sum(layer_scores)), len(layer_scores)
     if total <= 0.0:
         return [int(mean_budget)] * n
-    return [max(int(k_min), int(s / total * mean_budget * n)) for s in layer_scores]
+    # multiply before dividing: equal scores give exactly K (1/3 * 21 would floor to 6)
+    return [max(int(k_min), int(s * mean_budget * n / total)) for s in layer_scores]
