@@ -47,6 +47,8 @@ class StepRecord:
     phase: str      # "prefill", "denoise" or "commit"
     first: bool     # the block's first (all-[MASK]) denoising step
     wall_s: float   # host wall time of the forward (device synchronised)
+    issue_s: float = 0.0   # host time until the forward call returned (work issued, not done)
+    device_s: float = 0.0  # device time of the forward (CUDA events; = wall_s on the CPU)
 
 
 @dataclass
@@ -138,20 +140,24 @@ class _Run:
     # -- forwards ---------------------------------------------------------------------------
     def _forward(self, ids, record: StepRecord, last_only: bool):
         pos = self.cache.cache_lens.long().unsqueeze(1) + torch.arange(self.B, device=self.device)
-        self._sync()
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            events[0].record()
         t0 = time.perf_counter()
         logits = self.model(input_ids=ids, position_ids=pos, logits_to_keep=1 if last_only else 0,
                             **self.kw).logits
         logits[..., self.mask_id] = float("-inf")  # [MASK] is never an output token
         self.cache.end_forward()
-        self._sync()
+        record.issue_s = time.perf_counter() - t0
+        if cuda:
+            events[1].record()
+            torch.cuda.synchronize(self.device)
         record.wall_s = time.perf_counter() - t0
+        record.device_s = events[0].elapsed_time(events[1]) / 1e3 if cuda else record.wall_s
         self.records.append(record)
         return logits
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def prefill(self):
         B, n = self.B, max(self.full)

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from mage_ext import load_model
-from tiny_models import VOCAB, tiny_model
+from tiny_models import VOCAB, one_thread, tiny_model  # noqa: F401
 
 
 def _tokenizer_json(path, mask_name):
@@ -57,14 +57,6 @@ def _same_outputs(a, b):
     ids = torch.tensor([[1, 5, 9, 2, 7]])
     with torch.no_grad():
         assert torch.allclose(a(ids).logits, b(ids).logits, atol=1e-6)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_fast_dllm_directory_tied_and_sharded(tmp_path):

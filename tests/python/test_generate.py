@@ -9,16 +9,7 @@ import pytest
 import torch
 
 from mage_ext import PolicyConfig, disable_mage, enable_mage, generate
-from tiny_models import MASK_ID, VOCAB, block_causal_logits, tiny_model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The CPU kernels' thread pool costs ~25 ms a call on a loaded 2-core box; tiny shapes need none.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tiny_models import MASK_ID, VOCAB, block_causal_logits, one_thread, tiny_model  # noqa: F401
 
 
 def ref_fast_dllm(model, prompt, B, sub, thr, max_new):

@@ -5,6 +5,7 @@ winners and two correct attention paths give the same tokens.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 VOCAB = 64
@@ -48,3 +49,13 @@ def block_causal_logits(model, tokens, block: int) -> torch.Tensor:
     logits = out.logits[0].float()
     logits[:, MASK_ID] = float("-inf")
     return logits
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Autouse in the modules that import it: the CPU kernels' thread pool costs ~25 ms a call on
+    a loaded 2-core machine, and these tiny shapes gain nothing from threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
