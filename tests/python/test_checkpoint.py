@@ -155,3 +155,14 @@ def test_loaded_model_generates_text(tmp_path):
                    policy=PolicyConfig(method="mage", k=4, dense_layers=1), max_new_tokens=9)
     assert len(res.texts) == 2 and all(len(t) == 9 for t in res.token_ids)
     assert all(t.startswith("w") or t == "" for t in res.texts)
+
+
+def test_command_line(tmp_path, capsys):
+    from mage_ext.generate import main
+
+    write_checkpoint(tmp_path, config_extra={"bd_size": 8})
+    main(["--model", str(tmp_path), "--prompt", "w1 w2 w3", "--policy", "mage", "--k", "4",
+          "--dense-layers", "1", "--max-new-tokens", "6", "--dtype", "float32", "--device", "cpu"])
+    cap = capsys.readouterr()
+    assert cap.out.count("-" * 40) == 1
+    assert "steps: first" in cap.err and "KV read" in cap.err
