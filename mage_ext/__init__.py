@@ -15,6 +15,14 @@ from .ops import (
     topk_select,
 )
 
+from .policy import PolicyConfig
+# The function generate shadows its module (python -m mage_ext.generate still works); importing
+# it here, once, keeps mage_ext.generate the function however the module was first imported.
+from .generate import GenerationResult, generate
+from .hf.cache import MageCache
+from .hf.checkpoint import LoadedModel, load_model
+from .hf.enable import disable_mage, enable_mage
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -26,6 +34,14 @@ __all__ = [
     "append_kv",
     "check_selection",
     "cuda_kernels_built",
+    "PolicyConfig",
+    "generate",
+    "GenerationResult",
+    "MageCache",
+    "LoadedModel",
+    "load_model",
+    "enable_mage",
+    "disable_mage",
 ]
 
 

@@ -86,3 +86,48 @@ class PolicyConfig:
         if unknown:
             raise ValueError(f"PolicyConfig: unknown option(s) {unknown}; known: {sorted(known)}")
         return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Adaptive budget (spec 2.7). Pure functions on plain numbers so the rule is testable by hand.
+
+
+def dispersion_score(union_sizes: Sequence[float], coverages: Sequence[float]) -> float:
+    """Layer score s_l = max_h |U_h| * (1 - log p_h) over the KV heads h of one layer.
+
+    ``union_sizes[h]`` is |U_h| (size of the union of the per-query top-k sets of head h) and
+    ``coverages[h]`` is p_h (the attention mass the block's queries put on U_h, in [0, 1]).
+    A head with an empty union contributes 0 (its log term is undefined and it needs no budget).
+    """
+    import math
+
+    if len(union_sizes) != len(coverages) or not union_sizes:
+        raise ValueError("dispersion_score: expected one coverage per head and at least one head, "
+                         f"got {len(union_sizes)} sizes and {len(coverages)} coverages")
+    best = 0.0
+    for u, p in zip(union_sizes, coverages):
+        if u <= 0:
+            continue
+        best = max(best, float(u) * (1.0 - math.log(max(float(p), 1e-30))))
+    return best
+
+
+def adaptive_budgets(layer_scores: Sequence[float], mean_budget: int, k_min: int) -> list:
+    """Per-layer budgets k_l = max(k_min, floor(s_l / sum(s) * K * L)) for the L scored layers.
+
+    ``layer_scores`` holds s_l of the L sparse (non-dense) layers; K = ``mean_budget``. When every
+    score is 0 (nothing in the cache yet) each layer gets K.
+
+        >>> adaptive_budgets([1.0, 3.0], mean_budget=100, k_min=10)
+        [50, 150]
+    """
+    if mean_budget <= 0 or k_min <= 0:
+        raise ValueError(f"adaptive_budgets: mean_budget and k_min must be > 0, got "
+                         f"{mean_budget} and {k_min}")
+    if any(s < 0 for s in layer_scores):
+        raise ValueError(f"adaptive_budgets: layer scores must be >= 0, got {list(layer_scores)}")
+    total, n = float(sum(layer_scores)), len(layer_scores)
+    if total <= 0.0:
+        return [int(mean_budget)] * n
+    # multiply before dividing: equal scores give exactly K (1/3 * 21 would floor to 6)
+    return [max(int(k_min), int(s * mean_budget * n / total)) for s in layer_scores]

@@ -1,0 +1,152 @@
+"""MAGE: the all-[MASK] first step of a block selects, later steps reuse (spec section 2).
+
+Per non-dense layer and block:
+  step 0 (denoise)  exact attention with scores (its output is the step's output), then top-k of
+                    the importance scores per (sequence, KV head) -> the block's Selection
+  steps >= 1        sparse attention over the Selection + the block's own keys
+  commit forward    sparse (reuses the Selection) or exact, per ``PolicyConfig.commit_attention``
+With ``adaptive`` the top-k of every layer waits for ``end_step(0)``: budgets are redistributed
+across layers from each layer's step-0 dispersion (spec 2.7, ``policy.adaptive_budgets``).
+
+Usage (the generation loop does this through ``MageCache``)::
+
+    sel = make_selector(PolicyConfig(method="mage", k=512))
+    sel.reset(batch, n_layers); sel.begin_block(); sel.begin_step(0)
+    out, selection = sel.attend(ctx, q, k_block, v_block, layer_kv)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..policy import adaptive_budgets, dispersion_score
+from .base import LayerKV, Selection, Selector, StepContext
+
+_CHUNK = 4096  # cache entries per chunk of the plain-torch adaptive statistics
+
+
+class MageSelector(Selector):
+    name = "mage"
+
+    def __init__(self, config):
+        self.config = config
+        self.batch, self.n_layers = 0, 0
+        self.selections: list = []
+        self._pending: dict = {}
+
+    def reset(self, batch: int, n_layers: int) -> None:
+        super().reset(batch, n_layers)
+        self.selections = [None] * n_layers
+        self._pending = {}
+
+    def begin_block(self) -> None:
+        self.selections = [None] * self.n_layers
+        self._pending = {}
+
+    def attend(self, ctx: StepContext, q: Tensor, k_block: Tensor, v_block: Tensor,
+               kv: LayerKV) -> tuple[Tensor, Optional[Selection]]:
+        cfg = self.config
+        dense = cfg.is_dense_layer(ctx.layer) or (ctx.phase == "commit"
+                                                  and cfg.commit_attention == "exact")
+        if dense:
+            return super().attend(ctx, q, k_block, v_block, kv)
+        if ctx.phase == "denoise" and ctx.step == 0:
+            out, lse, scores = ops.attention_with_scores(q, kv.k, kv.v, kv.lens, k_block, v_block,
+                                                         ctx.scale)
+            budget = cfg.budget(ctx.layer, ctx.n_layers)
+            if cfg.adaptive:
+                sizes, cover = _dispersion_stats(q, kv, k_block, lse, ctx.scale, budget)
+                self._pending[ctx.layer] = (scores, kv.lens, sizes, cover)
+            else:
+                self.selections[ctx.layer] = _select(scores, kv.lens, [budget] * kv.lens.numel(),
+                                                     cfg)
+            return out, None
+        sel = self.selections[ctx.layer]
+        if sel is None:
+            raise RuntimeError(f"MageSelector: layer {ctx.layer} has no selection for step "
+                               f"{ctx.step} ({ctx.phase}); step 0 of the block must run first")
+        out, _ = ops.sparse_attention(q, kv.k, kv.v, sel.indices, sel.counts, k_block, v_block,
+                                      ctx.scale)
+        return out, sel
+
+    def end_step(self, step: int) -> None:
+        if step != 0 or not self._pending:
+            return
+        layers = sorted(self._pending)
+        mean_budget = self.config.budget(layers[0], self.n_layers)
+        # Budgets are per sequence so a sequence's tokens do not depend on its batch mates.
+        per_seq = []
+        for b in range(self.batch):
+            s = [dispersion_score(self._pending[l][2][b].tolist(), self._pending[l][3][b].tolist())
+                 for l in layers]
+            per_seq.append(adaptive_budgets(s, mean_budget, self.config.k_min))
+        for i, layer in enumerate(layers):
+            scores, lens = self._pending[layer][0], self._pending[layer][1]
+            self.selections[layer] = _select(scores, lens, [ks[i] for ks in per_seq], self.config)
+        self._pending = {}
+
+
+def _select(scores: Tensor, lens: Tensor, budgets: list, cfg) -> Selection:
+    """Top-k per (sequence, KV head) with one budget per sequence, clamped to the capacity."""
+    capacity = scores.shape[-1]
+    clamp = [max(1, min(int(k), capacity)) for k in budgets]
+    if len(set(clamp)) == 1:
+        return Selection(*_topk(scores, lens, clamp[0], cfg))
+    width = max(clamp)
+    indices = torch.full((*scores.shape[:2], width), -1, dtype=torch.int32, device=scores.device)
+    counts = torch.zeros(scores.shape[:2], dtype=torch.int32, device=scores.device)
+    for b, k in enumerate(clamp):
+        idx, cnt = _topk(scores[b:b + 1], lens[b:b + 1], k, cfg)
+        indices[b, :, :k], counts[b] = idx[0], cnt[0]
+    return Selection(indices, counts)
+
+
+def _topk(scores, lens, k, cfg):
+    # n_sink + n_recent never exceed k (PolicyConfig checks) but may exceed a clamped k.
+    sink = min(cfg.n_sink, k)
+    recent = min(cfg.n_recent, k - sink)
+    return ops.topk_select(scores, lens, k, sink, recent)
+
+
+def _dispersion_stats(q: Tensor, kv: LayerKV, k_block: Tensor, lse: Tensor, scale: float,
+                      local_k: int) -> tuple[Tensor, Tensor]:
+    """|U_h| and p_h per (sequence, KV head) from the step-0 attention (spec 2.7), in plain torch.
+
+    U_h is the union over the G*B query rows of head h of each row's top-``local_k`` cache
+    entries; p_h is the share of the rows' softmax mass (normalised over cache + block, i.e. by
+    ``lse``) that falls inside U_h. Computed chunk by chunk over the cache.
+    """
+    batch, hq, block, dim = q.shape
+    hkv, capacity = kv.k.shape[1], kv.k.shape[2]
+    rows = (hq // hkv) * block
+    qf = q.float().reshape(batch, hkv, rows, dim)
+    lse_f = lse.float().reshape(batch, hkv, rows, 1)
+    local_k = max(1, min(local_k, capacity))
+    pos = torch.arange(capacity, device=q.device)
+    valid = pos.unsqueeze(0) < kv.lens.unsqueeze(1).long()          # [batch, capacity]
+
+    def logits(c0, c1):
+        lg = torch.einsum("bhrd,bhcd->bhrc", qf, kv.k[:, :, c0:c1].float()) * scale
+        return lg.masked_fill(~valid[:, None, None, c0:c1], float("-inf"))
+
+    top_v = torch.full((batch, hkv, rows, 0), float("-inf"), device=q.device)
+    top_i = torch.zeros((batch, hkv, rows, 0), dtype=torch.long, device=q.device)
+    for c0 in range(0, capacity, _CHUNK):
+        c1 = min(capacity, c0 + _CHUNK)
+        v = torch.cat([top_v, logits(c0, c1)], dim=-1)
+        i = torch.cat([top_i, pos[c0:c1].expand(batch, hkv, rows, c1 - c0)], dim=-1)
+        top_v, arg = v.topk(min(local_k, v.shape[-1]), dim=-1)
+        top_i = i.gather(-1, arg)
+    picked = top_v > float("-inf")                                    # rows shorter than local_k
+    hits = torch.zeros((batch, hkv, capacity), dtype=torch.int32, device=q.device)
+    hits.scatter_add_(-1, top_i.flatten(2), picked.flatten(2).int())
+    union = (hits > 0) & valid[:, None, :]
+    mass = torch.zeros((batch, hkv), device=q.device)
+    for c0 in range(0, capacity, _CHUNK):
+        c1 = min(capacity, c0 + _CHUNK)
+        probs = torch.exp(logits(c0, c1) - lse_f)                     # exact softmax entries
+        mass += (probs * union[:, :, None, c0:c1]).sum(dim=(-1, -2))
+    return union.sum(-1), mass / rows

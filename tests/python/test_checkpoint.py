@@ -1,0 +1,168 @@
+"""Checkpoint directories in the Fast-dLLM v2 / SDAR / plain Qwen layouts load into stock models."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mage_ext import load_model
+from tiny_models import VOCAB, one_thread, tiny_model  # noqa: F401
+
+
+def _tokenizer_json(path, mask_name):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 2)}
+    vocab["[UNK]"] = VOCAB - 2
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    if mask_name:
+        tok.add_special_tokens([mask_name])             # gets id VOCAB - 1
+    tok.save(os.path.join(path, "tokenizer.json"))
+
+
+def write_checkpoint(path, family="qwen2", model_type="qwen2", tied=False, shards=1,
+                     mask_name="|<MASK>|", config_extra=None, seed=0):
+    """A tiny random model saved as config.json + safetensors (+ index) + tokenizer.json."""
+    os.makedirs(path, exist_ok=True)
+    model = tiny_model(family, seed=seed, tie_word_embeddings=tied)
+    cfg = model.config.to_dict()
+    cfg.update(model_type=model_type, architectures=["X"], auto_map={"AutoModel": "x.X"})
+    cfg.pop("mask_token_id", None)
+    cfg.update(config_extra or {})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if not (tied and k == "lm_head.weight")}
+    names = sorted(state)
+    if shards == 1:
+        save_file(state, os.path.join(path, "model.safetensors"))
+    else:
+        weight_map = {}
+        for s in range(shards):
+            file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            part = {n: state[n] for n in names[s::shards]}
+            save_file(part, os.path.join(path, file))
+            weight_map.update({n: file for n in part})
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    _tokenizer_json(path, mask_name)
+    return model
+
+
+def _same_outputs(a, b):
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        assert torch.allclose(a(ids).logits, b(ids).logits, atol=1e-6)
+
+
+def test_fast_dllm_directory_tied_and_sharded(tmp_path):
+    src = write_checkpoint(tmp_path, "qwen2", "Fast_dLLM_Qwen", tied=True, shards=3,
+                           config_extra={"bd_size": 16, "eos_token_id": 7})
+    lm = load_model(str(tmp_path))
+    assert type(lm.model).__name__ == "Qwen2ForCausalLM"
+    assert (lm.family, lm.block_size, lm.mask_id, lm.stop_ids) == ("fast_dllm", 16, VOCAB - 1, (7,))
+    assert lm.model.lm_head.weight.data_ptr() == lm.model.model.embed_tokens.weight.data_ptr()
+    assert lm.tokenizer.encode("w3 w4").ids == [3, 4]
+    _same_outputs(src, lm.model)
+
+
+def test_sdar_directory(tmp_path):
+    src = write_checkpoint(tmp_path, "qwen3", "sdar", mask_name="<|MASK|>")
+    with open(tmp_path / "generation_config.json", "w") as f:
+        json.dump({"eos_token_id": [3, 4]}, f)
+    lm = load_model(str(tmp_path), dtype=torch.float32)
+    assert type(lm.model).__name__ == "Qwen3ForCausalLM"
+    assert (lm.family, lm.block_size, lm.mask_id, lm.stop_ids) == ("sdar", 4, VOCAB - 1, (3, 4))
+    _same_outputs(src, lm.model)
+
+
+def test_plain_qwen2_with_mask_in_config_and_no_tokenizer(tmp_path):
+    src = write_checkpoint(tmp_path, config_extra={"mask_token_id": 11})
+    os.remove(tmp_path / "tokenizer.json")
+    lm = load_model(str(tmp_path), tokenizer=False)
+    assert lm.mask_id == 11 and lm.tokenizer is None
+    _same_outputs(src, lm.model)
+
+
+def test_bf16_load(tmp_path):
+    write_checkpoint(tmp_path)
+    lm = load_model(str(tmp_path), dtype=torch.bfloat16)
+    assert next(lm.model.parameters()).dtype == torch.bfloat16
+
+
+def _break(path, how):
+    if how == "config":
+        os.remove(path / "config.json")
+    elif how == "weights":
+        os.remove(path / "model.safetensors")
+    elif how == "tokenizer":
+        os.remove(path / "tokenizer.json")
+    elif how == "model_type":
+        cfg = json.loads((path / "config.json").read_text())
+        cfg["model_type"] = "llama"
+        (path / "config.json").write_text(json.dumps(cfg))
+    elif how == "shape":
+        cfg = json.loads((path / "config.json").read_text())
+        cfg["intermediate_size"] = 40
+        (path / "config.json").write_text(json.dumps(cfg))
+    elif how == "no_mask":
+        _tokenizer_json(path, None)
+    elif how == "extra_tensor":
+        save_file({"model.bogus": torch.zeros(2)}, str(path / "extra.safetensors"))
+    elif how == "missing_tensor":
+        from safetensors.torch import load_file
+        state = load_file(str(path / "model.safetensors"))
+        del state["model.norm.weight"]
+        save_file(state, str(path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("how, error, match", [
+    ("config", FileNotFoundError, "missing config.json"),
+    ("weights", FileNotFoundError, "no \\*.safetensors"),
+    ("tokenizer", FileNotFoundError, "missing tokenizer.json"),
+    ("model_type", ValueError, "unknown model_type 'llama'"),
+    ("shape", ValueError, r"'model\.layers\.0\.mlp\.\w+_proj\.weight' has shape \(\d+, \d+\), expected \(\d+, \d+\)"),
+    ("no_mask", ValueError, "no mask token"),
+    ("extra_tensor", ValueError, "'model.bogus'"),
+    ("missing_tensor", ValueError, "model.norm.weight"),
+])
+def test_load_errors(tmp_path, how, error, match):
+    write_checkpoint(tmp_path)
+    _break(tmp_path, how)
+    with pytest.raises(error, match=match):
+        load_model(str(tmp_path))
+
+
+def test_missing_directory_and_shard(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(str(tmp_path / "nope"))
+    write_checkpoint(tmp_path, shards=2)
+    os.remove(tmp_path / "model-00002-of-00002.safetensors")
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00002"):
+        load_model(str(tmp_path))
+
+
+def test_loaded_model_generates_text(tmp_path):
+    from mage_ext import PolicyConfig, generate
+
+    write_checkpoint(tmp_path, config_extra={"bd_size": 8})
+    lm = load_model(str(tmp_path))
+    res = generate(lm, None, ["w1 w2 w3", "w4 w5 w6 w7 w8 w9 w10 w11 w12"],
+                   policy=PolicyConfig(method="mage", k=4, dense_layers=1), max_new_tokens=9)
+    assert len(res.texts) == 2 and all(len(t) == 9 for t in res.token_ids)
+    assert all(t.startswith("w") or t == "" for t in res.texts)
+
+
+def test_command_line(tmp_path, capsys):
+    from mage_ext.generate import main
+
+    write_checkpoint(tmp_path, config_extra={"bd_size": 8})
+    main(["--model", str(tmp_path), "--prompt", "w1 w2 w3", "--policy", "mage", "--k", "4",
+          "--dense-layers", "1", "--max-new-tokens", "6", "--dtype", "float32", "--device", "cpu"])
+    cap = capsys.readouterr()
+    assert cap.out.count("-" * 40) == 1
+    assert "steps: first" in cap.err and "KV read" in cap.err

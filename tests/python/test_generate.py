@@ -1,0 +1,217 @@
+"""Generation loop through the mage ops vs. a plain reference loop on stock transformers.
+
+The references below run the stock model (sdpa) on the whole sequence with an explicit
+block-causal mask and no cache, and apply the decoding rules written out again for one
+sequence with greedy decoding. Model seeds are fixed: token-for-token comparisons need clear
+argmax winners, which a fixed tiny model is known to give.
+"""
+import pytest
+import torch
+
+from mage_ext import PolicyConfig, disable_mage, enable_mage, generate
+from tiny_models import MASK_ID, VOCAB, block_causal_logits, one_thread, tiny_model  # noqa: F401
+
+
+def ref_fast_dllm(model, prompt, B, sub, thr, max_new):
+    start = len(prompt) // B * B
+    seq = list(prompt)
+    if len(prompt) % B == 0:
+        seq.append(int(block_causal_logits(model, seq, B)[-1].argmax()))
+    x = seq[start:] + [MASK_ID] * (B - len(seq[start:]))
+    while True:
+        for s0 in range(0, B, sub):
+            while MASK_ID in x[s0:s0 + sub]:
+                lg = block_causal_logits(model, seq[:start] + x, B)[start:]
+                lg = torch.cat([lg[:1], lg[:-1]])          # token shift
+                p = lg.softmax(-1)
+                conf, tok = p.max(-1)
+                cand = [i for i in range(s0, s0 + sub) if x[i] == MASK_ID]
+                best = max(cand, key=lambda i: float(conf[i]))
+                for i in cand:
+                    if i == best or float(conf[i]) > thr:
+                        x[i] = int(tok[i])
+        seq = seq[:start] + x
+        if len(seq) - len(prompt) >= max_new:
+            return seq[len(prompt):len(prompt) + max_new]
+        nxt = int(block_causal_logits(model, seq, B)[-1].argmax())
+        start += B
+        x = [nxt] + [MASK_ID] * (B - 1)
+
+
+def ref_sdar(model, prompt, B, steps, max_new, dynamic=False, thr=0.9):
+    start = len(prompt) // B * B
+    seq = list(prompt)
+    x = seq[start:] + [MASK_ID] * (B - len(seq[start:]))
+    sched = [B // steps + (1 if i < B % steps else 0) for i in range(steps)]
+    while True:
+        for n in sched:
+            cand = [i for i in range(B) if x[i] == MASK_ID]
+            if not cand:
+                break
+            p = block_causal_logits(model, seq[:start] + x, B)[start:].softmax(-1)
+            conf, tok = p.max(-1)
+            ranked = sorted(cand, key=lambda i: -float(conf[i]))
+            high = [i for i in cand if float(conf[i]) > thr]
+            chosen = high if dynamic and len(high) >= n else ranked[:n]
+            for i in chosen:
+                x[i] = int(tok[i])
+        seq = seq[:start] + x
+        if len(seq) - len(prompt) >= max_new:
+            return seq[len(prompt):len(prompt) + max_new]
+        start += B
+        x = [MASK_ID] * B
+
+
+def _prompts(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB - 1, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("length", [5, 16, 21])
+def test_fast_dllm_exact_matches_reference(family, length):
+    model = tiny_model(family)
+    prompt = _prompts([length])[0]
+    want = ref_fast_dllm(model, prompt, B=8, sub=4, thr=0.3, max_new=19)
+    res = generate(model, input_ids=[prompt], policy=PolicyConfig(method="exact"),
+                   style="fast_dllm", block_size=8, sub_block=4, threshold=0.3,
+                   max_new_tokens=19, mask_id=MASK_ID, stop_ids=[])
+    assert res.token_ids[0] == want
+    assert res.kv_fraction == 1.0
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence_static", "low_confidence_dynamic"])
+@pytest.mark.parametrize("length", [3, 8, 13])
+def test_sdar_exact_matches_reference(remasking, length):
+    model = tiny_model("qwen3", seed=8)
+    prompt = _prompts([length], seed=3)[0]
+    dyn = remasking.endswith("dynamic")
+    want = ref_sdar(model, prompt, B=4, steps=3, max_new=10, dynamic=dyn, thr=0.25)
+    res = generate(model, input_ids=[prompt], policy=PolicyConfig(method="exact"), style="sdar",
+                   block_size=4, steps=3, remasking=remasking, threshold=0.25,
+                   max_new_tokens=10, mask_id=MASK_ID, stop_ids=[])
+    assert res.token_ids[0] == want
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("commit", ["sparse", "exact"])
+def test_mage_with_budget_above_cache_equals_exact(adaptive, commit):
+    model = tiny_model("qwen2", layers=3)
+    prompts = _prompts([29, 11])
+    kw = dict(style="fast_dllm", block_size=8, sub_block=4, threshold=0.3, max_new_tokens=20,
+              mask_id=MASK_ID, stop_ids=[])
+    exact = generate(model, input_ids=prompts, policy=PolicyConfig(method="exact"), **kw)
+    mage = generate(model, input_ids=prompts, policy=PolicyConfig(
+        method="mage", k=64, dense_layers=1, adaptive=adaptive, k_min=64,
+        commit_attention=commit), **kw)
+    assert mage.token_ids == exact.token_ids
+    assert mage.kv_fraction == pytest.approx(1.0)
+
+
+def test_mage_small_budget_reads_less_and_runs_both_styles():
+    model = tiny_model("qwen3", layers=3)
+    prompts = _prompts([40, 17])
+    pol = PolicyConfig(method="mage", k=8, dense_layers=1)
+    for style in ("fast_dllm", "sdar"):
+        res = generate(model, input_ids=prompts, policy=pol, style=style, block_size=8,
+                       sub_block=4, steps=4, max_new_tokens=12, mask_id=MASK_ID, stop_ids=[])
+        assert [len(t) for t in res.token_ids] == [12, 12]
+        assert res.kv_fraction < 0.9
+        assert res.median_step_time(first=True) is not None
+
+
+@pytest.mark.parametrize("policy", [PolicyConfig(method="exact"),
+                                    PolicyConfig(method="mage", k=8, dense_layers=1),
+                                    PolicyConfig(method="mage", k=8, dense_layers=1,
+                                                 adaptive=True, k_min=4)])
+@pytest.mark.parametrize("style", ["fast_dllm", "sdar"])
+def test_batch_equals_single(policy, style):
+    model = tiny_model("qwen2", layers=3, seed=4)
+    prompts = _prompts([3, 26, 16, 9], seed=5)
+    kw = dict(policy=policy, style=style, block_size=8, sub_block=4, threshold=0.3, steps=4,
+              remasking="low_confidence_dynamic", max_new_tokens=14, mask_id=MASK_ID,
+              stop_ids=[])
+    batch = generate(model, input_ids=prompts, **kw)
+    for i, p in enumerate(prompts):
+        assert generate(model, input_ids=[p], **kw).token_ids[0] == batch.token_ids[i]
+
+
+def test_stop_id_ends_a_sequence():
+    model = tiny_model("qwen2")
+    prompt = _prompts([12])[0]
+    kw = dict(policy=PolicyConfig(method="exact"), block_size=8, sub_block=4,
+              max_new_tokens=24, mask_id=MASK_ID)
+    free = generate(model, input_ids=[prompt], stop_ids=[], **kw).token_ids[0]
+    stop = free[5]
+    res = generate(model, input_ids=[prompt], stop_ids=[stop], **kw)
+    assert res.token_ids[0] == free[:free.index(stop)]
+    assert res.stopped == [True]
+
+
+def test_on_block_and_step_records():
+    model = tiny_model("qwen2", layers=2)
+    seen = []
+    res = generate(model, input_ids=_prompts([20]), policy=PolicyConfig(method="exact"),
+                   block_size=8, sub_block=8, max_new_tokens=10, mask_id=MASK_ID, stop_ids=[],
+                   on_block=lambda i, ids: seen.append((i, ids.shape)))
+    assert seen == [(0, (1, 8)), (1, (1, 8))]
+    phases = [r.phase for r in res.steps]
+    assert phases[:2] == ["prefill", "prefill"] and "commit" in phases
+    assert sum(r.first for r in res.steps) == 2
+
+
+def test_enable_only_changes_that_model():
+    a, b = tiny_model("qwen2", layers=2), tiny_model("qwen2", layers=2)
+    shared = tiny_model("qwen2", layers=2)
+    from transformers import Qwen2ForCausalLM
+    twin = Qwen2ForCausalLM(shared.config).eval()      # same config object as `shared`
+    ids = torch.tensor([_prompts([9])[0]])
+    before = b(ids).logits
+    enable_mage(a)
+    enable_mage(shared)
+    assert a.config._attn_implementation == "mage"
+    assert a.model.layers[0].self_attn.config._attn_implementation == "mage"
+    assert b.config._attn_implementation == "sdpa"
+    assert twin.config._attn_implementation == "sdpa"
+    assert torch.equal(b(ids).logits, before)
+    twin(ids)                                           # still stock attention
+    with pytest.raises(RuntimeError, match="no MageCache"):
+        a(ids)
+    disable_mage(a)
+    assert a.config._attn_implementation == "sdpa"
+    a(ids)
+
+
+def test_generate_leaves_model_as_it_was():
+    model = tiny_model("qwen2", layers=2)
+    generate(model, input_ids=_prompts([10]), policy=PolicyConfig(method="exact"), block_size=8,
+             max_new_tokens=4, mask_id=MASK_ID, stop_ids=[])
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(input_ids=[[]]), "prompt 0 is empty"),
+    (dict(input_ids=[]), "no prompts"),
+    (dict(input_ids=[[1, 2]], max_new_tokens=600), "max_position_embeddings"),
+    (dict(input_ids=[[1, 2]], sub_block=3), "sub_block"),
+    (dict(input_ids=[[1, 2]], style="sdar", steps=9), "steps"),
+    (dict(input_ids=[[1, 2]], style="other"), "style"),
+    (dict(input_ids=[[1, 2]], remasking="random"), "remasking"),
+    (dict(input_ids=[[1, 2]], max_new_tokens=0), "max_new_tokens"),
+    (dict(prompts=["hi"]), "tokenizer"),
+    (dict(input_ids=[[1, 2]], prompts=["hi"]), "exactly one"),
+])
+def test_bad_arguments(kwargs, match):
+    model = tiny_model("qwen2", layers=1)
+    base = dict(policy=PolicyConfig(method="exact"), block_size=8, mask_id=MASK_ID)
+    with pytest.raises(ValueError, match=match):
+        generate(model, **{**base, **kwargs})
+
+
+def test_bad_policy_values():
+    with pytest.raises(ValueError, match="unknown policy"):
+        PolicyConfig(method="magic")
+    with pytest.raises(ValueError, match="positive integers"):
+        PolicyConfig(k=0)
+    with pytest.raises(TypeError, match="PolicyConfig"):
+        generate(tiny_model("qwen2", layers=1), input_ids=[[1]], policy="mage", mask_id=MASK_ID)
