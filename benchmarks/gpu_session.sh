@@ -3,7 +3,8 @@
 # sure the extension with its CUDA kernels is importable (a carried abi3 build, else builds
 # here), then runs the stages named on the command line, logging each under $OUT.
 #   bash benchmarks/gpu_session.sh tests bench-quick
-# Stages: tests (pytest, CUDA included), cpp (not yet), bench-quick, bench-full, e2e, <cmd...>
+# Stages: tests (pytest, CUDA included), cuda-tests (tests/python/test_cuda.py), bench-quick,
+#         bench-full, e2e, profile, sanitize (compute-sanitizer memcheck + racecheck), <cmd...>
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mage-out}
@@ -29,6 +30,12 @@ for stage in "$@"; do
     tests) python3 -m pytest tests/python -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
     bench-quick) python3 benchmarks/bench_kernels.py --quick --output kernels_h200_quick.json 2>&1 | tee "$OUT/bench_quick.log" ;;
     bench-full) python3 benchmarks/bench_kernels.py 2>&1 | tee "$OUT/bench_full.log" ;;
+    cuda-tests) python3 -m pytest tests/python/test_cuda.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log" | tail -5 ;;
+    e2e) python3 benchmarks/bench_e2e.py 2>&1 | tee "$OUT/e2e.log" ;;
+    profile) python3 benchmarks/profile_ops.py 2>&1 | grep -E "^---|mage::" | cut -c1-60,140-200 | tee "$OUT/profile.log" ;;
+    sanitize) for tool in memcheck racecheck; do
+                compute-sanitizer --tool $tool --kernel-name kns=mage python3 tests/sanitize_ops.py 2>&1 \
+                  | tail -4 | tee -a "$OUT/sanitize.log"; done ;;
     *) bash -c "$stage" 2>&1 | tee -a "$OUT/extra.log" ;;
   esac
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
