@@ -32,7 +32,7 @@ for stage in "$@"; do
     bench-full) python3 benchmarks/bench_kernels.py 2>&1 | tee "$OUT/bench_full.log" ;;
     cuda-tests) python3 -m pytest tests/python/test_cuda.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log" | tail -5 ;;
     e2e) python3 benchmarks/bench_e2e.py 2>&1 | tee "$OUT/e2e.log" ;;
-    profile) python3 benchmarks/profile_ops.py 2>&1 | grep -E "^---|mage::" | cut -c1-60,140-200 | tee "$OUT/profile.log" ;;
+    profile) python3 benchmarks/profile_ops.py 2>&1 | grep -E "^---|mage::" | tee "$OUT/profile.log" ;;
     sanitize) for tool in memcheck racecheck; do
                 compute-sanitizer --tool $tool --kernel-name kns=mage python3 tests/sanitize_ops.py 2>&1 \
                   | tail -4 | tee -a "$OUT/sanitize.log"; done ;;
