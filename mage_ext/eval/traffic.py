@@ -35,10 +35,19 @@ def kv_bytes(selection: Optional[Selection], lens: Tensor, n_kv_heads: int, head
     return read, dense
 
 
+def entries_read(selection: Optional[Selection], lens: Tensor) -> tuple[Tensor, Tensor]:
+    """(cache entries read per KV head, entries a dense call reads), summed over the batch.
+
+    0-d float64 tensors on the device, no host synchronisation: a generation loop accumulates
+    them per call and reads the ratio once at the end.
+    """
+    full = lens.double().sum()
+    read = full if selection is None else selection.counts.double().mean(dim=1).sum()
+    return read, full
+
+
 def kv_fraction(selection: Optional[Selection], lens: Tensor) -> float:
     """Share of the dense cache traffic this call read (1.0 when dense or the cache is empty)."""
     _check(selection, lens)
-    if selection is None:
-        return 1.0
-    dense = int(lens.long().sum()) * selection.counts.shape[1]
-    return int(selection.counts.long().sum()) / dense if dense else 1.0
+    read, full = entries_read(selection, lens)
+    return float(read / full) if float(full) > 0 else 1.0

@@ -33,6 +33,7 @@ from torch import Tensor
 from .. import ops
 from ..policy import PolicyConfig
 from ..selectors import LayerKV, Selection, make_selector
+from ..eval.traffic import entries_read
 
 try:  # subclassing keeps isinstance(cache, Cache) checks of any transformers version happy
     from transformers.cache_utils import Cache as _HFCache
@@ -156,9 +157,9 @@ class MageCache(_HFCache):
         """Accounts one layer's read: the whole cache (``None``) or the selected entries."""
         if not self.track_reads:
             return
-        full = self.cache_lens.double().sum()
+        read, full = entries_read(selection, self.cache_lens)
         self._full += full
-        self._read += full if selection is None else _mean_over_heads(selection.counts)
+        self._read += read
 
     def kv_fraction(self) -> float:
         """Share of the cache read by denoise/commit forwards (1.0 = dense)."""
@@ -171,7 +172,3 @@ class MageCache(_HFCache):
                 return kv[0].shape[2]
         raise RuntimeError("MageCache.end_forward: no layer called update() in this forward")
 
-
-def _mean_over_heads(counts: Tensor) -> Tensor:
-    # entries read per sequence, averaged over KV heads, summed over the batch
-    return counts.double().mean(dim=1).sum()
