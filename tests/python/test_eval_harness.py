@@ -1,0 +1,71 @@
+"""The evaluation harness end to end on a tiny random model with the project's vocabulary (CPU)."""
+import json
+
+import pytest
+import torch
+
+from tiny_models import one_thread  # noqa: F401  (autouse: one CPU thread)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from mage_ext.eval import vocab as V
+
+    d = tmp_path_factory.mktemp("tiny_bd")
+    n_vocab = len(V.vocabulary())
+    cfg = Qwen2Config(vocab_size=n_vocab, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=1024, tie_word_embeddings=True,
+                      mask_token_id=V.ids([V.MASK])[0], eos_token_id=V.ids([V.EOS])[0])
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(d)
+    V.save_tokenizer(str(d))
+    return str(d)
+
+
+def test_grid_records(tiny_dir):
+    from mage_ext.eval.harness import METHOD_NAMES, EvalConfig, evaluate, records_table
+
+    cfg = EvalConfig(tasks=("passkey",), lengths=(256,), depths=(0.25, 0.75), samples_per_depth=1,
+                     ks=(32,), batch_size=2, progress=False)
+    rep = evaluate(tiny_dir, cfg)
+    recs = {r["method"]: r for r in rep["records"]}
+    assert set(recs) == set(METHOD_NAMES)
+    for r in rep["records"]:
+        assert set(r) >= {"method", "k", "adaptive", "task", "context_len", "accuracy", "recall",
+                          "mass_recall", "kv_fraction"}
+        assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 < r["kv_fraction"] <= 1.0
+    assert recs["exact"]["kv_fraction"] == 1.0 and recs["exact"]["recall"] is None
+    for m in ("mage", "mage_l1", "quest"):
+        assert recs[m]["kv_fraction"] < 1.0
+        assert 0.0 <= recs[m]["recall"] <= 1.0 and 0.0 <= recs[m]["mass_recall"] <= 1.0
+    assert recs["mage_adaptive"]["adaptive"] and recs["control"]["k"] == 32
+    assert len(rep["heatmap"]) == len(METHOD_NAMES) * 2
+    assert rep["needle_mass"] and all(v is None or 0 <= v <= 1
+                                      for v in rep["needle_mass"][0]["per_layer"].values())
+    assert "| mage |" in records_table(rep["records"])
+
+
+def test_command_line(tiny_dir, tmp_path):
+    from mage_ext.eval.__main__ import main
+
+    out = tmp_path / "eval.json"
+    main(["--model", tiny_dir, "--tasks", "passkey", "--lengths", "128", "--depths", "0.5",
+          "--samples", "1", "--methods", "exact,mage,control", "--ks", "32", "--device", "cpu",
+          "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert {"model", "commit", "date", "records"} <= set(data)
+    assert [r["method"] for r in data["records"]] == ["exact", "mage", "control"]
+
+
+def test_bad_config():
+    from mage_ext.eval.harness import EvalConfig
+
+    with pytest.raises(ValueError, match="unknown task"):
+        EvalConfig(tasks=("nope",))
+    with pytest.raises(ValueError, match="unknown method"):
+        EvalConfig(methods=("mage", "magic"))
+    with pytest.raises(ValueError, match="depths"):
+        EvalConfig(depths=(1.5,))
