@@ -42,8 +42,8 @@ def filler_example(length: int, rng: random.Random) -> T.TrainExample:
 
 def example(kind: str, length: int, rng: random.Random, block_size: int = 32,
             answer_weight: float = 1.0) -> T.TrainExample:
-    if kind == "mqar":
-        return mqar_example(length, rng, block_size)
+    if kind == "mqar":   # one query block for the shortest sequences, two otherwise
+        return mqar_example(length, rng, block_size, query_blocks=1 if length <= 3 * block_size else 2)
     if kind == "filler":
         return filler_example(length, rng)
     if kind in T.TASKS:

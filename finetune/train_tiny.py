@@ -109,9 +109,8 @@ def train(args) -> dict:
     dev = torch.device(args.device)
     torch.manual_seed(args.seed)
     model = build_model(recipe)
-    prev = recipe.get("init", {}).get("prev_token_heads")
-    if prev and not args.resume:
-        tiny_init.init_prev_token_heads(model, **prev)
+    if recipe.get("init") and not args.resume:
+        tiny_init.apply(model, recipe["init"])
     model = model.to(dev)
     model.config._attn_implementation = "sdpa"
     opt_cfg = recipe.get("optimizer", {})
