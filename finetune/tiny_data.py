@@ -1,0 +1,65 @@
+"""Training batches for the tiny model: MQAR recall, the synthetic tasks, plain filler.
+
+Each generator returns a `TrainExample` of exactly `length` tokens (a multiple of the block size).
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from mage_ext.eval import tasks as T
+from mage_ext.eval import vocab as V
+
+
+def mqar_example(length: int, rng: random.Random, block_size: int = 32,
+                 query_blocks: int = 2) -> T.TrainExample:
+    """Associative recall: context "k1 v1 k2 v2 ..." then query blocks "k v k v ..." where every v is
+    masked and is the only thing with loss (the pairs themselves are random, hence unpredictable)."""
+    n_ctx = length - query_blocks * block_size
+    if n_ctx < block_size:
+        raise ValueError(f"length {length} leaves no context for {query_blocks} query blocks")
+    n_pairs = n_ctx // 2
+    keys = rng.sample(V.KEYS, n_pairs)
+    vals = rng.choices(V.VALUES, k=n_pairs)
+    ctx = [w for kv in zip(keys, vals) for w in kv]
+    n_q = query_blocks * block_size // 2
+    asked = [rng.randrange(n_pairs) for _ in range(n_q)]
+    qry = [w for i in asked for w in (keys[i], vals[i])]
+    tokens = V.ids(ctx + qry)
+    n = len(tokens)
+    weight = [0.0] * len(ctx) + [float(i % 2) for i in range(len(qry))]
+    force = [False] * len(ctx) + [bool(i % 2) for i in range(len(qry))]
+    keep = [False] * len(ctx) + [not (i % 2) for i in range(len(qry))]
+    assert n == length
+    return T.TrainExample(tokens, weight, force, keep)
+
+
+def filler_example(length: int, rng: random.Random) -> T.TrainExample:
+    n = length
+    return T.TrainExample(T.filler(n, rng), [1.0] * n, [False] * n, [False] * n)
+
+
+def example(kind: str, length: int, rng: random.Random, block_size: int = 32,
+            answer_weight: float = 1.0) -> T.TrainExample:
+    if kind == "mqar":   # one query block for the shortest sequences, two otherwise
+        return mqar_example(length, rng, block_size, query_blocks=1 if length <= 3 * block_size else 2)
+    if kind == "filler":
+        return filler_example(length, rng)
+    if kind in T.TASKS:
+        s = T.make_sample(kind, length, rng.randrange(2**31), block_size=block_size)
+        return T.to_train_example(s, block_size, answer_weight)
+    raise ValueError(f"data kind must be 'mqar', 'filler' or one of {T.TASKS}, got {kind!r}")
+
+
+def batch(mix: dict[str, float], length: int, n: int, rng: random.Random, block_size: int = 32,
+          answer_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """n examples of one length, kinds drawn from `mix` (name -> relative weight)."""
+    kinds = rng.choices(list(mix), weights=list(mix.values()), k=n)
+    ex = [example(k, length, rng, block_size, answer_weight) for k in kinds]
+    return {
+        "tokens": torch.tensor([e.tokens for e in ex], dtype=torch.long),
+        "weight": torch.tensor([e.weight for e in ex], dtype=torch.float32),
+        "force_mask": torch.tensor([e.force_mask for e in ex], dtype=torch.bool),
+        "keep": torch.tensor([e.keep for e in ex], dtype=torch.bool),
+    }
