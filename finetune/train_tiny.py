@@ -13,10 +13,10 @@ train_state.pt (fp32 weights + optimizer, for --resume only), train_log.json and
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
-import random
 import sys
 import time
 
@@ -99,7 +99,7 @@ def layout_tokens(ph: dict, length: int, block_size: int = 32) -> int:
 
 
 def batches(ph: dict, block_size: int, seed: str, workers: int):
-    ds = tiny_data.PhaseBatches(ph, block_size, seed, lambda p, n: layout_tokens(p, n, block_size))
+    ds = tiny_data.PhaseBatches(ph, block_size, seed, functools.partial(layout_tokens, block_size=block_size))
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
                                          prefetch_factor=4 if workers else None)
     return iter(loader)
