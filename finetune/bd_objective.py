@@ -42,9 +42,10 @@ def layout(xt_blocks: list[int], block_size: int, n_x0: int | None = None):
 
 
 def attention_mask(xt_blocks: list[int], block_size: int, n_x0: int | None = None,
-                   window: int | None = None) -> torch.Tensor:
+                   window: int | None = None, device=None) -> torch.Tensor:
     """Boolean (Lq, Lq) mask of the layout above; True where attention is allowed."""
     entry, blk, _ = layout(xt_blocks, block_size, n_x0)
+    entry, blk = entry.to(device), blk.to(device)
     xt = entry >= 0
     xi, xj = xt[:, None], xt[None, :]
     bi, bj = blk[:, None], blk[None, :]
@@ -54,6 +55,19 @@ def attention_mask(xt_blocks: list[int], block_size: int, n_x0: int | None = Non
     return ((xi & xj & (entry[:, None] == entry[None, :]))
             | (xi & ~xj & earlier)
             | (~xi & ~xj & (bj <= bi)))
+
+
+_MASKS: dict = {}
+
+
+def cached_mask(xt_blocks, block_size, n_x0, device, window=None) -> torch.Tensor:
+    """attention_mask built on the device once per layout (a 16K mask takes seconds on a CPU)."""
+    key = (tuple(xt_blocks), block_size, n_x0, window, str(device))
+    if key not in _MASKS:
+        if len(_MASKS) >= 4:                     # a phase uses a few lengths; keep memory bounded
+            _MASKS.pop(next(iter(_MASKS)))
+        _MASKS[key] = attention_mask(xt_blocks, block_size, n_x0, window, device)
+    return _MASKS[key]
 
 
 def shift_sources(xt_blocks: list[int], block_size: int) -> torch.Tensor:
@@ -99,7 +113,7 @@ def loss(model, tokens, weight, force_mask, keep, xt_blocks, block_size, mask_id
     entries = list(xt_blocks) + list(xt_blocks)
     n_x0 = max(entries) * block_size
     ids = torch.cat([xt, tokens[:, :n_x0]], dim=1).to(device)
-    mask = attention_mask(entries, block_size, n_x0).to(device)
+    mask = cached_mask(entries, block_size, n_x0, device)
     _, _, pos = layout(entries, block_size, n_x0)
     src = shift_sources(entries, block_size)
     w = weight[:, idx] * masked * (src >= 0)

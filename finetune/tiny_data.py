@@ -13,16 +13,17 @@ from mage_ext.eval import vocab as V
 
 
 def mqar_example(length: int, rng: random.Random, block_size: int = 32,
-                 query_blocks: int = 2) -> T.TrainExample:
-    """Associative recall: context "k1 v1 k2 v2 ..." then query blocks "k v k v ..." where every v is
-    masked and is the only thing with loss (the pairs themselves are random, hence unpredictable)."""
+                 query_blocks: int = 2, max_pairs: int = 256) -> T.TrainExample:
+    """Associative recall: context "k1 v1 k2 v2 ..." (after filler when it holds more than max_pairs
+    pairs) then query blocks "k v k v ..." where every v is masked and is the only thing with loss
+    (the pairs themselves are random, hence unpredictable)."""
     n_ctx = length - query_blocks * block_size
     if n_ctx < block_size:
         raise ValueError(f"length {length} leaves no context for {query_blocks} query blocks")
-    n_pairs = n_ctx // 2
+    n_pairs = min(n_ctx // 2, max_pairs)
     keys = rng.sample(V.KEYS, n_pairs)
     vals = rng.choices(V.VALUES, k=n_pairs)
-    ctx = [w for kv in zip(keys, vals) for w in kv]
+    ctx = V.words_of(T.filler(n_ctx - 2 * n_pairs, rng)) + [w for kv in zip(keys, vals) for w in kv]
     n_q = query_blocks * block_size // 2
     asked = [rng.randrange(n_pairs) for _ in range(n_q)]
     qry = [w for i in asked for w in (keys[i], vals[i])]
@@ -63,3 +64,20 @@ def batch(mix: dict[str, float], length: int, n: int, rng: random.Random, block_
         "force_mask": torch.tensor([e.force_mask for e in ex], dtype=torch.bool),
         "keep": torch.tensor([e.keep for e in ex], dtype=torch.bool),
     }
+
+
+class PhaseBatches(torch.utils.data.IterableDataset):
+    """Endless batches of one phase, for a DataLoader: workers build batches while the GPU trains.
+    Each worker has its own seed; a batch is (length, tensors) with n sized to batch_tokens."""
+
+    def __init__(self, phase: dict, block_size: int, seed: str, per_seq):
+        self.phase, self.bs, self.seed, self.per_seq = phase, block_size, seed, per_seq
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(f"{self.seed}/{info.id if info else 0}")
+        ph = self.phase
+        while True:
+            length = rng.choice(ph["lengths"])
+            n = max(1, ph["batch_tokens"] // self.per_seq(ph, length))
+            yield length, batch(ph["mix"], length, n, rng, self.bs, ph.get("answer_weight", 1.0))

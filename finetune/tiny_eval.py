@@ -23,7 +23,7 @@ def answer_accuracy(model, task: str, length: int, n: int, mask_id: int, block_s
                for i in range(n)]
     nb = length // block_size
     entries, n_x0 = [nb - 1], length - block_size
-    mask = BD.attention_mask(entries, block_size, n_x0, window).to(device)
+    mask = BD.attention_mask(entries, block_size, n_x0, window, device)
     _, _, pos = BD.layout(entries, block_size, n_x0)
     src = BD.shift_sources(entries, block_size)
     total = 0.0

@@ -13,10 +13,10 @@ train_state.pt (fp32 weights + optimizer, for --resume only), train_log.json and
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
-import random
 import sys
 import time
 
@@ -44,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="2 steps per phase, short lengths, tiny eval")
     p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data-building processes (default: 6 on CUDA, 0 on CPU)")
     a = p.parse_args(argv)
     if a.minutes is not None and a.minutes <= 0:
         p.error(f"--minutes must be > 0, got {a.minutes}")
@@ -90,6 +92,19 @@ def xt_blocks_for(ph: dict, length: int, block_size: int) -> list[int]:
     return list(range(nb)) if last == "all" else list(range(max(0, nb - int(last)), nb))
 
 
+def layout_tokens(ph: dict, length: int, block_size: int = 32) -> int:
+    """Tokens one sequence costs in the layout: two x_t copies of its x_t blocks + the x_0 prefix."""
+    xtb = xt_blocks_for(ph, length, block_size)
+    return 2 * len(xtb) * block_size + max(xtb) * block_size
+
+
+def batches(ph: dict, block_size: int, seed: str, workers: int):
+    ds = tiny_data.PhaseBatches(ph, block_size, seed, functools.partial(layout_tokens, block_size=block_size))
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
+                                         prefetch_factor=4 if workers else None)
+    return iter(loader)
+
+
 def save(model, opt, state: dict, out: str, log: list) -> None:
     import copy
 
@@ -127,7 +142,7 @@ def train(args) -> dict:
             log = json.load(f)
     mask_id = V.token_to_id()[V.MASK]
     amp = torch.bfloat16 if dev.type == "cuda" else None
-    rng = random.Random(f"{args.seed}/{state['step']}")
+    workers = args.workers if args.workers is not None else (6 if dev.type == "cuda" else 0)
     gen = torch.Generator().manual_seed(args.seed * 1000003 + state["step"])
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M params on {dev}; phases {[p['name'] for p in recipe['phases']]}")
@@ -140,17 +155,16 @@ def train(args) -> dict:
         if share is None and max_steps is None:
             raise ValueError(f"phase {ph['name']!r} needs max_steps when --minutes is not given")
         t0 = time.time() - state["phase_seconds"]
+        data = batches(ph, bs, f"{args.seed}/{state['phase']}/{state['step']}", workers)
         while True:
             el = time.time() - t0
             prog = max(el / share if share else 0.0,
                        state["phase_step"] / max_steps if max_steps else 0.0)
             if prog >= 1.0:
                 break
-            length = rng.choice(ph["lengths"])
+            length, b = next(data)
             xtb = xt_blocks_for(ph, length, bs)
-            per_seq = 2 * len(xtb) * bs + max(xtb) * bs
-            n = max(1, ph["batch_tokens"] // per_seq)
-            b = tiny_data.batch(ph["mix"], length, n, rng, bs, ph.get("answer_weight", 1.0))
+            n = b["tokens"].shape[0]
             lr = lr_at(ph, prog, state["phase_step"])
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -170,6 +184,7 @@ def train(args) -> dict:
                 extra = "".join(f" {k} {rec[k]:.3f}" for k in ("answer_ce", "answer_acc") if k in rec)
                 print(f"[{rec['t']:7.1f}s] step {state['step']:5d} {ph['name']:>10s} len {length:5d} "
                       f"x{n:3d} lr {lr:.2e} loss {rec['loss']:.3f}{extra}", flush=True)
+        del data                                   # stops this phase's workers
         state.update(phase=state["phase"] + 1, phase_step=0, phase_seconds=0.0)
     save(model, opt, state, args.out, log)
     print(f"saved {args.out} after {state['step']} steps, {time.time() - t_start:.0f}s")

@@ -81,12 +81,23 @@ _SUCC_P = (0.7, 0.2, 0.1)
 
 
 def filler(n: int, rng: random.Random) -> list[int]:
-    w = rng.choice(V.FILLER)
+    succ = _succ_ids()
+    w = V.ids([rng.choice(V.FILLER)])[0]
     out = []
     for _ in range(n):
         out.append(w)
-        w = rng.choices(_SUCC[w], _SUCC_P)[0]
-    return V.ids(out)
+        r = rng.random()
+        w = succ[w][0 if r < _SUCC_P[0] else 1 if r < _SUCC_P[0] + _SUCC_P[1] else 2]
+    return out
+
+
+_SUCC_IDS: dict[int, list[int]] = {}
+
+
+def _succ_ids() -> dict[int, list[int]]:
+    if not _SUCC_IDS:
+        _SUCC_IDS.update({V.ids([w])[0]: V.ids(nxt) for w, nxt in _SUCC.items()})
+    return _SUCC_IDS
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Block-diffusion objective of finetune/: the mask against a brute-force rule, the subset-of-blocks
-layout against the full one, and a 3-step CPU run that writes a loadable checkpoint."""
+layout against the full one, and a short CPU run (one step per phase) that writes a loadable checkpoint."""
 import json
 import os
 import sys
@@ -114,25 +114,26 @@ def test_real_recipe_fits_the_size_limit():
 def test_smoke_run_writes_loadable_checkpoint(tmp_path):
     from transformers import Qwen2ForCausalLM
 
-    recipe, _ = _tiny_recipe(tmp_path)
+    recipe, r = _tiny_recipe(tmp_path)
+    n_phases = len(r["phases"])                          # --smoke: one step per phase
     out = tmp_path / "ck"
     res = train_tiny.train(train_tiny.parse_args(
         ["--out", str(out), "--recipe", recipe, "--device", "cpu", "--smoke"]))
-    assert res["steps"] == 3
+    assert res["steps"] == n_phases
     for f in ("config.json", "model.safetensors", "tokenizer.json", "train_state.pt", "train_log.json",
               "eval.json"):
         assert (out / f).is_file(), f
     m = Qwen2ForCausalLM.from_pretrained(str(out))
     assert m.config.mask_token_id == V.token_to_id()[V.MASK]
     assert next(m.parameters()).dtype == torch.bfloat16
-    assert len(json.load(open(out / "train_log.json"))) == 3
+    assert len(json.load(open(out / "train_log.json"))) == n_phases
     from tokenizers import Tokenizer
     assert Tokenizer.from_file(str(out / "tokenizer.json")).token_to_id("<|mask|>") == m.config.mask_token_id
     # resume continues from the saved state (all phases done: no new steps)
     res2 = train_tiny.train(train_tiny.parse_args(
         ["--out", str(tmp_path / "ck2"), "--recipe", recipe, "--device", "cpu", "--smoke",
          "--resume", str(out), "--no-eval"]))
-    assert res2["steps"] == 3
+    assert res2["steps"] == n_phases
 
 
 def test_bad_args(tmp_path):
@@ -142,3 +143,22 @@ def test_bad_args(tmp_path):
     p.write_text("{}")
     with pytest.raises(ValueError, match="lacks the key"):
         train_tiny.load_recipe(str(p), smoke=False)
+
+
+def test_position_head_init_attends_to_offset(tmp_path):
+    import tiny_init
+
+    _, r = _tiny_recipe(tmp_path)
+    torch.manual_seed(0)
+    model = train_tiny.build_model(r).eval()
+    model.config._attn_implementation = "eager"
+    tiny_init.apply(model, {"position_heads": {"heads": [{"layer": 0, "q_head": 0, "offset": -1},
+                                                         {"layer": 0, "q_head": 1, "offset": 1}]}})
+    ids = torch.randint(400, 1400, (1, 48))
+    full = torch.zeros(1, 1, 48, 48)                     # additive 0: everyone sees everyone
+    with torch.no_grad():
+        att = model(ids, attention_mask=full, output_attentions=True).attentions[0][0]
+    i = torch.arange(1, 47)
+    assert att[0, i, i - 1].min() > 0.9 and att[1, i, i + 1].min() > 0.9
+    with pytest.raises(ValueError, match="unknown keys"):
+        tiny_init.apply(model, {"lag": {}})
