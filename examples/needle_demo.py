@@ -46,7 +46,7 @@ def main():
         answers[name] = ids
         first, later = res.median_step_time(True), res.median_step_time(False)
         print(f"{name:12} answer: {vocab.decode(ids[:len(s.answer)]):24} "
-              f"score {tasks.score(s, ids):.2f}  KV read at later steps {res.kv_fraction:6.1%}  "
+              f"score {tasks.score(s, ids):.2f}  KV read (all layers and steps) {res.kv_fraction:6.1%}  "
               f"total {wall:5.2f}s, step first {1e3 * (first or 0):6.1f} ms / later "
               f"{1e3 * (later or 0):6.1f} ms")
     same = list(answers.values())[0][:len(s.answer)] == list(answers.values())[1][:len(s.answer)]
