@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .harness import METHOD_NAMES, EvalConfig, evaluate, records_table
+from .harness import METHOD_NAMES, EvalConfig, evaluate, records_table, summary_table
 
 
 def _ints(s):
@@ -65,6 +65,8 @@ def main(argv=None):
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(payload, indent=1) + "\n")
     print(records_table(report["records"]))
+    print()
+    print(summary_table(report["records"]))
     for nm in report["needle_mass"]:
         layers = ", ".join(f"L{k}={v:.3f}" for k, v in nm["per_layer"].items() if v is not None)
         print(f"needle mass at decode (exact), {nm['task']} {nm['context_len']}: {layers}")

@@ -177,5 +177,30 @@ def records_table(records: list) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["EvalConfig", "METHOD_NAMES", "evaluate", "method_policies", "records_table",
+def summary_table(records: list) -> str:
+    """Markdown table, one row per (method, k): accuracy per context length (mean over tasks),
+    overall accuracy, set / mass recall and KV read (means over tasks and lengths)."""
+    lengths = sorted({r["context_len"] for r in records})
+    rows: dict = {}
+    for r in records:
+        rows.setdefault((r["method"], r["k"], r["adaptive"]), []).append(r)
+
+    def mean(vals):
+        vals = [v for v in vals if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    head = "| method | k | " + " | ".join(f"acc {n // 1024}K" for n in lengths) + \
+        " | acc mean | set recall | mass recall | KV read |"
+    lines = [head, "|" + " --- |" * 2 + " ---: |" * (len(lengths) + 4)]
+    for (method, k, _), rs in rows.items():
+        accs = [mean([r["accuracy"] for r in rs if r["context_len"] == n]) for n in lengths]
+        lines.append(f"| {method} | {k or '-'} | " + " | ".join(f(a) for a in accs) +
+                     f" | {f(mean([r['accuracy'] for r in rs]))} | {f(mean([r['recall'] for r in rs]))}"
+                     f" | {f(mean([r['mass_recall'] for r in rs]))} | "
+                     f"{f(mean([r['kv_fraction'] for r in rs]))} |")
+    return "\n".join(lines)
+
+
+__all__ = ["summary_table", "EvalConfig", "METHOD_NAMES", "evaluate", "method_policies", "records_table",
            "chance_level"]

@@ -26,7 +26,8 @@ def tiny_dir(tmp_path_factory):
 
 
 def test_grid_records(tiny_dir):
-    from mage_ext.eval.harness import METHOD_NAMES, EvalConfig, evaluate, records_table
+    from mage_ext.eval.harness import (METHOD_NAMES, EvalConfig, evaluate, records_table,
+                                       summary_table)
 
     cfg = EvalConfig(tasks=("passkey",), lengths=(256,), depths=(0.25, 0.75), samples_per_depth=1,
                      ks=(32,), batch_size=2, progress=False)
@@ -46,6 +47,7 @@ def test_grid_records(tiny_dir):
     assert rep["needle_mass"] and all(v is None or 0 <= v <= 1
                                       for v in rep["needle_mass"][0]["per_layer"].values())
     assert "| mage |" in records_table(rep["records"])
+    assert "| control | 32 |" in summary_table(rep["records"])
 
 
 def test_command_line(tiny_dir, tmp_path):
