@@ -46,9 +46,12 @@ class MeterGroup:
 
 
 def needle_positions(context: Sequence[int], needle_tokens: Sequence[int]) -> list[int]:
-    """Positions in ``context`` holding any of ``needle_tokens`` (the answer's value tokens)."""
+    """Positions in ``context`` holding any of ``needle_tokens`` (the answer's value tokens) and the
+    position before each: needles are "K V", and a model that bound V into K's state (through a
+    next-token head) reads the key position, not the value's."""
     wanted = set(needle_tokens)
-    return [i for i, t in enumerate(context) if t in wanted]
+    hits = [i for i, t in enumerate(context) if t in wanted]
+    return sorted({p for i in hits for p in (i - 1, i) if p >= 0})
 
 
 def first_or_none(x: Optional[list]):
