@@ -7,7 +7,7 @@
 The recipe (finetune/tiny_recipe.json) gives the model shape and the curriculum: phases that each take
 a share of the --minutes budget (or stop at max_steps), with their own lengths, batch size in tokens,
 cosine learning rate and data mix. The objective is bd_objective.py's; the output directory is a
-loadable HF checkpoint (config.json with mask_token_id, bf16 model.safetensors, tokenizer.json) plus
+loadable HF checkpoint (config.json with mask_token_id, bf16 safetensors in <= 6 MB shards, tokenizer.json) plus
 train_state.pt (fp32 weights + optimizer, for --resume only), train_log.json and eval.json.
 """
 from __future__ import annotations
@@ -110,7 +110,8 @@ def save(model, opt, state: dict, out: str, log: list) -> None:
 
     os.makedirs(out, exist_ok=True)
     ship = copy.deepcopy(model).to(torch.bfloat16)
-    ship.save_pretrained(out, safe_serialization=True)
+    # shards under 8 MB: the shipped copy lives in git (mage_ext/assets/tiny_bd)
+    ship.save_pretrained(out, safe_serialization=True, max_shard_size="6MB")
     V.save_tokenizer(out)
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state}, 
                os.path.join(out, "train_state.pt"))
