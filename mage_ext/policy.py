@@ -5,8 +5,8 @@ loop at the same budget. Defaults follow the spec (docs: ../shared/design/mage-s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
-from typing import Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, fields, replace
+from typing import Sequence, Tuple, Union
 
 METHODS = ("exact", "mage", "quest", "tidal", "sparsed", "window")
 COMMIT_MODES = ("sparse", "exact")

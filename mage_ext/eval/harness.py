@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -159,12 +159,6 @@ def evaluate(model, cfg: Optional[EvalConfig] = None, *, device=None, dtype=None
     return dict(records=records, heatmap=heat, needle_mass=needle)
 
 
-def chance_level(task: str) -> float:
-    """Accuracy of guessing one value word uniformly (the control should sit near it)."""
-    from . import vocab as V
-    return 1.0 / max(1, len(getattr(V, "VALUES", ()) or ()))
-
-
 def records_table(records: list) -> str:
     """Markdown table: accuracy / recall / mass recall / KV fraction per method and k."""
     lines = ["| method | k | task | context | accuracy | set recall | mass recall | KV read |",
@@ -202,5 +196,4 @@ def summary_table(records: list) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["summary_table", "EvalConfig", "METHOD_NAMES", "evaluate", "method_policies", "records_table",
-           "chance_level"]
+__all__ = ["summary_table", "EvalConfig", "METHOD_NAMES", "evaluate", "method_policies", "records_table"]

@@ -6,7 +6,7 @@ MeterGroup: several meters behind the one hook the cache offers.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -53,6 +53,3 @@ def needle_positions(context: Sequence[int], needle_tokens: Sequence[int]) -> li
     hits = [i for i, t in enumerate(context) if t in wanted]
     return sorted({p for i in hits for p in (i - 1, i) if p >= 0})
 
-
-def first_or_none(x: Optional[list]):
-    return x[0] if x else None

@@ -88,6 +88,5 @@ class Selector:
 
         Returns (out [batch, Hq, B, d], the Selection this call read or None if dense).
         """
-        from .. import ops
-        out, _ = ops.dense_attention(q, kv.k, kv.v, kv.lens, k_block, v_block, ctx.scale)
-        return out, None
+        from .common import dense  # common imports this module
+        return dense(ctx, q, k_block, v_block, kv)

@@ -24,6 +24,7 @@ from torch import Tensor
 from .. import ops
 from ..policy import adaptive_budgets, dispersion_score
 from .base import LayerKV, Selection, Selector, StepContext
+from .common import dense, reads_whole_cache, sparse
 
 _CHUNK = 4096  # cache entries per chunk of the plain-torch adaptive statistics
 
@@ -49,10 +50,8 @@ class MageSelector(Selector):
     def attend(self, ctx: StepContext, q: Tensor, k_block: Tensor, v_block: Tensor,
                kv: LayerKV) -> tuple[Tensor, Optional[Selection]]:
         cfg = self.config
-        dense = cfg.is_dense_layer(ctx.layer) or (ctx.phase == "commit"
-                                                  and cfg.commit_attention == "exact")
-        if dense:
-            return super().attend(ctx, q, k_block, v_block, kv)
+        if reads_whole_cache(cfg, ctx):
+            return dense(ctx, q, k_block, v_block, kv)
         if ctx.phase == "denoise" and ctx.step == 0:
             out, lse, scores = ops.attention_with_scores(q, kv.k, kv.v, kv.lens, k_block, v_block,
                                                          ctx.scale)
@@ -68,9 +67,7 @@ class MageSelector(Selector):
         if sel is None:
             raise RuntimeError(f"MageSelector: layer {ctx.layer} has no selection for step "
                                f"{ctx.step} ({ctx.phase}); step 0 of the block must run first")
-        out, _ = ops.sparse_attention(q, kv.k, kv.v, sel.indices, sel.counts, k_block, v_block,
-                                      ctx.scale)
-        return out, sel
+        return sparse(ctx, q, k_block, v_block, kv, sel)
 
     def end_step(self, step: int) -> None:
         if step != 0 or not self._pending:

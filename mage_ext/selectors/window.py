@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
 from .base import LayerKV, Selection, Selector, StepContext
+from .common import dense, sparse
 
 
 def last_window(lens: torch.Tensor, n_kv_heads: int, window: int) -> Selection:
@@ -32,8 +32,6 @@ class WindowSelector(Selector):
 
     def attend(self, ctx: StepContext, q, k_block, v_block, kv: LayerKV):
         if self.config.is_dense_layer(ctx.layer):
-            return super().attend(ctx, q, k_block, v_block, kv)
+            return dense(ctx, q, k_block, v_block, kv)
         sel = last_window(kv.lens, kv.k.shape[1], self.window)
-        out, _ = ops.sparse_attention(q, kv.k, kv.v, sel.indices, sel.counts, k_block, v_block,
-                                      ctx.scale)
-        return out, sel
+        return sparse(ctx, q, k_block, v_block, kv, sel)
