@@ -4,12 +4,13 @@
 # here), then runs the stages named on the command line, logging each under $OUT.
 #   bash benchmarks/gpu_session.sh tests bench-quick
 # Stages: tests (pytest, CUDA included), cuda-tests (tests/python/test_cuda.py), bench-quick,
-#         bench-full, e2e, profile, sanitize (compute-sanitizer memcheck + racecheck), <cmd...>
+#         bench-full, e2e, profile, ncu (Nsight Compute, full set, of benchmarks/ncu_steps.py), sanitize (compute-sanitizer memcheck + racecheck), <cmd...>
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mage-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD:${PYTHONPATH:-}  # scripts under benchmarks/ import mage_ext from here
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
@@ -33,6 +34,11 @@ for stage in "$@"; do
     cuda-tests) python3 -m pytest tests/python/test_cuda.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log" | tail -5 ;;
     e2e) python3 benchmarks/bench_e2e.py 2>&1 | tee "$OUT/e2e.log" ;;
     profile) python3 benchmarks/profile_ops.py 2>&1 | grep -E "^---|mage::" | tee "$OUT/profile.log" ;;
+    ncu) ncu --set full --import-source no --kernel-name regex:"attention_tile|scores_kernel|topk|merge" \
+           -f -o "$OUT/ncu" python3 benchmarks/ncu_steps.py >"$OUT/ncu_run.log" 2>&1
+         ncu -i "$OUT/ncu.ncu-rep" --page details >"$OUT/ncu_details.txt" 2>&1
+         ncu -i "$OUT/ncu.ncu-rep" --page raw --csv >"$OUT/ncu_raw.csv" 2>&1
+         tail -3 "$OUT/ncu_run.log"; grep -c "attention_tile" "$OUT/ncu_details.txt" ;;
     sanitize) for tool in memcheck racecheck; do
                 compute-sanitizer --tool $tool --kernel-name kns=mage python3 tests/sanitize_ops.py 2>&1 \
                   | tail -4 | tee -a "$OUT/sanitize.log"; done ;;

@@ -30,6 +30,7 @@ from statistics import median
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch import Tensor
 
 from .decoding import low_confidence_unmask, sample, threshold_unmask, transfer_schedule
 from .hf.cache import MageCache
@@ -52,12 +53,31 @@ class StepRecord:
 
 
 @dataclass
+class Prefix:
+    """The prefilled prompt of one generation: pass it as ``generate(..., prefix=p)`` to decode
+    the same prompts again (another policy, budget or sampling seed) without prefilling.
+
+    The prefill is dense and the same for every policy, so reusing it changes no result; the
+    evaluation harness prefills each batch once for all its methods.
+    """
+    seqs: list            # the prompts' ids (checked against the prompts of the reuse)
+    block_size: int
+    style: str
+    keys: list            # per layer [batch, Hkv, n, d], n = longest prefilled length
+    values: list
+    cache_lens: Tensor    # int32 [batch]
+    first_block: Tensor   # the first generation block's tokens before denoising [batch, B]
+    records: list         # StepRecords of the prefill forwards
+
+
+@dataclass
 class GenerationResult:
     token_ids: list                    # generated ids per prompt, ending before the first stop id
     texts: Optional[list]              # decoded token_ids when a tokenizer was given
     stopped: list                      # True where a stop id ended the sequence
     steps: list = field(default_factory=list)   # StepRecord per forward
     kv_fraction: float = 1.0           # share of the cache read by denoise/commit forwards
+    prefix: Optional["Prefix"] = None  # the prefilled prompt, when keep_prefix=True
 
     def median_step_time(self, first: bool) -> Optional[float]:
         """Median wall time of the first (first=True) or later denoising steps of the blocks."""
@@ -72,7 +92,8 @@ def generate(model_or_loaded, tokenizer=None, prompts=None, *, input_ids=None,
              stop_ids: Optional[Sequence[int]] = None, mask_id: Optional[int] = None,
              steps: int = 4, remasking: str = "low_confidence_static",
              on_block: Optional[Callable] = None, recall_meter=None, progress: bool = False,
-             generator: Optional[torch.Generator] = None) -> GenerationResult:
+             generator: Optional[torch.Generator] = None, prefix: Optional[Prefix] = None,
+             keep_prefix: bool = False) -> GenerationResult:
     """Generates continuations of ``prompts`` (str or list of str, needs a tokenizer) or
     ``input_ids`` (list of id lists, or a [batch, n] tensor). See the module docstring.
 
@@ -80,6 +101,8 @@ def generate(model_or_loaded, tokenizer=None, prompts=None, *, input_ids=None,
     latter the tokenizer, mask id, stop ids, block size and style default. ``on_block(i, ids)``
     gets each finished block's ids [batch, B]; ``recall_meter.record(...)`` is called by the
     attention after every later denoising step (see mage_ext/hf/attention.py).
+    ``keep_prefix=True`` returns the prefilled prompt in ``result.prefix``; ``prefix=`` reuses
+    one (same prompts, block size and style) instead of prefilling again.
     """
     model, tokenizer, mask_id, stop_ids, block_size, style = _resolve(
         model_or_loaded, tokenizer, mask_id, stop_ids, block_size, style)
@@ -87,6 +110,8 @@ def generate(model_or_loaded, tokenizer=None, prompts=None, *, input_ids=None,
     seqs = _prompt_ids(prompts, input_ids, tokenizer)
     _check_args(model, seqs, style, block_size, sub_block, threshold, max_new_tokens, steps,
                 remasking, policy)
+    if prefix is not None:
+        _check_prefix(prefix, seqs, block_size, style)
     was_enabled = is_enabled(model)
     if not was_enabled:
         enable_mage(model, policy)
@@ -95,7 +120,11 @@ def generate(model_or_loaded, tokenizer=None, prompts=None, *, input_ids=None,
             run = _Run(model, seqs, policy, style, block_size, sub_block, threshold,
                        max_new_tokens, temperature, top_p, set(stop_ids), mask_id, steps,
                        remasking, on_block, recall_meter, progress, generator)
-            run.prefill()
+            if prefix is None:
+                run.prefill()
+            else:
+                run.restore(prefix)
+            kept = run.snapshot() if keep_prefix else None
             run.blocks()
     finally:
         if not was_enabled:
@@ -103,7 +132,8 @@ def generate(model_or_loaded, tokenizer=None, prompts=None, *, input_ids=None,
     texts = None
     if tokenizer is not None:
         texts = [_decode(tokenizer, ids) for ids in run.out]
-    return GenerationResult(run.out, texts, run.stopped, run.records, run.cache.kv_fraction())
+    return GenerationResult(run.out, texts, run.stopped, run.records, run.cache.kv_fraction(),
+                            kept)
 
 
 class _Run:
@@ -178,6 +208,23 @@ class _Run:
                         self.x[b, 0] = tok[b]
         if self.progress and n:
             print(file=sys.stderr)
+
+    def snapshot(self) -> Prefix:
+        n = int(self.cache.cache_lens.max())
+        c = self.cache
+        return Prefix([list(q) for q in self.seqs], self.B, self.style,
+                      [k[:, :, :n].clone() for k in c.keys], [v[:, :, :n].clone() for v in c.values],
+                      c.cache_lens.clone(), self.x.clone(), list(self.records))
+
+    def restore(self, p: Prefix):
+        c, n = self.cache, p.keys[0].shape[2]
+        for layer in range(c.n_layers):  # the selectors fold existing entries when they first read
+            c.keys[layer][:, :, :n].copy_(p.keys[layer])
+            c.values[layer][:, :, :n].copy_(p.values[layer])
+        c.cache_lens.copy_(p.cache_lens)
+        c._max_len = n
+        self.x = p.first_block.clone().to(self.device)
+        self.records.extend(p.records)
 
     def blocks(self):
         block = 0
@@ -294,6 +341,15 @@ def _prompt_ids(prompts, input_ids, tokenizer) -> list:
         if len(s) == 0:
             raise ValueError(f"generate: prompt {i} is empty (at least one token is needed)")
     return seqs
+
+
+def _check_prefix(p, seqs, block_size, style):
+    if not isinstance(p, Prefix):
+        raise TypeError(f"generate: prefix must be a Prefix (result.prefix of keep_prefix=True), "
+                        f"got {type(p).__name__}")
+    if p.seqs != seqs or p.block_size != block_size or p.style != style:
+        raise ValueError("generate: prefix was prefilled for other prompts, block size or style "
+                         f"(block {p.block_size} / {block_size}, style {p.style} / {style})")
 
 
 def _check_args(model, seqs, style, block_size, sub_block, threshold, max_new_tokens, steps,

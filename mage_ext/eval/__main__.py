@@ -56,14 +56,21 @@ def main(argv=None):
                      dense_layers=a.dense_layers, batch_size=a.batch_size,
                      recall=not a.no_recall, seed=a.seed)
     dtype = getattr(torch, a.dtype) if a.dtype else None
-    report = evaluate(a.model, cfg, device=a.device, dtype=dtype)
     device = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu"
     payload = dict(model=str(a.model), commit=_commit(), device=device,
                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    config={k: list(v) if isinstance(v, tuple) else v
-                           for k, v in vars(cfg).items()}, **report)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(payload, indent=1) + "\n")
+                           for k, v in vars(cfg).items()}, records=[])
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write_partial(rec):  # a long run that is cut short keeps what it finished
+        payload["records"].append(rec)
+        out.write_text(json.dumps(payload, indent=1) + "\n")
+
+    report = evaluate(a.model, cfg, device=a.device, dtype=dtype, on_record=write_partial)
+    payload.update(report)
+    out.write_text(json.dumps(payload, indent=1) + "\n")
     print(records_table(report["records"]))
     print()
     print(summary_table(report["records"]))

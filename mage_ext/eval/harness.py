@@ -110,8 +110,18 @@ def _samples(cfg: EvalConfig, task: str, length: int, block_size: int):
             for depth in cfg.depths for i in range(cfg.samples_per_depth)]
 
 
-def evaluate(model, cfg: Optional[EvalConfig] = None, *, device=None, dtype=None) -> dict:
-    """Runs the grid; ``model`` is a checkpoint directory or a ``LoadedModel``."""
+class _Cell:
+    """What one (method, k) accumulates over the samples of one (task, length)."""
+
+    def __init__(self, recall: bool):
+        self.correct, self.kv_fracs, self.mass = [], [], None
+        self.recall = RecallMeter() if recall else None
+
+
+def evaluate(model, cfg: Optional[EvalConfig] = None, *, device=None, dtype=None,
+             on_record=None) -> dict:
+    """Runs the grid; ``model`` is a checkpoint directory or a ``LoadedModel``.
+    ``on_record(record)`` is called as each record is finished (for incremental output)."""
     from ..generate import generate as run_generation
     from ..hf.checkpoint import LoadedModel, load_model
 
@@ -126,36 +136,43 @@ def evaluate(model, cfg: Optional[EvalConfig] = None, *, device=None, dtype=None
     records, heat, needle = [], [], []
     for task, length in cells:
         samples = _samples(cfg, task, length, block)
-        for method, k, adaptive, policy in grid:
-            correct, recall_m = [], RecallMeter() if cfg.recall else None
-            kv_fracs = []
-            mass_meter = None
-            for i in range(0, len(samples), cfg.batch_size):
-                chunk = samples[i:i + cfg.batch_size]
+        acc = {i: _Cell(cfg.recall and m != "exact") for i, (m, *_) in enumerate(grid)}
+        for s0 in range(0, len(samples), cfg.batch_size):
+            chunk = samples[s0:s0 + cfg.batch_size]
+            prefix = None  # the prompt is prefilled once per chunk, for every method
+            for i, (method, k, adaptive, policy) in enumerate(grid):
+                cell = acc[i]
                 if cfg.needle_mass and method == "exact":
-                    mass_meter = mass_meter or NeedleMassMeter([])
-                    mass_meter.positions = [needle_positions(s.context, s.answer) for s in chunk]
-                meter = MeterGroup(recall_m if method != "exact" else None, mass_meter)
+                    cell.mass = cell.mass or NeedleMassMeter([])
+                    cell.mass.positions = [needle_positions(s.context, s.answer) for s in chunk]
+                meter = MeterGroup(cell.recall, cell.mass)
                 res = run_generation(lm, input_ids=[s.prompt for s in chunk], policy=policy,
-                                       max_new_tokens=block - len(chunk[0].prefix),
-                                       recall_meter=meter if meter.meters else None)
-                kv_fracs.append(res.kv_fraction)
+                                     max_new_tokens=block - len(chunk[0].prefix),
+                                     recall_meter=meter if meter.meters else None,
+                                     prefix=prefix, keep_prefix=prefix is None)
+                prefix = prefix or res.prefix
+                cell.kv_fracs.append(res.kv_fraction)
                 for s, ids in zip(chunk, res.token_ids):
-                    correct.append((s.depth, T.score(s, ids)))
-            summ = recall_m.summary() if (recall_m is not None and method != "exact") else {}
-            records.append(dict(method=method, k=k, adaptive=adaptive,
-                                dense_layers=policy.dense_layers, task=task, context_len=length,
-                                accuracy=sum(c for _, c in correct) / len(correct),
-                                recall=summ.get("set_recall"), mass_recall=summ.get("mass_recall"),
-                                kv_fraction=sum(kv_fracs) / len(kv_fracs), n=len(correct)))
+                    cell.correct.append((s.depth, T.score(s, ids)))
+                if s0 + cfg.batch_size >= len(samples):
+                    prog.step(f"{task} {length} {method} k={k}")
+        for i, (method, k, adaptive, policy) in enumerate(grid):
+            cell = acc[i]
+            summ = cell.recall.summary() if cell.recall is not None else {}
+            rec = dict(method=method, k=k, adaptive=adaptive, dense_layers=policy.dense_layers,
+                       task=task, context_len=length,
+                       accuracy=sum(c for _, c in cell.correct) / len(cell.correct),
+                       recall=summ.get("set_recall"), mass_recall=summ.get("mass_recall"),
+                       kv_fraction=sum(cell.kv_fracs) / len(cell.kv_fracs), n=len(cell.correct))
+            records.append(rec)
             for depth in cfg.depths:
-                vals = [c for d, c in correct if d == depth]
+                vals = [c for d, c in cell.correct if d == depth]
                 heat.append(dict(method=method, k=k, task=task, context_len=length, depth=depth,
                                  accuracy=sum(vals) / len(vals)))
-            if mass_meter is not None:
-                needle.append(dict(task=task, context_len=length,
-                                   per_layer=mass_meter.per_layer()))
-            prog.step(f"{task} {length} {method} k={k}")
+            if cell.mass is not None:
+                needle.append(dict(task=task, context_len=length, per_layer=cell.mass.per_layer()))
+            if on_record is not None:
+                on_record(rec)
     return dict(records=records, heatmap=heat, needle_mass=needle)
 
 

@@ -119,12 +119,17 @@ class QuestSelector(Selector):
         return st
 
     def _catch_up(self, layer: int, kv: LayerKV) -> _PageStats:
-        """Folds entries written without an on_append call (e.g. a prefill the loop did not report)."""
+        """Folds entries written without an on_append call (e.g. a reused prefill) and drops
+        entries folded past a sequence's length (scratch rows of a batched prefill chunk)."""
         st = self._state(layer, kv)
         lens = kv.lens.to(device=st.covered.device, dtype=torch.int64)
-        if bool((lens < st.covered).any()):
-            raise ValueError(f"kv.lens: layer {layer} cache shrank below what Quest has folded "
-                             f"({lens.tolist()} < {st.covered.tolist()}); call reset() first")
+        past = lens < st.covered
+        if bool(past.any()):  # min/max cannot be undone: rebuild from the page holding lens on
+            first = torch.where(past, lens // self.page, torch.full_like(lens, st.lo.shape[2]))
+            wipe = (torch.arange(st.lo.shape[2], device=lens.device) >= first[:, None])[:, None, :, None]
+            st.lo.masked_fill_(wipe, math.inf)
+            st.hi.masked_fill_(wipe, -math.inf)
+            st.covered = torch.where(past, first * self.page, st.covered)
         if bool((lens > st.covered).any()):
             self._fold(layer, kv, st.covered.clone(), lens)
         return st

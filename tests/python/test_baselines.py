@@ -154,10 +154,16 @@ def test_quest_catches_up_unreported_entries_and_rewrites(gen):
     for b, n in enumerate([10, 8]):
         rlo, rhi = ref_page_bounds(kv.k[b], n, size)
         assert torch.equal(lo[b, :, :rlo.shape[1]], rlo) and torch.equal(hi[b, :, :rlo.shape[1]], rhi)
-    kv.lens.copy_(torch.tensor([4, 8], dtype=torch.int32))
-    with pytest.raises(ValueError, match="kv.lens"):
-        sel.attend(StepContext(1, 2, 0, "denoise", 0.3), torch.randn(2, 6, 5, 12),
-                   torch.randn(2, 2, 5, 12), torch.randn(2, 2, 5, 12), kv)
+    # lens below what was folded (scratch rows of a batched prefill): pages are rebuilt
+    kv.lens.copy_(torch.tensor([5, 8], dtype=torch.int32))
+    sel.attend(StepContext(1, 2, 0, "denoise", 0.3), torch.randn(2, 6, 5, 12),
+               torch.randn(2, 2, 5, 12), torch.randn(2, 2, 5, 12), kv)
+    lo, hi, covered = sel.page_bounds(1)
+    assert covered.tolist() == [5, 8]
+    for b, n in enumerate([5, 8]):
+        rlo, rhi = ref_page_bounds(kv.k[b], n, size)
+        assert torch.equal(lo[b, :, :rlo.shape[1]], rlo) and torch.equal(hi[b, :, :rlo.shape[1]], rhi)
+        assert torch.isinf(lo[b, :, rlo.shape[1]:]).all()
 
 
 @pytest.mark.parametrize("k,min_pages", [(8, 2), (4, 3), (13, 1)])

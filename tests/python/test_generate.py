@@ -136,6 +136,27 @@ def test_batch_equals_single(policy, style):
         assert generate(model, input_ids=[p], **kw).token_ids[0] == batch.token_ids[i]
 
 
+@pytest.mark.parametrize("style", ["fast_dllm", "sdar"])
+def test_reused_prefix_equals_fresh_prefill(style):
+    model = tiny_model("qwen2", layers=3, seed=2)
+    prompts = _prompts([32, 19, 27], seed=3)  # one block-aligned prompt (fast_dllm's prefill token)
+    kw = dict(style=style, block_size=8, sub_block=4, threshold=0.3, steps=4, max_new_tokens=12,
+              mask_id=MASK_ID, stop_ids=[])
+    first = generate(model, input_ids=prompts, policy=PolicyConfig(method="exact"),
+                     keep_prefix=True, **kw)
+    assert first.prefix is not None
+    for pol in (PolicyConfig(method="exact"), PolicyConfig(method="mage", k=8, dense_layers=1),
+                PolicyConfig(method="quest", k=8, dense_layers=1, quest_page_size=4)):
+        fresh = generate(model, input_ids=prompts, policy=pol, **kw)
+        reused = generate(model, input_ids=prompts, policy=pol, prefix=first.prefix, **kw)
+        assert reused.token_ids == fresh.token_ids
+        assert reused.kv_fraction == pytest.approx(fresh.kv_fraction)
+    with pytest.raises(ValueError, match="prefix was prefilled for other prompts"):
+        generate(model, input_ids=prompts[:2], policy=PolicyConfig(), prefix=first.prefix, **kw)
+    with pytest.raises(TypeError, match="prefix must be a Prefix"):
+        generate(model, input_ids=prompts, policy=PolicyConfig(), prefix=object(), **kw)
+
+
 def test_stop_id_ends_a_sequence():
     model = tiny_model("qwen2")
     prompt = _prompts([12])[0]
