@@ -15,6 +15,10 @@ Floor = bytes that must move / copy bandwidth measured in this run:
   dense / first step: the cache's K and V once (b * Hkv * N * d * 2 tensors * 2 bytes),
   sparse: the selected K/V rows (b * Hkv * k * d * 2 * 2), top-k: the scores (b * Hkv * N * 4).
 (The block's q/k/v and the outputs are a few hundred KB and counted too.)
+Compute floor = the attention's matrix FLOPs (4 * rows * keys * d: Q K^T and P V, rows = b * Hq
+* B) / the bf16 torch.mm throughput measured in this run. With G * B query rows per KV head the
+step does G * B * 4 * d FLOPs per 4 * d bytes of K/V (192 FLOP/B for the 1.5B shape): near the
+H200's ridge point, so the dense and first steps are bounded by compute as much as by bandwidth.
 
     python benchmarks/bench_kernels.py [--quick] [--flex]
 Writes benchmarks/results/kernels_h200.json and prints a table.
@@ -33,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mage_ext  # noqa: E402
 import peers_flashinfer  # noqa: E402
 from common import (copy_bandwidth_tbps, eager_us, environment, graph_time_us,  # noqa: E402
-                    time_us, write_results)
+                    matmul_tflops, time_us, write_results)
 
 SHAPES = {"fdllm-1.5b": (12, 2, 128), "fdllm-7b": (28, 4, 128), "sdar-4b": (32, 8, 128)}
 CACHE_LENS = [8192, 32768, 65536, 131072]
@@ -60,7 +64,7 @@ def timed(fn) -> float:
         return time_us(fn)
 
 
-def run_config(name, hq, hkv, d, block, batch, n, bw, flex, flashinfer):
+def run_config(name, hq, hkv, d, block, batch, n, bw, tflops, flex, flashinfer):
     esize = 2
     rnd = lambda *s: torch.randn(*s, device="cuda", dtype=DTYPE)  # noqa: E731
     q, kb, vb = rnd(batch, hq, block, d), rnd(batch, hkv, block, d), rnd(batch, hkv, block, d)
@@ -71,6 +75,8 @@ def run_config(name, hq, hkv, d, block, batch, n, bw, flex, flashinfer):
     io_bytes = 3 * q.numel() * esize + q.numel() * esize  # q, k_block, v_block (upper), out
     kv_bytes = 2 * kc.numel() * esize
     floor = lambda nbytes: nbytes / (bw * 1e12) * 1e6  # noqa: E731
+    rows = batch * hq * block
+    compute_floor = lambda keys: 4 * rows * keys * d / (tflops * 1e12) * 1e6  # noqa: E731
     shape = f"{name} Hq{hq}/Hkv{hkv}/d{d}"
     base = dict(shape=shape, batch=batch, cache_len=n, block=block, dtype="bf16")
     records = []
@@ -102,7 +108,8 @@ def run_config(name, hq, hkv, d, block, batch, n, bw, flex, flashinfer):
             print(f"flashinfer peer failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
     records.append(dict(base, op="dense_step", k=None, time_us=timed(dense),
                         eager_us=eager_us(dense),
-                        floor_us=floor(kv_bytes + io_bytes), peers=peers))
+                        floor_us=floor(kv_bytes + io_bytes),
+                        compute_floor_us=compute_floor(n + block), peers=peers))
 
     idx = torch.empty(batch, hkv, FIRST_STEP_K, dtype=torch.int32, device="cuda")
     cnt = torch.empty(batch, hkv, dtype=torch.int32, device="cuda")
@@ -123,7 +130,8 @@ def run_config(name, hq, hkv, d, block, batch, n, bw, flex, flashinfer):
         first_peers["naive_torch"] = timed(naive_first)
     records.append(dict(base, op="first_step", k=FIRST_STEP_K, time_us=timed(first),
                         eager_us=eager_us(first),
-                        floor_us=floor(kv_bytes + io_bytes), peers=first_peers))
+                        floor_us=floor(kv_bytes + io_bytes),
+                        compute_floor_us=compute_floor(n + block), peers=first_peers))
     records.append(dict(base, op="topk", k=FIRST_STEP_K,
                         time_us=timed(lambda: mage_ext.ops.topk_select_out(
                             scores, lens, FIRST_STEP_K, 0, 0, idx, cnt)),
@@ -146,6 +154,7 @@ def run_config(name, hq, hkv, d, block, batch, n, bw, flex, flashinfer):
         records.append(dict(base, op="sparse_step", k=k, time_us=timed(sparse),
                             eager_us=eager_us(sparse),
                             floor_us=floor(2 * batch * hkv * k * d * esize + io_bytes),
+                            compute_floor_us=compute_floor(k + block),
                             peers={"naive_torch_gather_sdpa": timed(naive_sparse)}))
     return records
 
@@ -161,23 +170,26 @@ def main():
     if not args.no_flashinfer and not flashinfer:
         print(f"FlashInfer peer unavailable: {peers_flashinfer.available()}")
     bw = copy_bandwidth_tbps()
-    env = environment()
-    print(f"{env['device']}, torch {env['torch']}, CUDA {env['cuda']}, copy {bw:.2f} TB/s")
+    tflops = matmul_tflops()
+    env = dict(environment(), copy_bw_tbps=bw, matmul_tflops=tflops)
+    print(f"{env['device']}, torch {env['torch']}, CUDA {env['cuda']}, copy {bw:.2f} TB/s, "
+          f"bf16 mm {tflops:.0f} TFLOP/s")
     records = []
     header = f"{'op':12} {'shape':26} {'B':>3} {'bat':>4} {'N':>7} {'k':>5} {'us':>9} " \
-             f"{'eager':>8} {'floor':>8} {'x':>6}  peers (us)"
+             f"{'eager':>8} {'floor':>8} {'x':>6} {'cfloor':>7}  peers (us)"
     print(header)
     for cfg in configs(args.quick):
-        for r in run_config(*cfg, bw=bw, flex=args.flex, flashinfer=flashinfer):
+        for r in run_config(*cfg, bw=bw, tflops=tflops, flex=args.flex, flashinfer=flashinfer):
             records.append(r)
-            write_results(args.output, dict(env, copy_bw_tbps=bw, records=records))  # partial runs keep their data
+            write_results(args.output, dict(env, records=records))  # partial runs keep their data
             peers = ", ".join(f"{k}={v:.1f}" for k, v in r["peers"].items())
             print(f"{r['op']:12} {r['shape']:26} {r['block']:>3} {r['batch']:>4} "
                   f"{r['cache_len']:>7} {str(r['k'] or ''):>5} {r['time_us']:>9.1f} "
-                  f"{r.get('eager_us', float('nan')):>8.1f} {r['floor_us']:>8.1f} {r['time_us'] / r['floor_us']:>6.2f}  {peers}",
+                  f"{r.get('eager_us', float('nan')):>8.1f} {r['floor_us']:>8.1f} {r['time_us'] / r['floor_us']:>6.2f} "
+                  f"{r.get('compute_floor_us', 0.0):>7.1f}  {peers}",
                   flush=True)
         torch.cuda.empty_cache()
-    path = write_results(args.output, dict(env, copy_bw_tbps=bw, records=records))
+    path = write_results(args.output, dict(env, records=records))
     print(f"wrote {path}")
 
 

@@ -109,6 +109,15 @@ def copy_bandwidth_tbps(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / (us * 1e-6) / 1e12
 
 
+def matmul_tflops(n: int = 8192) -> float:
+    """Dense bf16 matrix-multiply throughput measured here (torch.mm, n x n x n): the compute
+    peak the compute floors use."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    us = time_us(lambda: torch.mm(a, b), reps=20)
+    return 2 * n ** 3 / (us * 1e-6) / 1e12
+
+
 def write_results(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name

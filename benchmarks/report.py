@@ -16,20 +16,19 @@ def table(records, batch: int, block: int) -> str:
             continue
         key = (r["shape"].split()[0], r["cache_len"])
         rows.setdefault(key, {})[(r["op"], r["k"])] = r
-    out = ["| shape | cache | dense us (x floor) | FlashInfer | SDPA gqa | first step us (x dense floor) "
-           "| top-k us | sparse k=512 us (x floor) | naive sparse |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    out = ["| shape | cache | dense us (x floor) | compute floor | FlashInfer | SDPA gqa "
+           "| first step us (x dense floor) | top-k us | sparse k=512 us (x floor) | naive sparse |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for (shape, n), ops in rows.items():
         d, f, t, s = (ops.get(("dense_step", None)), ops.get(("first_step", 512)),
                       ops.get(("topk", 512)), ops.get(("sparse_step", 512)))
         if not (d and f and t and s):
             continue
         fi = d["peers"].get("flashinfer_prefill")
-        out.append(
-            f"| {shape} | {n // 1024}K | {d['time_us']:.0f} ({d['time_us'] / d['floor_us']:.1f}x) "
-            f"| {fi:.0f} | {d['peers']['sdpa_gqa']:.0f} " if fi else
-            f"| {shape} | {n // 1024}K | {d['time_us']:.0f} ({d['time_us'] / d['floor_us']:.1f}x) "
-            f"| - | {d['peers']['sdpa_gqa']:.0f} ")
+        cf = d.get("compute_floor_us")
+        out.append(f"| {shape} | {n // 1024}K | {d['time_us']:.0f} ({d['time_us'] / d['floor_us']:.1f}x) "
+                   f"| {'-' if cf is None else f'{cf:.0f}'} | {'-' if fi is None else f'{fi:.0f}'} "
+                   f"| {d['peers']['sdpa_gqa']:.0f} ")
         out[-1] += (f"| {f['time_us']:.0f} ({f['time_us'] / d['floor_us']:.1f}x) | {t['time_us']:.0f} "
                     f"| {s['time_us']:.1f} ({s['time_us'] / s['floor_us']:.1f}x) "
                     f"| {s['peers']['naive_torch_gather_sdpa']:.0f} |")
@@ -44,8 +43,9 @@ def main():
     p.add_argument("--block", type=int, default=32)
     a = p.parse_args()
     data = json.loads(Path(a.path).read_text())
+    mm = f", bf16 mm {data['matmul_tflops']:.0f} TFLOP/s" if "matmul_tflops" in data else ""
     print(f"{data['device']}, torch {data['torch']}, CUDA {data['cuda']}, copy "
-          f"{data['copy_bw_tbps']:.2f} TB/s, commit {data['commit'][:7]}, {data['date']}\n")
+          f"{data['copy_bw_tbps']:.2f} TB/s{mm}, commit {data['commit'][:7]}, {data['date']}\n")
     for b in a.batch:
         print(f"batch {b}, block {a.block}, bf16, one layer:\n")
         print(table(data["records"], b, a.block) + "\n")

@@ -1,7 +1,7 @@
 // Tensor-core (mma.sync m16n8k16, fp16/bf16 in, fp32 accumulate) attention kernels.
 //
-// attention_tile_kernel: one CTA = up to 256 query rows (8 warps x 32) of one (sequence, KV
-//   head) against one split of its key list, streamed through shared memory in tiles of 64
+// attention_tile_kernel: one CTA = up to 256 query rows (8 warps x 32; or 64 rows, 4 warps x 16,
+//   see TcShape) of one (sequence, KV head) against one split of its key list, streamed through shared memory in tiles of 64
 //   keys (cp.async, kStages tiles in flight), with an online softmax in registers
 //   (FlashAttention-2 style). The G*B rows of a KV head are packed (G*B <= 256 for the usual
 //   shapes), so each K/V tile is read from memory once for the whole GQA group.
@@ -16,16 +16,27 @@
 
 namespace mage::cuda {
 
-constexpr int kTcWarps = 8;
-constexpr int kWarpRows = 32;  // two 16-row m-tiles per warp: each K/V fragment read from
-                               // shared memory feeds 4 MMAs
-constexpr int kTcRows = kWarpRows * kTcWarps;
-constexpr int kStages = 4;     // K/V tiles in flight: hides HBM latency at one CTA per SM
-static_assert(kTcRows == kRowsPerCta, "host launch plan and kernel disagree");
+constexpr int kStages = 4;  // K/V tiles in flight: hides HBM latency at one CTA per SM
 
-template <int D>
+// CTA shapes (host picks one per call, AttentionArgs::rows_per_cta): kWarps warps of kMT
+// 16-row m-tiles each. Wide: 8 x 32 rows = 256 (each K/V fragment read from shared memory
+// feeds 4 MMAs; for long key lists). Narrow: 4 x 16 rows = 64 (when the key tiles are too few
+// to fill the GPU with wide CTAs, e.g. the sparse step at batch 1: 4x the CTAs, each with a
+// quarter of the rows and a shorter critical path).
+template <int kWarps, int kMT>
+struct TcShape {
+  static constexpr int kWarpsPerCta = kWarps;
+  static constexpr int kMTiles = kMT;
+  static constexpr int kRows = kWarps * kMT * 16;
+};
+using TcWide = TcShape<8, 2>;
+using TcNarrow = TcShape<4, 1>;
+static_assert(TcWide::kRows == kRowsWide && TcNarrow::kRows == kRowsNarrow,
+              "host launch plan and kernel disagree");
+
+template <int D, int kRows>
 constexpr int attention_smem_bytes() {
-  return (kTcRows * D + 2 * kStages * kKeyTile * D) * 2;  // Q + kStages of K and V (16-bit)
+  return (kRows * D + 2 * kStages * kKeyTile * D) * 2;  // Q + kStages of K and V (16-bit)
 }
 
 // Loads the A fragments (16 rows x D) of one m-tile from a swizzled smem tile.
@@ -58,20 +69,20 @@ MAGE_DEVICE void qk_tile(float (&s)[8][4], const uint32_t (&qf)[D / 16][4], cons
   }
 }
 
-// s[mt] (two m-tiles of 16 rows x 64 keys) = Q rows x K tile^T; Q fragments are re-read from
+// s[mt] (kMT m-tiles of 16 rows x 64 keys) = Q rows x K tile^T; Q fragments are re-read from
 // shared memory per k-step (keeping them in registers for the whole loop would spill).
-template <typename T, int D>
-MAGE_DEVICE void qk_tile_2m(float (&s)[2][8][4], const T* s_q, int row_base, const T* s_k,
-                            int lane) {
+template <typename T, int D, int kMT>
+MAGE_DEVICE void qk_tile_m(float (&s)[kMT][8][4], const T* s_q, int row_base, const T* s_k,
+                           int lane) {
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
+  for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
 #pragma unroll
   for (int ks = 0; ks < D / 16; ++ks) {
-    uint32_t qf[2][4];
+    uint32_t qf[kMT][4];
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
+    for (int mt = 0; mt < kMT; ++mt) {
       const int row = row_base + mt * 16 + (lane & 15);
       ldmatrix_x4(qf[mt], s_q + swizzled<D>(row, ks * 2 + (lane >> 4)));
     }
@@ -81,7 +92,7 @@ MAGE_DEVICE void qk_tile_2m(float (&s)[2][8][4], const T* s_q, int row_base, con
       uint32_t r[4];
       ldmatrix_x4(r, s_k + swizzled<D>(key, ks * 2 + ((lane >> 3) & 1)));
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
+      for (int mt = 0; mt < kMT; ++mt) {
         mma_16816<T>(s[mt][2 * np], qf[mt], r[0], r[1]);
         mma_16816<T>(s[mt][2 * np + 1], qf[mt], r[2], r[3]);
       }
@@ -89,11 +100,13 @@ MAGE_DEVICE void qk_tile_2m(float (&s)[2][8][4], const T* s_q, int row_base, con
   }
 }
 
-template <typename T, int D, bool kSparse>
-__global__ void __launch_bounds__(kTcWarps * 32, 1)
+template <typename T, int D, bool kSparse, typename Shape>
+__global__ void __launch_bounds__(Shape::kWarpsPerCta * 32, 1)
     attention_tile_kernel(const __grid_constant__ AttentionArgs a) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
-  constexpr int kThreads = kTcWarps * 32;
+  constexpr int kThreads = Shape::kWarpsPerCta * 32;
+  constexpr int kMT = Shape::kMTiles;
+  constexpr int kTcRows = Shape::kRows;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* s_q = reinterpret_cast<T*>(smem_raw);
   T* s_k = s_q + kTcRows * D;
@@ -145,31 +158,35 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1)
     cp_async_commit();
   }
 
-  // Per thread: rows g and g + 8 of each of the warp's two m-tiles (index 2 * mt + i).
-  float o[2][D / 8][4];
+  // Per thread: rows g and g + 8 of each of the warp's m-tiles (index 2 * mt + i).
+  float o[kMT][D / 8][4];
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
+  for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
-  float m[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};  // running max, log2 units
-  float l[4] = {0.f, 0.f, 0.f, 0.f};  // this thread's share of the running sums
+  float m[2 * kMT], l[2 * kMT];  // running max (log2 units), this thread's share of the sums
+#pragma unroll
+  for (int i = 0; i < 2 * kMT; ++i) m[i] = -INFINITY, l[i] = 0.f;
   const int g = lane >> 2, tig = lane & 3;
-  const int warp_row0 = warp * kWarpRows;
+  const int warp_row0 = warp * kMT * 16;
   const bool active = row0 + warp_row0 < a.rows;  // warps past the last row only load
 
   for (int it = 0, t = k_begin; t < k_end; ++it, t += kKeyTile) {
     const int buf = it % kStages;
+    cp_async_wait<kStages - 2>();  // tile `it` has landed (groups: kStages - 1 + it committed)
+    __syncthreads();  // ... for every thread, and every warp is done with tile it - 1
+    // Refill the buffer tile it - 1 used: one barrier per tile instead of two.
     const int next = t + (kStages - 1) * kKeyTile;
     if (next < k_end) load_tile(next, (it + kStages - 1) % kStages);
     cp_async_commit();
-    cp_async_wait<kStages - 1>();  // tile `it` has landed
-    __syncthreads();
     if (active) {
-      float s[2][8][4];
-      qk_tile_2m<T, D>(s, s_q, warp_row0, s_k + buf * kKeyTile * D, lane);
-      float mx[4] = {m[0], m[1], m[2], m[3]};
+      float s[kMT][8][4];
+      qk_tile_m<T, D, kMT>(s, s_q, warp_row0, s_k + buf * kKeyTile * D, lane);
+      float mx[2 * kMT];
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
+      for (int i = 0; i < 2 * kMT; ++i) mx[i] = m[i];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -178,9 +195,9 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1)
             s[mt][nt][e] = v < k_end ? s[mt][nt][e] * a.scale_log2 : -INFINITY;
             mx[2 * mt + (e >> 1)] = fmaxf(mx[2 * mt + (e >> 1)], s[mt][nt][e]);
           }
-      float alpha[4];
+      float alpha[2 * kMT];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
+      for (int i = 0; i < 2 * kMT; ++i) {
         mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
         mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
         alpha[i] = exp2f(m[i] - mx[i]);  // m = -inf on the first tile: alpha = 0
@@ -188,7 +205,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1)
         l[i] *= alpha[i];
       }
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
+      for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -209,9 +226,9 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1)
       const T* vt = s_v + buf * kKeyTile * D;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        uint32_t pa[2][4];
+        uint32_t pa[kMT][4];
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
+        for (int mt = 0; mt < kMT; ++mt) {
           pa[mt][0] = pack2<T>(s[mt][2 * j][0], s[mt][2 * j][1]);
           pa[mt][1] = pack2<T>(s[mt][2 * j][2], s[mt][2 * j][3]);
           pa[mt][2] = pack2<T>(s[mt][2 * j + 1][0], s[mt][2 * j + 1][1]);
@@ -223,20 +240,19 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1)
           uint32_t r[4];
           ldmatrix_x4_trans(r, vt + swizzled<D>(key, dp * 2 + (lane >> 4)));
 #pragma unroll
-          for (int mt = 0; mt < 2; ++mt) {
+          for (int mt = 0; mt < kMT; ++mt) {
             mma_16816<T>(o[mt][2 * dp], pa[mt], r[0], r[1]);
             mma_16816<T>(o[mt][2 * dp + 1], pa[mt], r[2], r[3]);
           }
         }
       }
     }
-    __syncthreads();
   }
 
   const bool poisoned = __syncthreads_or(bad);
   if (!active) return;
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt) {
+  for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       float li = l[2 * mt + i];

@@ -14,25 +14,31 @@ cudaError_t allow_smem(Kernel kernel, int bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
-template <typename T, int D, bool kSparse>
+template <typename T, int D, bool kSparse, typename Shape>
 cudaError_t launch_tc_attention(const AttentionArgs& a, cudaStream_t stream) {
-  constexpr int smem = attention_smem_bytes<D>();
-  auto kernel = attention_tile_kernel<T, D, kSparse>;
+  constexpr int smem = attention_smem_bytes<D, Shape::kRows>();
+  auto kernel = attention_tile_kernel<T, D, kSparse, Shape>;
   static const cudaError_t attr = allow_smem(kernel, smem);
   if (attr != cudaSuccess) return attr;
-  const dim3 grid((a.rows + kTcRows - 1) / kTcRows, a.num_splits, a.batch * a.hkv);
-  kernel<<<grid, kTcWarps * 32, smem, stream>>>(a);
+  const dim3 grid((a.rows + Shape::kRows - 1) / Shape::kRows, a.num_splits, a.batch * a.hkv);
+  kernel<<<grid, Shape::kWarpsPerCta * 32, smem, stream>>>(a);
   return cudaGetLastError();
+}
+
+template <typename T, int D, bool kSparse>
+cudaError_t launch_tc_shape(const AttentionArgs& a, cudaStream_t stream) {
+  return a.rows_per_cta == kRowsNarrow ? launch_tc_attention<T, D, kSparse, TcNarrow>(a, stream)
+                                       : launch_tc_attention<T, D, kSparse, TcWide>(a, stream);
 }
 
 template <typename T>
 cudaError_t launch_tc(bool sparse, const AttentionArgs& a, cudaStream_t stream) {
   if (a.dim == 64) {
-    return sparse ? launch_tc_attention<T, 64, true>(a, stream)
-                  : launch_tc_attention<T, 64, false>(a, stream);
+    return sparse ? launch_tc_shape<T, 64, true>(a, stream)
+                  : launch_tc_shape<T, 64, false>(a, stream);
   }
-  return sparse ? launch_tc_attention<T, 128, true>(a, stream)
-                : launch_tc_attention<T, 128, false>(a, stream);
+  return sparse ? launch_tc_shape<T, 128, true>(a, stream)
+                : launch_tc_shape<T, 128, false>(a, stream);
 }
 
 template <typename T, int D>
@@ -53,7 +59,7 @@ cudaError_t launch_tc_scores(const ScoresArgs& a, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_merge_typed(const MergeArgs& a, cudaStream_t stream) {
-  const dim3 grid((a.total_rows + kMergeWarps - 1) / kMergeWarps);
+  const dim3 grid(a.total_rows);  // one CTA per row
   if (a.dim == 64) {
     merge_splits_kernel<T, 64><<<grid, kMergeWarps * 32, 0, stream>>>(a);
   } else {

@@ -104,8 +104,14 @@ void run_attention(const char* op, bool sparse, AttentionArgs a, const Prepared&
     C10_CUDA_CHECK(launch_attention(dtype, sparse, a, stream));
     return;
   }
-  const int64_t row_tiles = (a.rows + kRowsPerCta - 1) / kRowsPerCta;
-  // One CTA per SM (the kernel fills an SM's shared memory): one wave of equal splits.
+  // One CTA per SM (the kernel fills an SM's shared memory): one wave of equal splits. Wide
+  // CTAs (256 rows) when the key tiles can fill the GPU with them; else narrow ones (64 rows),
+  // so a short key list (the sparse step at small batch) still spreads over many SMs.
+  const int64_t key_tiles = std::max<int64_t>(1, (max_keys + kKeyTile - 1) / kKeyTile);
+  const int64_t wide_ctas = key_tiles * a.batch * a.hkv * ((a.rows + kRowsWide - 1) / kRowsWide);
+  // (Narrow also when the rows fit in one narrow CTA, e.g. SDAR's block 4: no idle m-tiles.)
+  a.rows_per_cta = (wide_ctas >= sm_count() && a.rows > kRowsNarrow) ? kRowsWide : kRowsNarrow;
+  const int64_t row_tiles = (a.rows + a.rows_per_cta - 1) / a.rows_per_cta;
   plan_splits(max_keys, row_tiles * a.batch * a.hkv, sm_count(), /*min_tiles=*/1,
               &a.num_splits, &a.keys_per_split);
   at::Tensor o_part, lse_part;

@@ -37,7 +37,7 @@ __global__ void __cluster_dims__(kClusterCtas, 1, 1) __launch_bounds__(kTopkThre
   __shared__ typename Scan::TempStorage scan_storage;
   extern __shared__ uint32_t s_keys[];  // [kResident], dynamic (over the 48 KB static limit)
   __shared__ int s_hist[256];   // this CTA's histogram of the current pass
-  __shared__ int s_total[256];  // the cluster's histogram
+  __shared__ int s_warp_sum[8];  // scan of the cluster's histogram: per-warp totals
   __shared__ int s_counts[2];  // this CTA's keys above / equal to the threshold
   __shared__ uint32_t s_prefix;
   __shared__ int s_remaining;
@@ -93,21 +93,27 @@ __global__ void __cluster_dims__(kClusterCtas, 1, 1) __launch_bounds__(kTopkThre
     }
     if (run > 0) atomicAdd(&s_hist[run_bin], run);
     cluster.sync();  // every CTA's histogram is complete
+    // The bin holding the remaining-th largest key, found by 256 threads at once (a serial
+    // loop on one thread cost ~5 us a pass with 1023 threads waiting at the barrier): thread t
+    // owns bin 255 - t, so an inclusive scan over t counts the keys in this bin and above.
+    int total = 0, incl = 0;
     if (tid < 256) {
-      int total = 0;
-      for (int r = 0; r < kClusterCtas; ++r) total += cluster.map_shared_rank(s_hist, r)[tid];
-      s_total[tid] = total;
+      for (int r = 0; r < kClusterCtas; ++r) total += cluster.map_shared_rank(s_hist, r)[255 - tid];
+      incl = total;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, incl, o);
+        if ((tid & 31) >= o) incl += v;
+      }
+      if ((tid & 31) == 31) s_warp_sum[tid >> 5] = incl;
     }
-    cluster.sync();  // remote reads done before anyone clears its histogram
-    if (tid == 0) {
-      int above = 0;
-      for (int bin = 255; bin >= 0; --bin) {
-        if (above + s_total[bin] >= remaining) {
-          s_prefix = prefix | (static_cast<uint32_t>(bin) << shift);
-          s_remaining = remaining - above;
-          break;
-        }
-        above += s_total[bin];
+    cluster.sync();  // remote reads done before anyone clears its histogram; warp sums visible
+    if (tid < 256) {
+      for (int w = 0; w < (tid >> 5); ++w) incl += s_warp_sum[w];
+      const int excl = incl - total;  // keys in the bins above this one
+      if (excl < remaining && remaining <= incl) {  // exactly one bin
+        s_prefix = prefix | (static_cast<uint32_t>(255 - tid) << shift);
+        s_remaining = remaining - excl;
       }
     }
     __syncthreads();
