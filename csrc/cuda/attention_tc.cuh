@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(Shape::kWarpsPerCta * 32, 1)
 // Scores: one CTA per (split of the cache, KV head, sequence); all G*B rows of the head, in
 // groups of up to kScoreRows rows held in shared memory.
 
-constexpr int kScoreWarps = 8;
+constexpr int kScoreWarps = 12;  // 12 m-tiles (G * B = 192, the 1.5B shape) in one round; 16 warps would spill
 constexpr int kScoreRows = 256;
 
 template <int D>
