@@ -1,9 +1,10 @@
 // Tensor-core (mma.sync m16n8k16, fp16/bf16 in, fp32 accumulate) attention kernels.
 //
-// attention_tile_kernel: one CTA = up to 256 query rows (8 warps x 32; or 64 rows, 4 warps x 16,
-//   see TcShape) of one (sequence, KV head) against one split of its key list, streamed through shared memory in tiles of 64
-//   keys (cp.async, kStages tiles in flight), with an online softmax in registers
-//   (FlashAttention-2 style). The G*B rows of a KV head are packed (G*B <= 256 for the usual
+// attention_tile_kernel: one CTA = up to 224 query rows (7 compute warps x 32; or 64 rows,
+//   4 x 16, see TcShape) of one (sequence, KV head) against one split of its key list. A
+//   producer warp streams the keys through shared memory in tiles of 64 (cp.async, kStages
+//   tiles in flight, mbarrier handshakes); the compute warps run an online softmax in registers
+//   (FlashAttention-2 style). The G*B rows of a KV head are packed (G*B <= 224 for the usual
 //   shapes), so each K/V tile is read from memory once for the whole GQA group.
 //   Grid: (row tiles, splits, batch * Hkv).
 // scores_kernel: second pass of the first step. Recomputes Q K^T for the cache keys and sums
@@ -18,18 +19,21 @@ namespace mage::cuda {
 
 constexpr int kStages = 4;  // K/V tiles in flight: hides HBM latency at one CTA per SM
 
-// CTA shapes (host picks one per call, AttentionArgs::rows_per_cta): kWarps warps of kMT
-// 16-row m-tiles each. Wide: 8 x 32 rows = 256 (each K/V fragment read from shared memory
-// feeds 4 MMAs; for long key lists). Narrow: 4 x 16 rows = 64 (when the key tiles are too few
-// to fill the GPU with wide CTAs, e.g. the sparse step at batch 1: 4x the CTAs, each with a
-// quarter of the rows and a shorter critical path).
-template <int kWarps, int kMT>
+// CTA shapes (host picks one per call, AttentionArgs::rows_per_cta): kConsumers warps of kMT
+// 16-row m-tiles each compute, one more warp loads K/V tiles (warp specialisation: the compute
+// warps wait on per-stage mbarriers, not on CTA barriers, so they drift apart and one warp's
+// softmax overlaps another's MMAs). Wide: 7 x 32 rows = 224 (each K/V fragment read from
+// shared memory feeds 4 MMAs; for long key lists). Narrow: 4 x 16 rows = 64 (when the key
+// tiles are too few to fill the GPU with wide CTAs, e.g. the sparse step at batch 1: 4x the
+// CTAs, each with a shorter critical path).
+template <int kConsumers, int kMT>
 struct TcShape {
-  static constexpr int kWarpsPerCta = kWarps;
+  static constexpr int kConsumerWarps = kConsumers;
+  static constexpr int kWarpsPerCta = kConsumers + 1;  // + the producer
   static constexpr int kMTiles = kMT;
-  static constexpr int kRows = kWarps * kMT * 16;
+  static constexpr int kRows = kConsumers * kMT * 16;
 };
-using TcWide = TcShape<8, 2>;
+using TcWide = TcShape<7, 2>;
 using TcNarrow = TcShape<4, 1>;
 static_assert(TcWide::kRows == kRowsWide && TcNarrow::kRows == kRowsNarrow,
               "host launch plan and kernel disagree");
@@ -128,34 +132,49 @@ __global__ void __launch_bounds__(Shape::kWarpsPerCta * 32, 1)
     return;
   }
 
+  __shared__ uint64_t full_bar[kStages];   // tile landed (32 producer lanes arrive)
+  __shared__ uint64_t empty_bar[kStages];  // tile consumed (each compute warp arrives)
+  __shared__ int s_bad;
+  const int warp_row0 = warp * kMT * 16;
+  const int n_compute = min(Shape::kConsumerWarps, (a.rows - row0 + kMT * 16 - 1) / (kMT * 16));
+  if (tid == 0) {
+    for (int i = 0; i < kStages; ++i) {
+      mbar_init(&full_bar[i], 32);
+      mbar_init(&empty_bar[i], n_compute);
+    }
+    s_bad = 0;
+  }
   const T* q = static_cast<const T*>(a.q) + head_row0 * D;
   for (int c = tid; c < kTcRows * kChunks; c += kThreads) {
     const int r = c / kChunks, ch = c % kChunks;
     const bool valid = row0 + r < a.rows;
     cp_async_16(s_q + swizzled<D>(r, ch), q + (valid ? (row0 + r) * D + ch * 8 : 0), valid);
   }
-  bool bad = false;
-  auto load_tile = [&](int start, int buf) {
-    T* dk = s_k + buf * kKeyTile * D;
-    T* dv = s_v + buf * kKeyTile * D;
-    for (int c = tid; c < kKeyTile * kChunks; c += kThreads) {
-      const int r = c / kChunks, ch = c % kChunks;
-      const int v = start + r;
-      const bool valid = v < k_end;
-      bool in_block = true;
-      const int64_t off = valid ? keys.row_offset(v, in_block, bad) : 0;
-      const T* ksrc = (in_block ? keys.k_block : keys.k_cache) + off + ch * 8;
-      const T* vsrc = (in_block ? keys.v_block : keys.v_cache) + off + ch * 8;
-      cp_async_16(dk + swizzled<D>(r, ch), ksrc, valid);
-      cp_async_16(dv + swizzled<D>(r, ch), vsrc, valid);
-    }
-  };
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();  // Q in shared memory, barriers initialised
 
-  // Prologue: tiles 0 .. kStages-2 in flight (the first group also carries Q).
-#pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) {
-    if (k_begin + i * kKeyTile < k_end) load_tile(k_begin + i * kKeyTile, i);
-    cp_async_commit();
+  if (warp == Shape::kConsumerWarps) {  // the producer: K/V tiles into a kStages ring
+    bool bad = false;
+    for (int it = 0, t = k_begin; t < k_end; ++it, t += kKeyTile) {
+      const int buf = it % kStages;
+      if (it >= kStages) mbar_wait(&empty_bar[buf], ((it / kStages) - 1) & 1);
+      T* dk = s_k + buf * kKeyTile * D;
+      T* dv = s_v + buf * kKeyTile * D;
+      for (int c = lane; c < kKeyTile * kChunks; c += 32) {
+        const int r = c / kChunks, ch = c % kChunks;
+        const int v = t + r;
+        const bool valid = v < k_end;
+        bool in_block = true;
+        const int64_t off = valid ? keys.row_offset(v, in_block, bad) : 0;
+        const T* ksrc = (in_block ? keys.k_block : keys.k_cache) + off + ch * 8;
+        const T* vsrc = (in_block ? keys.v_block : keys.v_cache) + off + ch * 8;
+        cp_async_16(dk + swizzled<D>(r, ch), ksrc, valid);
+        cp_async_16(dv + swizzled<D>(r, ch), vsrc, valid);
+      }
+      mbar_arrive_on_copies(&full_bar[buf]);
+    }
+    if (bad) s_bad = 1;
   }
 
   // Per thread: rows g and g + 8 of each of the warp's m-tiles (index 2 * mt + i).
@@ -168,18 +187,12 @@ __global__ void __launch_bounds__(Shape::kWarpsPerCta * 32, 1)
 #pragma unroll
   for (int i = 0; i < 2 * kMT; ++i) m[i] = -INFINITY, l[i] = 0.f;
   const int g = lane >> 2, tig = lane & 3;
-  const int warp_row0 = warp * kMT * 16;
-  const bool active = row0 + warp_row0 < a.rows;  // warps past the last row only load
+  const bool active = warp < n_compute;  // compute warps past the last row only wait
 
-  for (int it = 0, t = k_begin; t < k_end; ++it, t += kKeyTile) {
+  for (int it = 0, t = k_begin; active && t < k_end; ++it, t += kKeyTile) {
     const int buf = it % kStages;
-    cp_async_wait<kStages - 2>();  // tile `it` has landed (groups: kStages - 1 + it committed)
-    __syncthreads();  // ... for every thread, and every warp is done with tile it - 1
-    // Refill the buffer tile it - 1 used: one barrier per tile instead of two.
-    const int next = t + (kStages - 1) * kKeyTile;
-    if (next < k_end) load_tile(next, (it + kStages - 1) % kStages);
-    cp_async_commit();
-    if (active) {
+    mbar_wait(&full_bar[buf], (it / kStages) & 1);
+    {
       float s[kMT][8][4];
       qk_tile_m<T, D, kMT>(s, s_q, warp_row0, s_k + buf * kKeyTile * D, lane);
       float mx[2 * kMT];
@@ -247,9 +260,12 @@ __global__ void __launch_bounds__(Shape::kWarpsPerCta * 32, 1)
         }
       }
     }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty_bar[buf]);  // this warp is done with the tile
   }
 
-  const bool poisoned = __syncthreads_or(bad);
+  __syncthreads();  // every warp is past the loop: s_bad is final
+  const bool poisoned = s_bad != 0;
   if (!active) return;
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
@@ -288,7 +304,7 @@ __global__ void __launch_bounds__(Shape::kWarpsPerCta * 32, 1)
 // Scores: one CTA per (split of the cache, KV head, sequence); all G*B rows of the head, in
 // groups of up to kScoreRows rows held in shared memory.
 
-constexpr int kScoreWarps = 12;  // 12 m-tiles (G * B = 192, the 1.5B shape) in one round; 16 warps would spill
+constexpr int kScoreWarps = 8;  // (12, one m-tile each for the 1.5B shape, measured slower: 24.5 vs 21.5 us at 32K)
 constexpr int kScoreRows = 256;
 
 template <int D>

@@ -30,7 +30,7 @@ struct AttentionArgs {
   int batch = 0, hq = 0, hkv = 0, group = 0, block = 0, dim = 0;
   int rows = 0;  // group * block: query rows per KV head
   float scale_log2 = 0.f;  // softmax scale * log2(e)
-  int rows_per_cta = 256;  // tensor-core CTA shape: kRowsWide or kRowsNarrow
+  int rows_per_cta = 224;  // tensor-core CTA shape: kRowsWide or kRowsNarrow
   int keys_per_split = 0;
   int num_splits = 1;
   float* o_part = nullptr;    // [num_splits, batch*Hq*B, D] when num_splits > 1
@@ -109,7 +109,7 @@ cudaError_t launch_merge_f32(const MergeArgs& args, cudaStream_t stream);
 // Keys per CTA tile of the tensor-core kernels (split sizes are multiples of it), and the query
 // rows per CTA of the tensor-core attention kernel's two shapes (see TcShape).
 constexpr int kKeyTile = 64;
-constexpr int kRowsWide = 256;
+constexpr int kRowsWide = 224;
 constexpr int kRowsNarrow = 64;
 
 }  // namespace mage::cuda

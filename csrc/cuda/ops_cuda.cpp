@@ -105,7 +105,7 @@ void run_attention(const char* op, bool sparse, AttentionArgs a, const Prepared&
     return;
   }
   // One CTA per SM (the kernel fills an SM's shared memory): one wave of equal splits. Wide
-  // CTAs (256 rows) when the key tiles can fill the GPU with them; else narrow ones (64 rows),
+  // CTAs (224 rows) when the key tiles can fill the GPU with them; else narrow ones (64 rows),
   // so a short key list (the sparse step at small batch) still spreads over many SMs.
   const int64_t key_tiles = std::max<int64_t>(1, (max_keys + kKeyTile - 1) / kKeyTile);
   const int64_t wide_ctas = key_tiles * a.batch * a.hkv * ((a.rows + kRowsWide - 1) / kRowsWide);
