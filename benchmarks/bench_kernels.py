@@ -47,12 +47,14 @@ FIRST_STEP_K = 512
 DTYPE = torch.bfloat16
 
 
-def configs(quick: bool):
+def configs(quick: bool, batches=None, lens=None, shapes=None):
     # batch outermost: a run cut short still has every shape at the small batches
-    for batch in ([1] if quick else BATCHES):
+    for batch in (batches or ([1] if quick else BATCHES)):
         for name, (hq, hkv, d) in SHAPES.items():
+            if shapes and name not in shapes:
+                continue
             for block in ([32] if quick or not name.startswith("sdar") else [32, 4]):
-                for n in ([32768, 131072] if quick else CACHE_LENS):
+                for n in (lens or ([32768, 131072] if quick else CACHE_LENS)):
                     yield name, hq, hkv, d, block, batch, n
 
 
@@ -165,6 +167,11 @@ def main():
     p.add_argument("--flex", action="store_true", help="also time FlexAttention (compiles)")
     p.add_argument("--no-flashinfer", action="store_true", help="skip the FlashInfer peer")
     p.add_argument("--output", default="kernels_h200.json")
+    ints = lambda v: [int(x) for x in v.split(",")]  # noqa: E731
+    p.add_argument("--batches", type=ints, default=None, help="e.g. 1,32 (default: the grid's)")
+    p.add_argument("--lens", type=ints, default=None, help="cache lengths, e.g. 32768")
+    p.add_argument("--shapes", type=lambda v: v.split(","), default=None,
+                   help=f"a subset of {','.join(SHAPES)}")
     args = p.parse_args()
     flashinfer = not args.no_flashinfer and peers_flashinfer.available() is None
     if not args.no_flashinfer and not flashinfer:
@@ -178,7 +185,7 @@ def main():
     header = f"{'op':12} {'shape':26} {'B':>3} {'bat':>4} {'N':>7} {'k':>5} {'us':>9} " \
              f"{'eager':>8} {'floor':>8} {'x':>6} {'cfloor':>7}  peers (us)"
     print(header)
-    for cfg in configs(args.quick):
+    for cfg in configs(args.quick, args.batches, args.lens, args.shapes):
         for r in run_config(*cfg, bw=bw, tflops=tflops, flex=args.flex, flashinfer=flashinfer):
             records.append(r)
             write_results(args.output, dict(env, records=records))  # partial runs keep their data

@@ -154,6 +154,7 @@ __global__ void __launch_bounds__(Shape::kWarpsPerCta * 32, 1)
   cp_async_wait<0>();
   __syncthreads();  // Q in shared memory, barriers initialised
 
+  static_assert(kKeyTile == 64, "the producer's lane mapping covers 64-row tiles");
   if (warp == Shape::kConsumerWarps) {  // the producer: K/V tiles into a kStages ring
     bool bad = false;
     for (int it = 0, t = k_begin; t < k_end; ++it, t += kKeyTile) {
@@ -161,16 +162,30 @@ __global__ void __launch_bounds__(Shape::kWarpsPerCta * 32, 1)
       if (it >= kStages) mbar_wait(&empty_bar[buf], ((it / kStages) - 1) & 1);
       T* dk = s_k + buf * kKeyTile * D;
       T* dv = s_v + buf * kKeyTile * D;
-      for (int c = lane; c < kKeyTile * kChunks; c += 32) {
-        const int r = c / kChunks, ch = c % kChunks;
-        const int v = t + r;
-        const bool valid = v < k_end;
+      // Lane pair (2i, 2i + 1) copies rows i, i + 16, i + 32, i + 48 of the tile, the even /
+      // odd 16-byte chunks: each cp.async instruction moves 16 rows x 32 contiguous bytes
+      // (whole sectors), and each row's offset (a selected index) is looked up once.
+      const T* ksrc[4];
+      const T* vsrc[4];
+      bool valid[4];
+#pragma unroll
+      for (int g = 0; g < 4; ++g) {
+        const int v = t + (lane >> 1) + 16 * g;
+        valid[g] = v < k_end;
         bool in_block = true;
-        const int64_t off = valid ? keys.row_offset(v, in_block, bad) : 0;
-        const T* ksrc = (in_block ? keys.k_block : keys.k_cache) + off + ch * 8;
-        const T* vsrc = (in_block ? keys.v_block : keys.v_cache) + off + ch * 8;
-        cp_async_16(dk + swizzled<D>(r, ch), ksrc, valid);
-        cp_async_16(dv + swizzled<D>(r, ch), vsrc, valid);
+        const int64_t off = valid[g] ? keys.row_offset(v, in_block, bad) : 0;
+        ksrc[g] = (in_block ? keys.k_block : keys.k_cache) + off;
+        vsrc[g] = (in_block ? keys.v_block : keys.v_cache) + off;
+      }
+#pragma unroll
+      for (int g = 0; g < 4; ++g) {
+        const int r = (lane >> 1) + 16 * g;
+#pragma unroll
+        for (int j = 0; j < kChunks / 2; ++j) {
+          const int ch = 2 * j + (lane & 1);
+          cp_async_16(dk + swizzled<D>(r, ch), ksrc[g] + ch * 8, valid[g]);
+          cp_async_16(dv + swizzled<D>(r, ch), vsrc[g] + ch * 8, valid[g]);
+        }
       }
       mbar_arrive_on_copies(&full_bar[buf]);
     }
