@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -22,6 +23,8 @@ def _ints(s):
 
 
 def _commit() -> str:
+    if os.environ.get("MAGE_COMMIT"):  # machines whose checkout has no (current) git history
+        return os.environ["MAGE_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
                                        cwd=Path(__file__).parent,
@@ -57,7 +60,7 @@ def main(argv=None):
                      recall=not a.no_recall, seed=a.seed)
     dtype = getattr(torch, a.dtype) if a.dtype else None
     device = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu"
-    payload = dict(model=str(a.model), commit=_commit(), device=device,
+    payload = dict(model=str(a.model), commit=_commit(), device=device, dtype=a.dtype or "float32",
                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    config={k: list(v) if isinstance(v, tuple) else v
                            for k, v in vars(cfg).items()}, records=[])
