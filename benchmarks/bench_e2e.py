@@ -5,6 +5,8 @@ d 128, intermediate 8960), bf16, a prompt of ``--context`` random tokens, ``--bl
 blocks through ``mage_ext.generate`` with each policy. Per denoising step it reports the first
 (all-[MASK]) step and the later steps: device time (CUDA events, median), host wall time, and the
 Python overhead per step (wall time minus device time; and the host time to issue the forward).
+On a GPU each policy also runs with ``cuda_graphs=True`` (rows "+graph"). The prompt is prefilled
+once and reused by every policy.
 
     python benchmarks/bench_e2e.py                       # H200: writes results/e2e_h200.json
     python benchmarks/bench_e2e.py --context 65536 --k 512 1024
@@ -80,6 +82,7 @@ def main(argv=None):
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--smoke", action="store_true", help="tiny shape on the CPU (tests the script)")
+    ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph rows")
     ap.add_argument("--out", default=None, help="result JSON (default results/e2e_h200.json)")
     a = ap.parse_args(argv)
     if a.smoke:
@@ -93,27 +96,32 @@ def main(argv=None):
     model = build_model(shape, layers, context, dtype, device)
     mask_id = shape["vocab_size"] - 1
     prompt = torch.randint(0, mask_id, (1, context), generator=torch.Generator().manual_seed(1))
-    policies = [("exact", PolicyConfig(method="exact"))] + [
-        (f"mage k={k}", PolicyConfig(method="mage", k=k)) for k in a.k]
-    records = []
-    for label, policy in policies:
+    policies = [("exact", PolicyConfig(method="exact"), False)] + [
+        (f"mage k={k}", PolicyConfig(method="mage", k=k), False) for k in a.k]
+    if device == "cuda" and not a.no_graphs:  # the same policies with the steps as CUDA graphs
+        policies += [(f"{label} +graph", p, True) for label, p, _ in policies]
+    records, prefix = [], None
+    for label, policy, graphs in policies:
+        # One prefill for all policies (it is the same dense prefill): prefill_s is the first's.
         res = generate(model, input_ids=prompt, policy=policy, style="fast_dllm", block_size=32,
                        sub_block=8, threshold=a.threshold, max_new_tokens=32 * a.blocks,
-                       mask_id=mask_id, stop_ids=[], progress=not a.smoke)
+                       mask_id=mask_id, stop_ids=[], progress=not a.smoke and prefix is None,
+                       prefix=prefix, keep_prefix=prefix is None, cuda_graphs=graphs)
+        prefix = prefix or res.prefix
         rec = summarize(res, label)
         rec.update(context=context, layers=layers, dtype=str(dtype).replace("torch.", ""))
         records.append(rec)
     exact_later = records[0]["later_step_ms"]
     print(f"\ncontext {context}, {layers} layers, {records[0]['dtype']}, device "
           f"{'cuda' if device == 'cuda' else 'cpu'}")
-    head = (f"{'policy':<14}{'first ms':>10}{'later ms':>10}{'speedup':>9}{'commit ms':>11}"
+    head = (f"{'policy':<20}{'first ms':>10}{'later ms':>10}{'speedup':>9}{'commit ms':>11}"
             f"{'py ovh ms':>11}{'issue ms':>10}{'KV read':>9}")
     print(head)
     for r in records:
         speed = exact_later / r["later_step_ms"] if exact_later and r["later_step_ms"] else None
         r["later_speedup_vs_exact"] = speed
         fmt = lambda v, w: f"{v:>{w}.3f}" if v is not None else f"{'n/a':>{w}}"  # noqa: E731
-        print(f"{r['policy']:<14}{fmt(r['first_step_ms'], 10)}{fmt(r['later_step_ms'], 10)}"
+        print(f"{r['policy']:<20}{fmt(r['first_step_ms'], 10)}{fmt(r['later_step_ms'], 10)}"
               f"{fmt(speed, 9)}{fmt(r['commit_ms'], 11)}{fmt(r['python_overhead_ms'], 11)}"
               f"{fmt(r['issue_ms'], 10)}{fmt(r['kv_fraction'], 9)}")
     out = a.out or (os.path.join("/tmp", "e2e_smoke.json") if a.smoke

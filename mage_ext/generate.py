@@ -32,6 +32,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import graphs
 from .decoding import low_confidence_unmask, sample, threshold_unmask, transfer_schedule
 from .hf.cache import MageCache
 from .hf.enable import disable_mage, enable_mage, is_enabled
@@ -93,7 +94,7 @@ def generate(model_or_loaded, tokenizer=None, prompts=None, *, input_ids=None,
              steps: int = 4, remasking: str = "low_confidence_static",
              on_block: Optional[Callable] = None, recall_meter=None, progress: bool = False,
              generator: Optional[torch.Generator] = None, prefix: Optional[Prefix] = None,
-             keep_prefix: bool = False) -> GenerationResult:
+             keep_prefix: bool = False, cuda_graphs: bool = False) -> GenerationResult:
     """Generates continuations of ``prompts`` (str or list of str, needs a tokenizer) or
     ``input_ids`` (list of id lists, or a [batch, n] tensor). See the module docstring.
 
@@ -103,6 +104,8 @@ def generate(model_or_loaded, tokenizer=None, prompts=None, *, input_ids=None,
     attention after every later denoising step (see mage_ext/hf/attention.py).
     ``keep_prefix=True`` returns the prefilled prompt in ``result.prefix``; ``prefix=`` reuses
     one (same prompts, block size and style) instead of prefilling again.
+    ``cuda_graphs=True`` replays the repeated denoising forwards as a CUDA graph (CUDA model,
+    exact or fixed-budget mage policy; see mage_ext/graphs.py): same tokens, far less host time.
     """
     model, tokenizer, mask_id, stop_ids, block_size, style = _resolve(
         model_or_loaded, tokenizer, mask_id, stop_ids, block_size, style)
@@ -112,6 +115,8 @@ def generate(model_or_loaded, tokenizer=None, prompts=None, *, input_ids=None,
                 remasking, policy)
     if prefix is not None:
         _check_prefix(prefix, seqs, block_size, style)
+    if cuda_graphs:
+        graphs.check(policy, next(model.parameters()).device, recall_meter)
     was_enabled = is_enabled(model)
     if not was_enabled:
         enable_mage(model, policy)
@@ -119,7 +124,7 @@ def generate(model_or_loaded, tokenizer=None, prompts=None, *, input_ids=None,
         with torch.no_grad():
             run = _Run(model, seqs, policy, style, block_size, sub_block, threshold,
                        max_new_tokens, temperature, top_p, set(stop_ids), mask_id, steps,
-                       remasking, on_block, recall_meter, progress, generator)
+                       remasking, on_block, recall_meter, progress, generator, cuda_graphs)
             if prefix is None:
                 run.prefill()
             else:
@@ -141,8 +146,10 @@ class _Run:
 
     def __init__(self, model, seqs, policy, style, block_size, sub_block, threshold,
                  max_new_tokens, temperature, top_p, stop_ids, mask_id, steps, remasking,
-                 on_block, recall_meter, progress, generator):
+                 on_block, recall_meter, progress, generator, cuda_graphs=False):
         self.model, self.seqs, self.style, self.B = model, seqs, style, block_size
+        self.policy = policy
+        self.graph = graphs.StepGraph(lambda ids: self._logits(ids, False)) if cuda_graphs else None
         self.sub_block, self.threshold, self.max_new = sub_block, threshold, max_new_tokens
         self.temperature, self.top_p, self.generator = temperature, top_p, generator
         self.stop_ids, self.mask_id, self.steps, self.remasking = stop_ids, mask_id, steps, remasking
@@ -168,17 +175,21 @@ class _Run:
         self.gen_start = list(self.rem)  # first generated position of the current block
 
     # -- forwards ---------------------------------------------------------------------------
-    def _forward(self, ids, record: StepRecord, last_only: bool):
+    def _logits(self, ids, last_only: bool):
         pos = self.cache.cache_lens.long().unsqueeze(1) + torch.arange(self.B, device=self.device)
+        logits = self.model(input_ids=ids, position_ids=pos, logits_to_keep=1 if last_only else 0,
+                            **self.kw).logits
+        logits[..., self.mask_id] = float("-inf")  # [MASK] is never an output token
+        return logits
+
+    def _forward(self, ids, record: StepRecord, last_only: bool, graph=None):
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
             events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
             events[0].record()
         t0 = time.perf_counter()
-        logits = self.model(input_ids=ids, position_ids=pos, logits_to_keep=1 if last_only else 0,
-                            **self.kw).logits
-        logits[..., self.mask_id] = float("-inf")  # [MASK] is never an output token
+        logits = graph(ids) if graph is not None else self._logits(ids, last_only)
         self.cache.end_forward()
         record.issue_s = time.perf_counter() - t0
         if cuda:
@@ -253,7 +264,10 @@ class _Run:
     def _step_logits(self, block):
         self.cache.begin_step()
         step = self.cache.step
-        return self._forward(self.x, StepRecord(block, step, "denoise", step == 0, 0.0), False)
+        graph = self.graph if self.graph is not None and graphs.graphed_step(self.policy, step) \
+            else None
+        return self._forward(self.x, StepRecord(block, step, "denoise", step == 0, 0.0), False,
+                             graph)
 
     def _denoise_fast_dllm(self, block):
         for start in range(0, self.B, self.sub_block):
@@ -416,6 +430,8 @@ def main(argv=None) -> None:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="replay the repeated denoising forwards as a CUDA graph")
     a = ap.parse_args(argv)
     lm = load_model(a.model, dtype=getattr(torch, a.dtype), device=a.device)
     policy = PolicyConfig(method=a.policy, k=a.k, adaptive=a.adaptive,
@@ -423,7 +439,8 @@ def main(argv=None) -> None:
     res = generate(lm, None, a.prompt, policy=policy, style=a.style, block_size=a.block_size,
                    sub_block=a.sub_block, threshold=a.threshold, steps=a.steps,
                    remasking=a.remasking, max_new_tokens=a.max_new_tokens,
-                   temperature=a.temperature, top_p=a.top_p, progress=True)
+                   temperature=a.temperature, top_p=a.top_p, progress=True,
+                   cuda_graphs=a.cuda_graphs)
     for text in res.texts or [str(ids) for ids in res.token_ids]:
         print(text)
         print("-" * 40)

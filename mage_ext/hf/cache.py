@@ -93,7 +93,9 @@ class MageCache(_HFCache):
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.cache_lens.max())
+        # The host-side copy of max(cache_lens): reading the device tensor would synchronise
+        # (and break CUDA-graph capture of a step).
+        return self._max_len
 
     def get_mask_sizes(self, *args, **kwargs):
         return self.capacity, 0

@@ -37,11 +37,25 @@ class MageSelector(Selector):
         self.batch, self.n_layers = 0, 0
         self.selections: list = []
         self._pending: dict = {}
+        self._buffers: dict = {}  # per layer: the Selection tensors every block is copied into
 
     def reset(self, batch: int, n_layers: int) -> None:
         super().reset(batch, n_layers)
         self.selections = [None] * n_layers
         self._pending = {}
+        self._buffers = {}
+
+    def _keep(self, layer: int, sel: Selection) -> None:
+        """Stores a block's selection in the layer's fixed tensors (same shape every block with a
+        fixed budget), so a CUDA graph of the later steps captured once stays valid."""
+        buf = self._buffers.get(layer)
+        if buf is not None and buf.indices.shape == sel.indices.shape:
+            buf.indices.copy_(sel.indices)
+            buf.counts.copy_(sel.counts)
+            sel = buf
+        else:
+            self._buffers[layer] = sel
+        self.selections[layer] = sel
 
     def begin_block(self) -> None:
         self.selections = [None] * self.n_layers
@@ -60,8 +74,7 @@ class MageSelector(Selector):
                 sizes, cover = _dispersion_stats(q, kv, k_block, lse, ctx.scale, budget)
                 self._pending[ctx.layer] = (scores, kv.lens, sizes, cover)
             else:
-                self.selections[ctx.layer] = _select(scores, kv.lens, [budget] * kv.lens.numel(),
-                                                     cfg)
+                self._keep(ctx.layer, _select(scores, kv.lens, [budget] * kv.lens.numel(), cfg))
             return out, None
         sel = self.selections[ctx.layer]
         if sel is None:
@@ -82,7 +95,7 @@ class MageSelector(Selector):
             per_seq.append(adaptive_budgets(s, mean_budget, self.config.k_min))
         for i, layer in enumerate(layers):
             scores, lens = self._pending[layer][0], self._pending[layer][1]
-            self.selections[layer] = _select(scores, lens, [ks[i] for ks in per_seq], self.config)
+            self._keep(layer, _select(scores, lens, [ks[i] for ks in per_seq], self.config))
         self._pending = {}
 
 
