@@ -42,21 +42,29 @@ class StepGraph:
 
     def __init__(self, forward: Callable[[Tensor], Tensor]):
         self.forward = forward
-        self.warm = False
+        self.stream = None
         self.graph = None
         self.ids = None
         self.logits = None
 
     def __call__(self, ids: Tensor) -> Tensor:
         """The step's logits (a fresh tensor: the graph's own output is overwritten by replays)."""
-        if not self.warm:  # lazy initialisation (cuBLAS workspaces, ...) happens outside capture
-            self.warm = True
-            return self.forward(ids)
+        main = torch.cuda.current_stream(ids.device)
+        if self.stream is None:
+            # Warm-up on the stream the capture will use (torch's recipe: lazy initialisation
+            # such as cuBLAS workspaces happens outside the capture); its logits are the step's.
+            self.stream = torch.cuda.Stream(ids.device)
+            self.stream.wait_stream(main)
+            with torch.cuda.stream(self.stream):
+                logits = self.forward(ids)
+            main.wait_stream(self.stream)
+            torch.cuda.synchronize(ids.device)
+            return logits
         if self.graph is None:
             self.ids = ids.clone()
             self.graph = torch.cuda.CUDAGraph()
             torch.cuda.synchronize(ids.device)
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, stream=self.stream):
                 self.logits = self.forward(self.ids)
         self.ids.copy_(ids)
         self.graph.replay()
