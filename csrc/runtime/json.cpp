@@ -55,8 +55,8 @@ class Parser {
     skip_ws();
     Json v;
     switch (peek()) {
-      case '{': object(v, depth); break;
-      case '[': array(v, depth); break;
+      case '{': container(v, depth, /*keyed=*/true); break;
+      case '[': container(v, depth, /*keyed=*/false); break;
       case '"': v.type = Json::Type::String; v.string = string(); break;
       case 't': literal("true"); v.type = Json::Type::Bool; v.boolean = true; break;
       case 'f': literal("false"); v.type = Json::Type::Bool; break;
@@ -66,35 +66,25 @@ class Parser {
     return v;
   }
 
-  void object(Json& v, int depth) {
-    v.type = Json::Type::Object;
-    expect('{');
+  // Objects and arrays share one loop: members are "key": value (keyed) or bare values.
+  void container(Json& v, int depth, bool keyed) {
+    v.type = keyed ? Json::Type::Object : Json::Type::Array;
+    const char close = keyed ? '}' : ']';
+    ++pos_;  // the opening bracket, checked by value()
     skip_ws();
-    if (peek() == '}') { ++pos_; return; }
+    if (peek() == close) { ++pos_; return; }
     while (true) {
-      skip_ws();
-      if (peek() != '"') fail("expected a string key");
-      v.keys.push_back(string());
-      skip_ws();
-      expect(':');
+      if (keyed) {
+        skip_ws();
+        if (peek() != '"') fail("expected a string key");
+        v.keys.push_back(string());
+        skip_ws();
+        expect(':');
+      }
       v.items.push_back(value(depth + 1));
       skip_ws();
       if (peek() == ',') { ++pos_; continue; }
-      expect('}');
-      return;
-    }
-  }
-
-  void array(Json& v, int depth) {
-    v.type = Json::Type::Array;
-    expect('[');
-    skip_ws();
-    if (peek() == ']') { ++pos_; return; }
-    while (true) {
-      v.items.push_back(value(depth + 1));
-      skip_ws();
-      if (peek() == ',') { ++pos_; continue; }
-      expect(']');
+      expect(close);
       return;
     }
   }

@@ -7,10 +7,7 @@
 #include "runtime/safetensors.h"
 #include "runtime_test_util.h"
 
-using mage::runtime::load_config;
-using mage::runtime::ModelConfig;
-using mage::runtime::parse_config;
-using mage::runtime::parse_json;
+using namespace mage::runtime;  // NOLINT: the names under test
 using mage_test::expect_error;
 using mage_test::TempDir;
 
@@ -67,12 +64,12 @@ TEST(RuntimeConfig, DirectoryErrorsNameThePath) {
 TEST(RuntimeConfig, ModelLoadReportsMissingAndMisshapenWeights) {
   TempDir dir;
   dir.write("config.json", "{" + std::string(kBase) + R"(, "model_type": "qwen2", "tie_word_embeddings": true})");
-  mage::runtime::save_safetensors(dir.file("model.safetensors"),
+  save_safetensors(dir.file("model.safetensors"),
                                   {{"model.embed_tokens.weight", at::zeros({100, 32})}});
-  expect_error([&] { mage::runtime::QwenModel::load(dir.path, at::kFloat); },
+  expect_error([&] { QwenModel::load(dir.path, at::kFloat); },
                {"model.embed_tokens.weight", "shape"});
-  mage::runtime::save_safetensors(dir.file("model.safetensors"),
+  save_safetensors(dir.file("model.safetensors"),
                                   {{"model.embed_tokens.weight", at::zeros({100, 64})}});
-  expect_error([&] { mage::runtime::QwenModel::load(dir.path, at::kFloat); },
+  expect_error([&] { QwenModel::load(dir.path, at::kFloat); },
                {"model.layers.0.input_layernorm.weight", "missing"});
 }

@@ -6,10 +6,7 @@
 #include "runtime/safetensors.h"
 #include "runtime_test_util.h"
 
-using mage::runtime::load_checkpoint_weights;
-using mage::runtime::load_safetensors;
-using mage::runtime::save_safetensors;
-using mage::runtime::TensorMap;
+using namespace mage::runtime;  // NOLINT: the names under test
 using mage_test::expect_error;
 using mage_test::TempDir;
 

@@ -38,10 +38,7 @@ def passkey():
     return lm, s.prompt, lm.block_size - len(s.prefix)
 
 
-@pytest.mark.parametrize("method,k,dense_layers", [("exact", 512, 2), ("mage", 128, 2),
-                                                   ("mage", 128, 1)])
-def test_matches_python_token_for_token(passkey, method, k, dense_layers):
-    lm, prompt, max_new = passkey
+def assert_parity(lm, prompt, max_new, method, k, dense_layers):
     policy = mage_ext.PolicyConfig(method=method, k=k, dense_layers=dense_layers)
     want = mage_ext.generate(lm, input_ids=[prompt], policy=policy,
                              max_new_tokens=max_new).token_ids[0]
@@ -50,6 +47,23 @@ def test_matches_python_token_for_token(passkey, method, k, dense_layers):
     got = [int(t) for t in r.stdout.split()]
     assert got == want, f"C++ {got} != Python {want}"
     assert "KV read" in r.stderr
+
+
+@pytest.mark.parametrize("method,k,dense_layers", [("exact", 512, 2), ("mage", 128, 2),
+                                                   ("mage", 128, 1)])
+def test_matches_python_token_for_token(passkey, method, k, dense_layers):
+    lm, prompt, max_new = passkey
+    assert_parity(lm, prompt, max_new, method, k, dense_layers)
+
+
+# Longer generations (no early stop): several blocks, commit forwards, sparse later steps,
+# a prompt remainder heading the first block (1000 % 32 = 8) and a block-aligned prompt.
+@pytest.mark.parametrize("n,method,k,dense_layers", [(1000, "exact", 512, 2),
+                                                     (1000, "mage", 64, 0),
+                                                     (1024, "mage", 128, 1)])
+def test_matches_python_over_several_blocks(passkey, n, method, k, dense_layers):
+    lm, prompt, _ = passkey
+    assert_parity(lm, prompt[:n], 64, method, k, dense_layers)
 
 
 def test_bfloat16_runs(passkey):
