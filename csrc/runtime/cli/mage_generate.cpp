@@ -69,7 +69,10 @@ void report_times(const mage::runtime::GenerateResult& r) {
   double prefill = 0;
   for (double s : by[StepTime::Prefill]) prefill += s;
   auto ms = [&](StepTime::Kind k) {
-    return by[k].empty() ? std::string("n/a") : std::to_string(median(by[k]) * 1e3) + " ms";
+    if (by[k].empty()) return std::string("n/a");
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.2f ms", median(by[k]) * 1e3);
+    return std::string(buf);
   };
   std::fprintf(stderr,
                "prefill %.2f ms (%zu blocks); steps: first %s, later %s (median); commit %s; "
