@@ -97,3 +97,21 @@ def test_unknown_model_type(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     r = run_binary("--model", tmp_path, "--ids", "1", check=False)
     assert r.returncode != 0 and "unknown model_type 'llama'" in r.stderr
+
+
+# Random tiny Qwen2 (q/k/v biases, untied lm_head) and Qwen3 (q_norm/k_norm) checkpoints in
+# float32, saved by transformers: the C++ forward of both architectures against the Python path.
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_matches_python_on_random_checkpoints(tmp_path, family):
+    from tiny_models import MASK_ID, tiny_model
+
+    model = tiny_model(family, seed=3)
+    model.save_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, MASK_ID, (75,), generator=g).tolist()
+    policy = mage_ext.PolicyConfig(method="mage", k=16, dense_layers=1)
+    want = mage_ext.generate(model, input_ids=[prompt], policy=policy, style="fast_dllm",
+                             block_size=16, max_new_tokens=40).token_ids[0]
+    r = run_binary("--model", tmp_path, "--ids", ",".join(map(str, prompt)), "--k", 16,
+                   "--dense-layers", 1, "--block-size", 16, "--max-new-tokens", 40)
+    assert [int(t) for t in r.stdout.split()] == want

@@ -133,6 +133,9 @@ int run(int argc, char** argv) {
 
   auto model = mage::runtime::QwenModel::load(a["--model"],
                                               dtype == "float32" ? at::kFloat : at::kBFloat16);
+  if (model.config().qk_norm)  // Python's default for these checkpoints is the SDAR loop
+    std::fprintf(stderr, "mage_generate: note: model_type '%s' runs the Fast-dLLM v2 loop here "
+                 "(the SDAR loop is not implemented in C++)\n", model.config().model_type.c_str());
   auto result = mage::runtime::generate(model, ids, o);
   for (size_t i = 0; i < result.tokens.size(); ++i) std::cout << (i ? " " : "") << result.tokens[i];
   std::cout << std::endl;
