@@ -1,0 +1,168 @@
+// Tensor ops mirror mage_ext/decoding.py (softmax then max for the greedy token and its
+// probability; argmax of the masked confidences) so ties break the same way as in Python.
+#include "runtime/generate.h"
+
+#include <ATen/core/grad_mode.h>
+
+#include <algorithm>
+#include <chrono>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+namespace mage::runtime {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Greedy token and its probability per position: logits [..., V] -> ([...], [...]).
+std::pair<at::Tensor, at::Tensor> greedy(const at::Tensor& logits) {
+  auto [p, tok] = at::softmax(logits.to(at::kFloat), -1).max(-1);
+  return {tok, p};
+}
+
+// Fast-dLLM v2 rule: masked positions with p > threshold, plus the most confident masked one.
+at::Tensor threshold_unmask(const at::Tensor& probs, const at::Tensor& masked, double threshold) {
+  at::Tensor conf = probs.masked_fill(masked.logical_not(), -std::numeric_limits<double>::infinity());
+  at::Tensor pick = conf > threshold;
+  pick.scatter_(-1, conf.argmax(-1, /*keepdim=*/true), true);
+  return pick.logical_and(masked);
+}
+
+class Run {
+ public:
+  Run(const QwenModel& model, const std::vector<int64_t>& prompt, const GenerateOptions& o)
+      : model_(model), prompt_(prompt), o_(o), B_(o.block_size ? o.block_size : model.config().block_size),
+        mask_(model.config().mask_id),
+        cache_(model.config().num_layers, 1, model.config().num_kv_heads, model.config().head_dim,
+               capacity(), model.dtype(), o.policy) {
+    const int64_t n = static_cast<int64_t>(prompt.size()), rem = n % B_;
+    x_ = at::full({1, B_}, mask_, at::kLong);
+    for (int64_t i = 0; i < rem; ++i) x_[0][i] = prompt[n - rem + i];
+    gen_start_ = rem;
+  }
+
+  GenerateResult run() {
+    prefill();
+    while (true) {
+      cache_.begin_block();
+      denoise();
+      if (collect()) break;
+      cache_.begin_step(/*commit=*/true);
+      at::Tensor logits = forward(x_, StepTime::Commit, /*last_only=*/true);
+      x_ = at::full({1, B_}, mask_, at::kLong);
+      x_.select(1, 0).copy_(greedy(logits.select(1, -1)).first);
+      gen_start_ = 0;
+    }
+    result_.kv_fraction = cache_.kv_fraction();
+    return std::move(result_);
+  }
+
+ private:
+  int64_t capacity() const {  // as _Run.__init__: full prompt blocks + generation blocks
+    const int64_t n = static_cast<int64_t>(prompt_.size());
+    const int64_t rem = n % B_, blocks = (o_.max_new_tokens + rem + B_ - 1) / B_ + 1;
+    return (n / B_) * B_ + blocks * B_;
+  }
+
+  at::Tensor forward(const at::Tensor& ids, StepTime::Kind kind, bool last_only) {
+    at::Tensor pos = cache_.cache_lens().to(at::kLong).unsqueeze(1) + at::arange(B_, at::kLong);
+    auto t0 = Clock::now();
+    at::Tensor logits = model_.forward(ids, pos, cache_, last_only);
+    logits.select(-1, mask_).fill_(-std::numeric_limits<double>::infinity());
+    cache_.end_forward(B_);
+    result_.times.push_back({kind, std::chrono::duration<double>(Clock::now() - t0).count()});
+    return logits;
+  }
+
+  void prefill() {
+    const int64_t full = static_cast<int64_t>(prompt_.size()) / B_;
+    for (int64_t i = 0; i < full; ++i) {
+      at::Tensor ids = at::tensor(std::vector<int64_t>(prompt_.begin() + i * B_,
+                                                       prompt_.begin() + (i + 1) * B_), at::kLong)
+                           .view({1, B_});
+      cache_.begin_prefill();
+      at::Tensor logits = forward(ids, StepTime::Prefill, /*last_only=*/true);
+      if (gen_start_ == 0 && i + 1 == full)  // the token after a block-aligned prompt
+        x_.select(1, 0).copy_(greedy(logits.select(1, -1)).first);
+    }
+  }
+
+  void denoise() {
+    for (int64_t start = 0; start < B_; start += o_.sub_block) {
+      const int64_t end = start + o_.sub_block;
+      while (x_.slice(1, start, end).eq(mask_).any().item<bool>()) {
+        cache_.begin_step(/*commit=*/false);
+        const bool first = cache_.step() == 0;
+        at::Tensor logits =
+            forward(x_, first ? StepTime::FirstStep : StepTime::LaterStep, /*last_only=*/false);
+        // Token shift: position i is predicted from hidden i-1.
+        logits = at::cat({logits.slice(1, 0, 1), logits.slice(1, 0, -1)}, 1).slice(1, start, end);
+        auto [tok, p] = greedy(logits);
+        at::Tensor cur = x_.slice(1, start, end);
+        at::Tensor pick = threshold_unmask(p, cur.eq(mask_), o_.threshold);
+        cur.copy_(at::where(pick, tok, cur));
+      }
+    }
+  }
+
+  bool collect() {  // appends the block's new tokens; true when generation is done
+    auto& out = result_.tokens;
+    for (int64_t i = gen_start_; i < B_ && !result_.stopped; ++i) {
+      if (static_cast<int64_t>(out.size()) >= o_.max_new_tokens) break;
+      const int64_t t = x_[0][i].item<int64_t>();
+      const auto& stops = model_.config().stop_ids;
+      if (std::find(stops.begin(), stops.end(), t) != stops.end()) {
+        result_.stopped = true;
+        break;
+      }
+      out.push_back(t);
+    }
+    return result_.stopped || static_cast<int64_t>(out.size()) >= o_.max_new_tokens;
+  }
+
+  const QwenModel& model_;
+  const std::vector<int64_t>& prompt_;
+  const GenerateOptions& o_;
+  const int64_t B_, mask_;
+  KVCache cache_;
+  at::Tensor x_;
+  int64_t gen_start_ = 0;
+  GenerateResult result_;
+};
+
+void check(const QwenModel& model, const std::vector<int64_t>& prompt, const GenerateOptions& o) {
+  const ModelConfig& c = model.config();
+  const int64_t B = o.block_size ? o.block_size : c.block_size;
+  auto bad = [](const std::string& m) { throw std::invalid_argument("generate: " + m); };
+  o.policy.validate();
+  if (c.mask_id < 0 || c.mask_id >= c.vocab_size)
+    bad("the model's config.json has no valid mask_token_id");
+  if (prompt.empty()) bad("the prompt is empty (at least one token is needed)");
+  for (int64_t t : prompt)
+    if (t < 0 || t >= c.vocab_size)
+      bad("prompt id " + std::to_string(t) + " is outside the vocabulary [0, " +
+          std::to_string(c.vocab_size) + ")");
+  if (B < 2) bad("block_size must be >= 2 (position 0 is known)");
+  if (o.sub_block <= 0 || B % o.sub_block)
+    bad("sub_block (" + std::to_string(o.sub_block) + ") must be > 0 and divide block_size (" +
+        std::to_string(B) + ")");
+  if (!(o.threshold >= 0.0 && o.threshold <= 1.0)) bad("threshold must lie in [0, 1]");
+  if (o.max_new_tokens <= 0) bad("max_new_tokens must be > 0");
+  const int64_t n = static_cast<int64_t>(prompt.size());
+  if (c.max_positions > 0 && n + o.max_new_tokens > c.max_positions)
+    bad("prompt (" + std::to_string(n) + ") + max_new_tokens (" +
+        std::to_string(o.max_new_tokens) + ") exceeds max_position_embeddings (" +
+        std::to_string(c.max_positions) + ")");
+}
+
+}  // namespace
+
+GenerateResult generate(const QwenModel& model, const std::vector<int64_t>& prompt,
+                        const GenerateOptions& options) {
+  check(model, prompt, options);
+  at::NoGradGuard no_grad;
+  return Run(model, prompt, options).run();
+}
+
+}  // namespace mage::runtime

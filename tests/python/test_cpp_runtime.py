@@ -1,0 +1,117 @@
+"""The pure C++ runtime (build/cpp-tests/mage_generate) against the Python path.
+
+The binary is built by the CMake build of tests/run_all.sh (MAGE_BUILD_RUNTIME, on by default).
+On the shipped tiny model with a passkey prompt, its greedy tokens must equal those of
+``mage_ext.generate`` in float32 on the CPU, token for token, for exact attention and MAGE.
+"""
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import mage_ext
+from mage_ext.eval import tasks
+
+ROOT = Path(__file__).resolve().parents[2]
+BINARY = ROOT / "build" / "cpp-tests" / "mage_generate"
+MODEL = Path(mage_ext.__file__).parent / "assets" / "tiny_bd"
+
+pytestmark = pytest.mark.skipif(
+    not BINARY.is_file(),
+    reason=f"{BINARY} is not built (cmake -S . -B build/cpp-tests -G Ninja && "
+           "cmake --build build/cpp-tests)")
+
+
+def run_binary(*args, check=True):
+    r = subprocess.run([str(BINARY), *map(str, args)], capture_output=True, text=True, timeout=600)
+    if check:
+        assert r.returncode == 0, f"mage_generate failed ({r.returncode}): {r.stderr}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def passkey():
+    lm = mage_ext.load_model(str(MODEL), dtype=torch.float32, tokenizer=False)
+    s = tasks.make_sample("passkey", 2048, seed=0, depth=0.5, block_size=lm.block_size)
+    return lm, s.prompt, lm.block_size - len(s.prefix)
+
+
+def assert_parity(lm, prompt, max_new, method, k, dense_layers):
+    policy = mage_ext.PolicyConfig(method=method, k=k, dense_layers=dense_layers)
+    want = mage_ext.generate(lm, input_ids=[prompt], policy=policy,
+                             max_new_tokens=max_new).token_ids[0]
+    r = run_binary("--model", MODEL, "--ids", ",".join(map(str, prompt)), "--policy", method,
+                   "--k", k, "--dense-layers", dense_layers, "--max-new-tokens", max_new)
+    got = [int(t) for t in r.stdout.split()]
+    assert got == want, f"C++ {got} != Python {want}"
+    assert "KV read" in r.stderr
+
+
+@pytest.mark.parametrize("method,k,dense_layers", [("exact", 512, 2), ("mage", 128, 2),
+                                                   ("mage", 128, 1)])
+def test_matches_python_token_for_token(passkey, method, k, dense_layers):
+    lm, prompt, max_new = passkey
+    assert_parity(lm, prompt, max_new, method, k, dense_layers)
+
+
+# Longer generations (no early stop): several blocks, commit forwards, sparse later steps,
+# a prompt remainder heading the first block (1000 % 32 = 8) and a block-aligned prompt.
+@pytest.mark.parametrize("n,method,k,dense_layers", [(1000, "exact", 512, 2),
+                                                     (1000, "mage", 64, 0),
+                                                     (1024, "mage", 128, 1)])
+def test_matches_python_over_several_blocks(passkey, n, method, k, dense_layers):
+    lm, prompt, _ = passkey
+    assert_parity(lm, prompt[:n], 64, method, k, dense_layers)
+
+
+def test_bfloat16_runs(passkey):
+    _, prompt, max_new = passkey
+    r = run_binary("--model", MODEL, "--ids", ",".join(map(str, prompt[-100:])), "--dtype",
+                   "bfloat16", "--max-new-tokens", max_new)
+    assert len(r.stdout.split()) >= 1
+
+
+def test_missing_model_dir_names_the_path(tmp_path):
+    missing = tmp_path / "no_such_model"
+    r = run_binary("--model", missing, "--ids", "1,2,3", check=False)
+    assert r.returncode != 0
+    assert str(missing) in r.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--ids", "1,2"], "--model"),
+    (["--model", str(MODEL), "--ids", "1,x"], "--ids"),
+    (["--model", str(MODEL), "--ids", "1", "--policy", "quest"], "quest"),
+    (["--model", str(MODEL), "--ids", "1", "--bogus", "1"], "--bogus"),
+    (["--model", str(MODEL), "--ids", "99999"], "vocabulary"),
+])
+def test_bad_arguments(args, needle):
+    r = run_binary(*args, check=False)
+    assert r.returncode != 0
+    assert needle in r.stderr
+
+
+def test_unknown_model_type(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    r = run_binary("--model", tmp_path, "--ids", "1", check=False)
+    assert r.returncode != 0 and "unknown model_type 'llama'" in r.stderr
+
+
+# Random tiny Qwen2 (q/k/v biases, untied lm_head) and Qwen3 (q_norm/k_norm) checkpoints in
+# float32, saved by transformers: the C++ forward of both architectures against the Python path.
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_matches_python_on_random_checkpoints(tmp_path, family):
+    from tiny_models import MASK_ID, tiny_model
+
+    model = tiny_model(family, seed=3)
+    model.save_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, MASK_ID, (75,), generator=g).tolist()
+    policy = mage_ext.PolicyConfig(method="mage", k=16, dense_layers=1)
+    want = mage_ext.generate(model, input_ids=[prompt], policy=policy, style="fast_dllm",
+                             block_size=16, max_new_tokens=40).token_ids[0]
+    r = run_binary("--model", tmp_path, "--ids", ",".join(map(str, prompt)), "--k", 16,
+                   "--dense-layers", 1, "--block-size", 16, "--max-new-tokens", 40)
+    assert [int(t) for t in r.stdout.split()] == want
