@@ -135,7 +135,7 @@ def random_checkpoints(tmp_path_factory):
 
     out = {}
     for family in ("qwen2", "qwen3"):
-        model = tiny_model(family, seed=7)
+        model = tiny_model(family, seed=7, initializer_range=1.0)  # peaked: dynamic rule fires
         path = tmp_path_factory.mktemp(family)
         model.save_pretrained(path)
         out[family] = (model, path)
@@ -160,7 +160,7 @@ def test_sdar_matches_python(random_checkpoints, family, remasking, method, n, s
 
     model, path = random_checkpoints[family]
     prompt = torch.randint(0, MASK_ID, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-    threshold = 0.9 if defaults else 0.6  # lower: the dynamic rule fires more often
+    threshold = 0.9 if defaults else 0.5  # lower: the dynamic rule fires in some blocks
     policy = mage_ext.PolicyConfig(method=method, k=16, dense_layers=1)
     res = mage_ext.generate(model, input_ids=[prompt], policy=policy, style="sdar", block_size=8,
                             steps=steps, remasking=remasking, threshold=threshold,
