@@ -13,11 +13,14 @@ namespace {
 
 struct Family {
   const char* model_type;
+  const char* family;
   bool qk_norm;
   int64_t default_block;
 };
-constexpr Family kFamilies[] = {{"qwen2", false, 32}, {"Fast_dLLM_Qwen", false, 32},
-                                {"qwen3", true, 4},   {"sdar", true, 4}};
+constexpr Family kFamilies[] = {{"qwen2", "fast_dllm", false, 32},
+                                {"Fast_dLLM_Qwen", "fast_dllm", false, 32},
+                                {"qwen3", "sdar", true, 4},
+                                {"sdar", "sdar", true, 4}};
 
 int64_t required_int(const Json& doc, const char* key, const std::string& source) {
   const Json* v = doc.find(key);
@@ -59,6 +62,7 @@ ModelConfig parse_config(const Json& doc, const std::string& source) {
   if (!family)
     throw std::runtime_error(source + ": unknown model_type '" + c.model_type +
                              "'; supported: Fast_dLLM_Qwen, qwen2, qwen3, sdar");
+  c.family = family->family;
   c.qk_norm = family->qk_norm;
   c.hidden_size = required_int(doc, "hidden_size", source);
   c.intermediate_size = required_int(doc, "intermediate_size", source);

@@ -12,6 +12,7 @@ struct Json;
 
 struct ModelConfig {
   std::string model_type;        // qwen2, Fast_dLLM_Qwen, qwen3, sdar
+  std::string family;            // fast_dllm or sdar: the default generation style
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;
   int64_t num_layers = 0;

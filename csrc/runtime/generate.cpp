@@ -1,5 +1,5 @@
-// Tensor ops mirror mage_ext/decoding.py (softmax then max for the greedy token and its
-// probability; argmax of the masked confidences) so ties break the same way as in Python.
+// The loop of mage_ext/generate.py (_Run) for one sequence; the per-step rules are in
+// decoding.cpp so ties break as in Python.
 #include "runtime/generate.h"
 
 #include <ATen/core/grad_mode.h>
@@ -15,25 +15,15 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// Greedy token and its probability per position: logits [..., V] -> ([...], [...]).
-std::pair<at::Tensor, at::Tensor> greedy(const at::Tensor& logits) {
-  auto [p, tok] = at::softmax(logits.to(at::kFloat), -1).max(-1);
-  return {tok, p};
-}
-
-// Fast-dLLM v2 rule: masked positions with p > threshold, plus the most confident masked one.
-at::Tensor threshold_unmask(const at::Tensor& probs, const at::Tensor& masked, double threshold) {
-  at::Tensor conf = probs.masked_fill(masked.logical_not(), -std::numeric_limits<double>::infinity());
-  at::Tensor pick = conf > threshold;
-  pick.scatter_(-1, conf.argmax(-1, /*keepdim=*/true), true);
-  return pick.logical_and(masked);
+Style style_of(const QwenModel& model, const GenerateOptions& o) {
+  return o.style ? *o.style : parse_style(model.config().family);
 }
 
 class Run {
  public:
   Run(const QwenModel& model, const std::vector<int64_t>& prompt, const GenerateOptions& o)
       : model_(model), prompt_(prompt), o_(o), B_(o.block_size ? o.block_size : model.config().block_size),
-        mask_(model.config().mask_id),
+        mask_(model.config().mask_id), style_(style_of(model, o)),
         cache_(model.config().num_layers, 1, model.config().num_kv_heads, model.config().head_dim,
                capacity(), model.dtype(), o.policy) {
     const int64_t n = static_cast<int64_t>(prompt.size()), rem = n % B_;
@@ -46,12 +36,17 @@ class Run {
     prefill();
     while (true) {
       cache_.begin_block();
-      denoise();
+      if (style_ == Style::FastDllm) {
+        denoise_fast_dllm();
+      } else {
+        denoise_sdar();
+      }
       if (collect()) break;
       cache_.begin_step(/*commit=*/true);
       at::Tensor logits = forward(x_, StepTime::Commit, /*last_only=*/true);
       x_ = at::full({1, B_}, mask_, at::kLong);
-      x_.select(1, 0).copy_(greedy(logits.select(1, -1)).first);
+      if (style_ == Style::FastDllm)  // the commit forward yields the next block's first token
+        x_.select(1, 0).copy_(greedy(logits.select(1, -1)).first);
       gen_start_ = 0;
     }
     result_.kv_fraction = cache_.kv_fraction();
@@ -83,19 +78,22 @@ class Run {
                            .view({1, B_});
       cache_.begin_prefill();
       at::Tensor logits = forward(ids, StepTime::Prefill, /*last_only=*/true);
-      if (gen_start_ == 0 && i + 1 == full)  // the token after a block-aligned prompt
+      if (style_ == Style::FastDllm && gen_start_ == 0 && i + 1 == full)  // after an aligned prompt
         x_.select(1, 0).copy_(greedy(logits.select(1, -1)).first);
     }
   }
 
-  void denoise() {
+  at::Tensor step_logits() {
+    cache_.begin_step(/*commit=*/false);
+    const bool first = cache_.step() == 0;
+    return forward(x_, first ? StepTime::FirstStep : StepTime::LaterStep, /*last_only=*/false);
+  }
+
+  void denoise_fast_dllm() {
     for (int64_t start = 0; start < B_; start += o_.sub_block) {
       const int64_t end = start + o_.sub_block;
       while (x_.slice(1, start, end).eq(mask_).any().item<bool>()) {
-        cache_.begin_step(/*commit=*/false);
-        const bool first = cache_.step() == 0;
-        at::Tensor logits =
-            forward(x_, first ? StepTime::FirstStep : StepTime::LaterStep, /*last_only=*/false);
+        at::Tensor logits = step_logits();
         // Token shift: position i is predicted from hidden i-1.
         logits = at::cat({logits.slice(1, 0, 1), logits.slice(1, 0, -1)}, 1).slice(1, start, end);
         auto [tok, p] = greedy(logits);
@@ -104,6 +102,17 @@ class Run {
         cur.copy_(at::where(pick, tok, cur));
       }
     }
+  }
+
+  void denoise_sdar() {
+    for (int64_t n : transfer_schedule(B_, o_.steps)) {
+      at::Tensor masked = x_.eq(mask_);
+      if (!masked.any().item<bool>()) break;
+      auto [tok, p] = greedy(step_logits());
+      x_ = at::where(low_confidence_unmask(p, masked, n, o_.remasking, o_.threshold), tok, x_);
+    }
+    if (x_.eq(mask_).any().item<bool>())  // cannot happen: the schedule sums to B
+      throw std::logic_error("generate: the SDAR schedule left [MASK] tokens in the block");
   }
 
   bool collect() {  // appends the block's new tokens; true when generation is done
@@ -125,6 +134,7 @@ class Run {
   const std::vector<int64_t>& prompt_;
   const GenerateOptions& o_;
   const int64_t B_, mask_;
+  const Style style_;
   KVCache cache_;
   at::Tensor x_;
   int64_t gen_start_ = 0;
@@ -143,10 +153,16 @@ void check(const QwenModel& model, const std::vector<int64_t>& prompt, const Gen
     if (t < 0 || t >= c.vocab_size)
       bad("prompt id " + std::to_string(t) + " is outside the vocabulary [0, " +
           std::to_string(c.vocab_size) + ")");
-  if (B < 2) bad("block_size must be >= 2 (position 0 is known)");
-  if (o.sub_block <= 0 || B % o.sub_block)
-    bad("sub_block (" + std::to_string(o.sub_block) + ") must be > 0 and divide block_size (" +
-        std::to_string(B) + ")");
+  if (B <= 0) bad("block_size must be > 0, got " + std::to_string(B));
+  if (style_of(model, o) == Style::FastDllm) {
+    if (B < 2) bad("fast_dllm style needs block_size >= 2 (position 0 is known)");
+    if (o.sub_block <= 0 || B % o.sub_block)
+      bad("sub_block (" + std::to_string(o.sub_block) + ") must be > 0 and divide block_size (" +
+          std::to_string(B) + ")");
+  } else if (o.steps < 1 || o.steps > B) {
+    bad("steps must lie in [1, block_size=" + std::to_string(B) + "], got " +
+        std::to_string(o.steps));
+  }
   if (!(o.threshold >= 0.0 && o.threshold <= 1.0)) bad("threshold must lie in [0, 1]");
   if (o.max_new_tokens <= 0) bad("max_new_tokens must be > 0");
   const int64_t n = static_cast<int64_t>(prompt.size());

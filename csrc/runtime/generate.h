@@ -1,14 +1,18 @@
-// Fast-dLLM v2 block-diffusion generation (greedy), the loop of mage_ext/generate.py for one
-// sequence: the prompt's full blocks are prefilled (dense, block-causal), the remainder heads the
-// first block; each block is denoised sub-block by sub-block with the threshold rule on
-// token-shifted logits, then one commit forward writes its KV and yields the next block's first
-// token.
+// Block-diffusion generation (greedy), the loop of mage_ext/generate.py for one sequence: the
+// prompt's full blocks are prefilled (dense, block-causal), the remainder heads the first block;
+// each block is denoised, then one commit forward writes its KV.
+// Fast-dLLM v2: sub-block by sub-block with the threshold rule on token-shifted logits; the
+// prefill / commit forward yields the next block's first token.
+// SDAR: no shift, `steps` steps per block (transfer_schedule) with the low-confidence rules;
+// every block after the first starts all [MASK].
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "runtime/attention.h"
+#include "runtime/decoding.h"
 #include "runtime/model.h"
 
 namespace mage::runtime {
@@ -17,8 +21,11 @@ struct GenerateOptions {
   Policy policy;
   int64_t max_new_tokens = 256;
   int64_t block_size = 0;      // 0: the checkpoint's
-  int64_t sub_block = 8;
-  double threshold = 0.9;
+  std::optional<Style> style;  // unset: the checkpoint family's (config().family)
+  int64_t sub_block = 8;       // Fast-dLLM v2
+  double threshold = 0.9;      // Fast-dLLM v2 and SDAR low_confidence_dynamic
+  int64_t steps = 4;           // SDAR: denoising steps per block, in [1, block_size]
+  Remasking remasking = Remasking::Static;  // SDAR
 };
 
 struct StepTime {

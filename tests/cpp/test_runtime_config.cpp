@@ -31,9 +31,11 @@ TEST(RuntimeConfig, DefaultsAndDerivedValues) {
   EXPECT_EQ(c.mask_id, 7);
   EXPECT_DOUBLE_EQ(c.rope_theta, 1e5);
   EXPECT_FALSE(c.qk_norm);
+  EXPECT_EQ(c.family, "fast_dllm");
   EXPECT_EQ(c.stop_ids, (std::vector<int64_t>{3, 4}));
   ModelConfig q3 = parse(R"(, "model_type": "qwen3", "rope_theta": 5000, "head_dim": 32, "bd_size": 8)");
   EXPECT_TRUE(q3.qk_norm);
+  EXPECT_EQ(q3.family, "sdar");
   EXPECT_EQ(q3.head_dim, 32);
   EXPECT_EQ(q3.block_size, 8);
   EXPECT_DOUBLE_EQ(q3.rope_theta, 5000.0);

@@ -86,6 +86,13 @@ def test_missing_model_dir_names_the_path(tmp_path):
     (["--model", str(MODEL), "--ids", "1", "--policy", "quest"], "quest"),
     (["--model", str(MODEL), "--ids", "1", "--bogus", "1"], "--bogus"),
     (["--model", str(MODEL), "--ids", "99999"], "vocabulary"),
+    (["--model", str(MODEL), "--ids", "1", "--style", "llada"], "--style: expected fast_dllm or sdar"),
+    (["--model", str(MODEL), "--ids", "1", "--remasking", "random"], "--remasking: expected"),
+    (["--model", str(MODEL), "--ids", "1", "--steps", "x"], "--steps: expected an integer"),
+    (["--model", str(MODEL), "--ids", "1", "--style", "sdar", "--steps", "0"],
+     "steps must lie in [1, block_size=32], got 0"),
+    (["--model", str(MODEL), "--ids", "1", "--style", "sdar", "--block-size", "8", "--steps", "9"],
+     "steps must lie in [1, block_size=8], got 9"),
 ])
 def test_bad_arguments(args, needle):
     r = run_binary(*args, check=False)
@@ -113,5 +120,59 @@ def test_matches_python_on_random_checkpoints(tmp_path, family):
     want = mage_ext.generate(model, input_ids=[prompt], policy=policy, style="fast_dllm",
                              block_size=16, max_new_tokens=40).token_ids[0]
     r = run_binary("--model", tmp_path, "--ids", ",".join(map(str, prompt)), "--k", 16,
-                   "--dense-layers", 1, "--block-size", 16, "--max-new-tokens", 40)
+                   "--dense-layers", 1, "--block-size", 16, "--max-new-tokens", 40,
+                   "--style", "fast_dllm")
     assert [int(t) for t in r.stdout.split()] == want
+
+
+# The SDAR loop (no shift, `steps` steps per block, low-confidence remasking) on random Qwen3
+# (its default style) and Qwen2 (style sdar) checkpoints: blocks of 8 so 40 new tokens span
+# several blocks and commits; prompts of 48 (block-aligned: the first block is all [MASK]) and
+# 53 (its remainder heads the first block); uneven schedules (8 / 3 steps = 3, 3, 2).
+@pytest.fixture(scope="module")
+def random_checkpoints(tmp_path_factory):
+    from tiny_models import tiny_model
+
+    out = {}
+    for family in ("qwen2", "qwen3"):
+        model = tiny_model(family, seed=7, initializer_range=1.0)  # peaked: dynamic rule fires
+        path = tmp_path_factory.mktemp(family)
+        model.save_pretrained(path)
+        out[family] = (model, path)
+    return out
+
+
+SDAR_CASES = [  # family, remasking, policy, prompt length, steps, CLI defaults only
+    ("qwen3", "low_confidence_static", "exact", 53, 3, False),
+    ("qwen3", "low_confidence_static", "mage", 48, 4, True),
+    ("qwen3", "low_confidence_dynamic", "exact", 48, 3, False),
+    ("qwen3", "low_confidence_dynamic", "mage", 53, 8, False),
+    ("qwen2", "low_confidence_static", "exact", 48, 8, False),
+    ("qwen2", "low_confidence_static", "mage", 53, 3, False),
+    ("qwen2", "low_confidence_dynamic", "exact", 53, 4, False),
+    ("qwen2", "low_confidence_dynamic", "mage", 48, 3, False),
+]
+
+
+@pytest.mark.parametrize("family,remasking,method,n,steps,defaults", SDAR_CASES)
+def test_sdar_matches_python(random_checkpoints, family, remasking, method, n, steps, defaults):
+    from tiny_models import MASK_ID
+
+    model, path = random_checkpoints[family]
+    prompt = torch.randint(0, MASK_ID, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    threshold = 0.9 if defaults else 0.5  # lower: the dynamic rule fires in some blocks
+    policy = mage_ext.PolicyConfig(method=method, k=16, dense_layers=1)
+    res = mage_ext.generate(model, input_ids=[prompt], policy=policy, style="sdar", block_size=8,
+                            steps=steps, remasking=remasking, threshold=threshold,
+                            max_new_tokens=40)
+    if remasking == "low_confidence_dynamic":  # the case is meaningful: a full block ended early
+        later = [r.block for r in res.steps if r.phase == "denoise" and r.block > 0]
+        assert len(later) < len(set(later)) * steps
+    args = ["--model", path, "--ids", ",".join(map(str, prompt)), "--policy", method, "--k", 16,
+            "--dense-layers", 1, "--block-size", 8, "--max-new-tokens", 40]
+    if not defaults:
+        args += ["--style", "sdar", "--steps", steps, "--remasking", remasking,
+                 "--threshold", threshold]
+    got = [int(t) for t in run_binary(*args).stdout.split()]
+    assert got == res.token_ids[0], f"C++ {got} != Python {res.token_ids[0]}"
+    assert len(got) == 40

@@ -3,6 +3,7 @@
 //
 //   mage_generate --model DIR --ids 5,17,42 [--policy exact|mage] [--k 512] [--dense-layers 2]
 //                 [--max-new-tokens 32] [--threads N] [--dtype float32|bfloat16]
+//                 [--style fast_dllm|sdar] [--steps 4] [--remasking low_confidence_static]
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -31,7 +32,12 @@ const char* kUsage =
     "  --commit-attention sparse|exact   attention of the commit forward (default sparse)\n"
     "  --max-new-tokens N         (default 32)\n"
     "  --block-size N             (default: the checkpoint's bd_size)\n"
+    "  --style fast_dllm|sdar     decoding loop (default: the checkpoint's family;\n"
+    "                             qwen3/sdar -> sdar, qwen2/Fast_dLLM_Qwen -> fast_dllm)\n"
     "  --sub-block N / --threshold X     Fast-dLLM v2 decoding (default 8 / 0.9)\n"
+    "  --steps N                  SDAR denoising steps per block, 1..block size (default 4)\n"
+    "  --remasking low_confidence_static|low_confidence_dynamic   SDAR rule (default static;\n"
+    "                             dynamic fills all positions above --threshold when >= n)\n"
     "  --dtype float32|bfloat16   compute dtype (default float32)\n"
     "  --threads N                intra-op CPU threads (default: LibTorch's)\n";
 
@@ -55,6 +61,16 @@ std::vector<int64_t> parse_ids(const std::string& s) {
   }
   if (ids.empty()) throw std::invalid_argument("--ids: no token ids given");
   return ids;
+}
+
+// A named option's parse, its errors prefixed with the flag.
+template <class T>
+T parse_flag(const std::string& flag, const std::string& v, T (*parse)(const std::string&)) {
+  try {
+    return parse(v);
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument(flag + ": " + e.what());
+  }
 }
 
 double median(std::vector<double> v) {
@@ -92,7 +108,8 @@ int run(int argc, char** argv) {
     static const char* known[] = {"--model", "--ids", "--policy", "--k", "--dense-layers",
                                   "--n-sink", "--n-recent", "--commit-attention",
                                   "--max-new-tokens", "--block-size", "--sub-block",
-                                  "--threshold", "--dtype", "--threads"};
+                                  "--threshold", "--dtype", "--threads", "--style", "--steps",
+                                  "--remasking"};
     if (std::find(std::begin(known), std::end(known), flag) == std::end(known))
       throw std::invalid_argument("unknown argument '" + flag + "'");
     if (i + 1 >= argc) throw std::invalid_argument(flag + ": missing value");
@@ -116,6 +133,10 @@ int run(int argc, char** argv) {
   o.max_new_tokens = to_int("--max-new-tokens", get("--max-new-tokens", "32"));
   o.block_size = to_int("--block-size", get("--block-size", "0"));
   o.sub_block = to_int("--sub-block", get("--sub-block", "8"));
+  if (a.count("--style")) o.style = parse_flag("--style", a["--style"], mage::runtime::parse_style);
+  o.steps = to_int("--steps", get("--steps", "4"));
+  o.remasking = parse_flag("--remasking", get("--remasking", "low_confidence_static"),
+                           mage::runtime::parse_remasking);
   try {
     o.threshold = std::stod(get("--threshold", "0.9"));
   } catch (const std::exception&) {
@@ -133,9 +154,6 @@ int run(int argc, char** argv) {
 
   auto model = mage::runtime::QwenModel::load(a["--model"],
                                               dtype == "float32" ? at::kFloat : at::kBFloat16);
-  if (model.config().qk_norm)  // Python's default for these checkpoints is the SDAR loop
-    std::fprintf(stderr, "mage_generate: note: model_type '%s' runs the Fast-dLLM v2 loop here "
-                 "(the SDAR loop is not implemented in C++)\n", model.config().model_type.c_str());
   auto result = mage::runtime::generate(model, ids, o);
   for (size_t i = 0; i < result.tokens.size(); ++i) std::cout << (i ? " " : "") << result.tokens[i];
   std::cout << std::endl;
