@@ -40,8 +40,10 @@ void KVCache::begin_block() {
 void KVCache::end_forward(int64_t block_len) {
   if (phase_ != Phase::Prefill) ++step_;
   if (phase_ != Phase::Denoise) {  // lengths advance after every layer has written
-    lens_ += static_cast<int>(block_len);
-    max_len_ += block_len;
+    at::Tensor add = at::full_like(lens_, block_len);
+    if (advance_.defined()) add.mul_(advance_.to(at::kInt));
+    lens_ += add;
+    max_len_ += block_len;  // an upper bound of the longest row
   }
 }
 

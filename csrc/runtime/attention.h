@@ -32,9 +32,17 @@ class KVCache {
           int64_t capacity, at::ScalarType dtype, Policy policy);
 
   // Phases, as MageCache: begin_* before a forward, end_forward() after it.
-  void begin_prefill() { phase_ = Phase::Prefill; }
+  // Prefill of a prompt chunk: only rows with `advance` true (bool [batch]; undefined: all)
+  // keep it; the others are scratch rows, written past their length and never read.
+  void begin_prefill(at::Tensor advance = {}) {
+    phase_ = Phase::Prefill;
+    advance_ = std::move(advance);
+  }
   void begin_block();
-  void begin_step(bool commit) { phase_ = commit ? Phase::Commit : Phase::Denoise; }
+  void begin_step(bool commit) {
+    phase_ = commit ? Phase::Commit : Phase::Denoise;
+    advance_ = at::Tensor();
+  }
   void end_forward(int64_t block_len);
 
   // One layer's attention: q [batch, Hq, B, d], k/v [batch, Hkv, B, d] (RoPE applied,
@@ -54,6 +62,7 @@ class KVCache {
 
   std::vector<at::Tensor> keys_, values_;
   at::Tensor lens_;                       // int32 [batch], shared by all layers
+  at::Tensor advance_;                    // rows whose lengths the prefill advances
   std::vector<std::optional<std::pair<at::Tensor, at::Tensor>>> selections_;  // (indices, counts)
   Policy policy_;
   int64_t capacity_, max_len_ = 0;

@@ -1,4 +1,4 @@
-// The loop of mage_ext/generate.py (_Run) for one sequence; the per-step rules are in
+// The loop of mage_ext/generate.py (_Run); the per-step rules are in
 // decoding.cpp so ties break as in Python.
 #include "runtime/generate.h"
 
@@ -21,18 +21,25 @@ Style style_of(const QwenModel& model, const GenerateOptions& o) {
 
 class Run {
  public:
-  Run(const QwenModel& model, const std::vector<int64_t>& prompt, const GenerateOptions& o)
-      : model_(model), prompt_(prompt), o_(o), B_(o.block_size ? o.block_size : model.config().block_size),
-        mask_(model.config().mask_id), style_(style_of(model, o)),
-        cache_(model.config().num_layers, 1, model.config().num_kv_heads, model.config().head_dim,
-               capacity(), model.dtype(), o.policy) {
-    const int64_t n = static_cast<int64_t>(prompt.size()), rem = n % B_;
-    x_ = at::full({1, B_}, mask_, at::kLong);
-    for (int64_t i = 0; i < rem; ++i) x_[0][i] = prompt[n - rem + i];
-    gen_start_ = rem;
+  Run(const QwenModel& model, const std::vector<std::vector<int64_t>>& prompts,
+      const GenerateOptions& o)
+      : model_(model), prompts_(prompts), o_(o), n_(static_cast<int64_t>(prompts.size())),
+        B_(o.block_size ? o.block_size : model.config().block_size),
+        mask_(model.config().mask_id), style_(style_of(model, o)), full_(split(0)),
+        gen_start_(split(1)),
+        cache_(model.config().num_layers, n_, model.config().num_kv_heads,
+               model.config().head_dim, capacity(), model.dtype(), o.policy) {
+    x_ = at::full({n_, B_}, mask_, at::kLong);
+    for (int64_t b = 0; b < n_; ++b) {  // the first block: the prompt's remainder, then [MASK]
+      const auto& p = prompts[b];
+      const int64_t rem = gen_start_[b];
+      for (int64_t i = 0; i < rem; ++i) x_[b][i] = p[p.size() - rem + i];
+    }
+    result_.tokens.resize(n_);
+    result_.stopped.assign(n_, false);
   }
 
-  GenerateResult run() {
+  BatchResult run() {
     prefill();
     while (true) {
       cache_.begin_block();
@@ -44,20 +51,29 @@ class Run {
       if (collect()) break;
       cache_.begin_step(/*commit=*/true);
       at::Tensor logits = forward(x_, StepTime::Commit, /*last_only=*/true);
-      x_ = at::full({1, B_}, mask_, at::kLong);
+      x_ = at::full({n_, B_}, mask_, at::kLong);
       if (style_ == Style::FastDllm)  // the commit forward yields the next block's first token
         x_.select(1, 0).copy_(greedy(logits.select(1, -1)).first);
-      gen_start_ = 0;
+      std::fill(gen_start_.begin(), gen_start_.end(), 0);
     }
     result_.kv_fraction = cache_.kv_fraction();
     return std::move(result_);
   }
 
  private:
+  std::vector<int64_t> split(int which) const {  // per prompt: full blocks (0), remainder (1)
+    std::vector<int64_t> v;
+    for (const auto& p : prompts_) {
+      const int64_t n = static_cast<int64_t>(p.size());
+      v.push_back(which == 0 ? n / B_ : n % B_);
+    }
+    return v;
+  }
+
   int64_t capacity() const {  // as _Run.__init__: full prompt blocks + generation blocks
-    const int64_t n = static_cast<int64_t>(prompt_.size());
-    const int64_t rem = n % B_, blocks = (o_.max_new_tokens + rem + B_ - 1) / B_ + 1;
-    return (n / B_) * B_ + blocks * B_;
+    const int64_t full = *std::max_element(full_.begin(), full_.end());
+    const int64_t rem = *std::max_element(gen_start_.begin(), gen_start_.end());
+    return full * B_ + ((o_.max_new_tokens + rem + B_ - 1) / B_ + 1) * B_;
   }
 
   at::Tensor forward(const at::Tensor& ids, StepTime::Kind kind, bool last_only) {
@@ -70,16 +86,23 @@ class Run {
     return logits;
   }
 
-  void prefill() {
-    const int64_t full = static_cast<int64_t>(prompt_.size()) / B_;
-    for (int64_t i = 0; i < full; ++i) {
-      at::Tensor ids = at::tensor(std::vector<int64_t>(prompt_.begin() + i * B_,
-                                                       prompt_.begin() + (i + 1) * B_), at::kLong)
-                           .view({1, B_});
-      cache_.begin_prefill();
+  void prefill() {  // chunk i: rows with more than i full blocks; the others are scratch
+    const int64_t chunks = *std::max_element(full_.begin(), full_.end());
+    for (int64_t i = 0; i < chunks; ++i) {
+      at::Tensor ids = at::full({n_, B_}, mask_, at::kLong);
+      at::Tensor advance = at::zeros({n_}, at::kBool);
+      for (int64_t b = 0; b < n_; ++b) {
+        if (full_[b] <= i) continue;
+        const auto first = prompts_[b].begin() + i * B_;
+        ids[b].copy_(at::tensor(std::vector<int64_t>(first, first + B_), at::kLong));
+        advance[b] = true;
+      }
+      cache_.begin_prefill(advance);
       at::Tensor logits = forward(ids, StepTime::Prefill, /*last_only=*/true);
-      if (style_ == Style::FastDllm && gen_start_ == 0 && i + 1 == full)  // after an aligned prompt
-        x_.select(1, 0).copy_(greedy(logits.select(1, -1)).first);
+      if (style_ != Style::FastDllm) continue;
+      at::Tensor tok = greedy(logits.select(1, -1)).first;
+      for (int64_t b = 0; b < n_; ++b)  // the token after a block-aligned prompt
+        if (gen_start_[b] == 0 && full_[b] == i + 1) x_[b][0] = tok[b];
     }
   }
 
@@ -115,44 +138,60 @@ class Run {
       throw std::logic_error("generate: the SDAR schedule left [MASK] tokens in the block");
   }
 
-  bool collect() {  // appends the block's new tokens; true when generation is done
-    auto& out = result_.tokens;
-    for (int64_t i = gen_start_; i < B_ && !result_.stopped; ++i) {
-      if (static_cast<int64_t>(out.size()) >= o_.max_new_tokens) break;
-      const int64_t t = x_[0][i].item<int64_t>();
-      const auto& stops = model_.config().stop_ids;
-      if (std::find(stops.begin(), stops.end(), t) != stops.end()) {
-        result_.stopped = true;
-        break;
+  bool done(int64_t b) const {
+    return result_.stopped[b] ||
+           static_cast<int64_t>(result_.tokens[b].size()) >= o_.max_new_tokens;
+  }
+
+  bool collect() {  // appends the block's new tokens; true when every row is done
+    const auto& stops = model_.config().stop_ids;
+    at::Tensor x = x_.contiguous();
+    const int64_t* rows = x.data_ptr<int64_t>();
+    bool all = true;
+    for (int64_t b = 0; b < n_; ++b) {
+      for (int64_t i = gen_start_[b]; i < B_ && !done(b); ++i) {
+        const int64_t t = rows[b * B_ + i];
+        if (std::find(stops.begin(), stops.end(), t) != stops.end()) {
+          result_.stopped[b] = true;
+        } else {
+          result_.tokens[b].push_back(t);
+        }
       }
-      out.push_back(t);
+      all = all && done(b);
     }
-    return result_.stopped || static_cast<int64_t>(out.size()) >= o_.max_new_tokens;
+    return all;
   }
 
   const QwenModel& model_;
-  const std::vector<int64_t>& prompt_;
+  const std::vector<std::vector<int64_t>>& prompts_;
   const GenerateOptions& o_;
-  const int64_t B_, mask_;
+  const int64_t n_, B_, mask_;
   const Style style_;
+  const std::vector<int64_t> full_;  // full prompt blocks per row
+  std::vector<int64_t> gen_start_;   // first generated position of the current block per row
   KVCache cache_;
   at::Tensor x_;
-  int64_t gen_start_ = 0;
-  GenerateResult result_;
+  BatchResult result_;
 };
 
-void check(const QwenModel& model, const std::vector<int64_t>& prompt, const GenerateOptions& o) {
+void check(const QwenModel& model, const std::vector<std::vector<int64_t>>& prompts,
+           const GenerateOptions& o) {
   const ModelConfig& c = model.config();
   const int64_t B = o.block_size ? o.block_size : c.block_size;
   auto bad = [](const std::string& m) { throw std::invalid_argument("generate: " + m); };
   o.policy.validate();
   if (c.mask_id < 0 || c.mask_id >= c.vocab_size)
     bad("the model's config.json has no valid mask_token_id");
-  if (prompt.empty()) bad("the prompt is empty (at least one token is needed)");
-  for (int64_t t : prompt)
-    if (t < 0 || t >= c.vocab_size)
-      bad("prompt id " + std::to_string(t) + " is outside the vocabulary [0, " +
-          std::to_string(c.vocab_size) + ")");
+  if (prompts.empty()) bad("no prompts given");
+  size_t n = 0;  // the longest prompt
+  for (const auto& prompt : prompts) {
+    if (prompt.empty()) bad("the prompt is empty (at least one token is needed)");
+    for (int64_t t : prompt)
+      if (t < 0 || t >= c.vocab_size)
+        bad("prompt id " + std::to_string(t) + " is outside the vocabulary [0, " +
+            std::to_string(c.vocab_size) + ")");
+    n = std::max(n, prompt.size());
+  }
   if (B <= 0) bad("block_size must be > 0, got " + std::to_string(B));
   if (style_of(model, o) == Style::FastDllm) {
     if (B < 2) bad("fast_dllm style needs block_size >= 2 (position 0 is known)");
@@ -165,8 +204,7 @@ void check(const QwenModel& model, const std::vector<int64_t>& prompt, const Gen
   }
   if (!(o.threshold >= 0.0 && o.threshold <= 1.0)) bad("threshold must lie in [0, 1]");
   if (o.max_new_tokens <= 0) bad("max_new_tokens must be > 0");
-  const int64_t n = static_cast<int64_t>(prompt.size());
-  if (c.max_positions > 0 && n + o.max_new_tokens > c.max_positions)
+  if (c.max_positions > 0 && static_cast<int64_t>(n) + o.max_new_tokens > c.max_positions)
     bad("prompt (" + std::to_string(n) + ") + max_new_tokens (" +
         std::to_string(o.max_new_tokens) + ") exceeds max_position_embeddings (" +
         std::to_string(c.max_positions) + ")");
@@ -174,11 +212,17 @@ void check(const QwenModel& model, const std::vector<int64_t>& prompt, const Gen
 
 }  // namespace
 
+BatchResult generate_batch(const QwenModel& model, const std::vector<std::vector<int64_t>>& prompts,
+                           const GenerateOptions& options) {
+  check(model, prompts, options);
+  at::NoGradGuard no_grad;
+  return Run(model, prompts, options).run();
+}
+
 GenerateResult generate(const QwenModel& model, const std::vector<int64_t>& prompt,
                         const GenerateOptions& options) {
-  check(model, prompt, options);
-  at::NoGradGuard no_grad;
-  return Run(model, prompt, options).run();
+  BatchResult r = generate_batch(model, {prompt}, options);
+  return {std::move(r.tokens[0]), r.stopped[0], std::move(r.times), r.kv_fraction};
 }
 
 }  // namespace mage::runtime

@@ -1,7 +1,8 @@
 // mage_generate: greedy block-diffusion generation from token ids with a checkpoint directory,
-// in pure C++ (LibTorch + the MAGE ops). Prints the generated ids on stdout, timings on stderr.
+// in pure C++ (LibTorch + the MAGE ops). Prints the generated ids on stdout, one line per
+// prompt (--ids may repeat: the prompts run as one batch), timings on stderr.
 //
-//   mage_generate --model DIR --ids 5,17,42 [--policy exact|mage] [--k 512] [--dense-layers 2]
+//   mage_generate --model DIR --ids 5,17,42 [--ids 7,8 ...] [--policy exact|mage] [--k 512] [--dense-layers 2]
 //                 [--max-new-tokens 32] [--threads N] [--dtype float32|bfloat16]
 //                 [--style fast_dllm|sdar] [--steps 4] [--remasking low_confidence_static]
 #include <ATen/Parallel.h>
@@ -24,7 +25,8 @@ namespace {
 using mage::runtime::StepTime;
 
 const char* kUsage =
-    "usage: mage_generate --model DIR --ids ID,ID,... [options]\n"
+    "usage: mage_generate --model DIR --ids ID,ID,... [--ids ID,... ...] [options]\n"
+    "  --ids ID,ID,...            a prompt; repeat for a batch (one output line each)\n"
     "  --policy exact|mage        attention policy (default mage)\n"
     "  --k N                      MAGE budget per layer and KV head (default 512)\n"
     "  --dense-layers N           first layers that always read the whole cache (default 2)\n"
@@ -79,7 +81,7 @@ double median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-void report_times(const mage::runtime::GenerateResult& r) {
+void report_times(const mage::runtime::BatchResult& r) {
   std::map<StepTime::Kind, std::vector<double>> by;
   for (const auto& t : r.times) by[t.kind].push_back(t.seconds);
   double prefill = 0;
@@ -99,6 +101,7 @@ void report_times(const mage::runtime::GenerateResult& r) {
 
 int run(int argc, char** argv) {
   std::map<std::string, std::string> a;
+  std::vector<std::vector<int64_t>> prompts;  // one per --ids, in order
   for (int i = 1; i < argc; ++i) {
     std::string flag = argv[i];
     if (flag == "-h" || flag == "--help") {
@@ -114,6 +117,7 @@ int run(int argc, char** argv) {
       throw std::invalid_argument("unknown argument '" + flag + "'");
     if (i + 1 >= argc) throw std::invalid_argument(flag + ": missing value");
     a[flag] = argv[++i];
+    if (flag == "--ids") prompts.push_back(parse_ids(a[flag]));
   }
   if (!a.count("--model") || !a.count("--ids"))
     throw std::invalid_argument("--model and --ids are required");
@@ -150,13 +154,15 @@ int run(int argc, char** argv) {
     if (t <= 0) throw std::invalid_argument("--threads: must be > 0");
     at::set_num_threads(static_cast<int>(t));
   }
-  const std::vector<int64_t> ids = parse_ids(a["--ids"]);
 
   auto model = mage::runtime::QwenModel::load(a["--model"],
                                               dtype == "float32" ? at::kFloat : at::kBFloat16);
-  auto result = mage::runtime::generate(model, ids, o);
-  for (size_t i = 0; i < result.tokens.size(); ++i) std::cout << (i ? " " : "") << result.tokens[i];
-  std::cout << std::endl;
+  auto result = mage::runtime::generate_batch(model, prompts, o);
+  for (const auto& tokens : result.tokens) {
+    for (size_t i = 0; i < tokens.size(); ++i) std::cout << (i ? " " : "") << tokens[i];
+    std::cout << "\n";
+  }
+  std::cout << std::flush;
   report_times(result);
   return 0;
 }
