@@ -4,6 +4,7 @@ The binary is built by the CMake build of tests/run_all.sh (MAGE_BUILD_RUNTIME, 
 On the shipped tiny model with a passkey prompt, its greedy tokens must equal those of
 ``mage_ext.generate`` in float32 on the CPU, token for token, for exact attention and MAGE.
 """
+import copy
 import os
 import subprocess
 from pathlib import Path
@@ -86,6 +87,7 @@ def test_missing_model_dir_names_the_path(tmp_path):
     (["--model", str(MODEL), "--ids", "1", "--policy", "quest"], "quest"),
     (["--model", str(MODEL), "--ids", "1", "--bogus", "1"], "--bogus"),
     (["--model", str(MODEL), "--ids", "99999"], "vocabulary"),
+    (["--model", str(MODEL), "--ids", "1,2", "--ids", "99999"], "vocabulary"),  # any prompt
     (["--model", str(MODEL), "--ids", "1", "--style", "llada"], "--style: expected fast_dllm or sdar"),
     (["--model", str(MODEL), "--ids", "1", "--remasking", "random"], "--remasking: expected"),
     (["--model", str(MODEL), "--ids", "1", "--steps", "x"], "--steps: expected an integer"),
@@ -176,3 +178,60 @@ def test_sdar_matches_python(random_checkpoints, family, remasking, method, n, s
     got = [int(t) for t in run_binary(*args).stdout.split()]
     assert got == res.token_ids[0], f"C++ {got} != Python {res.token_ids[0]}"
     assert len(got) == 40
+
+
+# A batch of prompts of different lengths (block 8: 19 and 41 leave remainders, 64 is aligned;
+# they differ by more than one block, so some prefill chunks hold scratch rows): the rows run in
+# lockstep, and each row's tokens equal both the Python batch and the binary on that prompt alone.
+BATCH_LENGTHS = (19, 64, 41)
+
+
+def batch_prompts(lengths=BATCH_LENGTHS):
+    from tiny_models import MASK_ID
+
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(0, MASK_ID, (n,), generator=g).tolist() for n in lengths]
+
+
+def batch_args(path, prompts, style, method, max_new=40):
+    ids = [a for p in prompts for a in ("--ids", ",".join(map(str, p)))]
+    return ["--model", path, *ids, "--policy", method, "--k", 16, "--dense-layers", 1,
+            "--block-size", 8, "--max-new-tokens", max_new, "--style", style]
+
+
+def binary_lines(*args):
+    return [[int(t) for t in line.split()] for line in run_binary(*args).stdout.splitlines()]
+
+
+@pytest.mark.parametrize("style", ["fast_dllm", "sdar"])
+@pytest.mark.parametrize("method", ["exact", "mage"])
+def test_batch_matches_python_and_single_runs(random_checkpoints, style, method):
+    model, path = random_checkpoints["qwen2"]
+    prompts = batch_prompts()
+    policy = mage_ext.PolicyConfig(method=method, k=16, dense_layers=1)
+    want = mage_ext.generate(model, input_ids=prompts, policy=policy, style=style, block_size=8,
+                             max_new_tokens=40).token_ids
+    got = binary_lines(*batch_args(path, prompts, style, method))
+    assert got == want, f"C++ {got} != Python {want}"
+    assert all(len(t) == 40 for t in got)
+    alone = [binary_lines(*batch_args(path, [p], style, method))[0] for p in prompts]
+    assert got == alone
+
+
+# A stop id (the checkpoint's eos_token_id) that ends one row early: the batch keeps running for
+# the others and the stopped row returns only the tokens before it.
+def test_batch_stop_id(random_checkpoints, tmp_path):
+    model, path = random_checkpoints["qwen2"]
+    prompts = batch_prompts()
+    policy = mage_ext.PolicyConfig(method="mage", k=16, dense_layers=1)
+    free = binary_lines(*batch_args(path, prompts, "fast_dllm", "mage"))
+    stop = next(t for t in free[0][4:] if t not in free[0][:4] and any(t not in f for f in free))
+    saved = copy.deepcopy(model)  # the fixture's model stays without a stop id
+    saved.config.eos_token_id = saved.generation_config.eos_token_id = stop
+    saved.save_pretrained(tmp_path)
+    want = mage_ext.generate(model, input_ids=prompts, policy=policy, style="fast_dllm",
+                             block_size=8, max_new_tokens=40, stop_ids=[stop]).token_ids
+    got = binary_lines(*batch_args(tmp_path, prompts, "fast_dllm", "mage"))
+    assert got == want, f"C++ {got} != Python {want}"
+    assert got[0] == free[0][:free[0].index(stop)]
+    assert any(len(t) == 40 for t in got)  # another row ran to the end
