@@ -36,10 +36,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mage_ext  # noqa: E402
 import peers_flashinfer  # noqa: E402
-from common import (copy_bandwidth_tbps, eager_us, environment, graph_time_us,  # noqa: E402
-                    matmul_tflops, time_us, write_results)
-
-SHAPES = {"fdllm-1.5b": (12, 2, 128), "fdllm-7b": (28, 4, 128), "sdar-4b": (32, 8, 128)}
+from common import (SHAPES, copy_bandwidth_tbps, eager_us, environment,  # noqa: E402
+                    graph_time_us, matmul_tflops, time_us, write_results)
 CACHE_LENS = [8192, 32768, 65536, 131072]
 BATCHES = [1, 8, 32]
 KS = [256, 512, 2048]

@@ -11,6 +11,9 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# Per-layer attention shapes of the target models: (Hq, Hkv, head dim).
+SHAPES = {"fdllm-1.5b": (12, 2, 128), "fdllm-7b": (28, 4, 128), "sdar-4b": (32, 8, 128)}
+
 
 def commit() -> str:
     """The commit being measured (MAGE_COMMIT on machines without the git history)."""
@@ -116,6 +119,26 @@ def matmul_tflops(n: int = 8192) -> float:
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     us = time_us(lambda: torch.mm(a, b), reps=20)
     return 2 * n ** 3 / (us * 1e-6) / 1e12
+
+
+def step_calls(shape: str, cache_len: int, k: int, batch: int = 1, block: int = 32) -> dict:
+    """Random bf16 inputs of one layer and a call per MAGE step on them (dense, first, topk,
+    sparse): what the profiling scripts run."""
+    import mage_ext
+
+    hq, hkv, d = SHAPES[shape]
+    rnd = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    q, kb, vb = rnd(batch, hq, block, d), rnd(batch, hkv, block, d), rnd(batch, hkv, block, d)
+    kc, vc = rnd(batch, hkv, cache_len, d), rnd(batch, hkv, cache_len, d)
+    lens = torch.full((batch,), cache_len, dtype=torch.int32, device="cuda")
+    _, _, scores = mage_ext.attention_with_scores(q, kc, vc, lens, kb, vb)
+    idx, cnt = mage_ext.topk_select(scores, lens, k)
+    return {
+        "dense": lambda: mage_ext.dense_attention(q, kc, vc, lens, kb, vb),
+        "first": lambda: mage_ext.attention_with_scores(q, kc, vc, lens, kb, vb),
+        "topk": lambda: mage_ext.topk_select(scores, lens, k),
+        "sparse": lambda: mage_ext.sparse_attention(q, kc, vc, idx, cnt, kb, vb),
+    }
 
 
 def write_results(name: str, payload: dict) -> Path:
