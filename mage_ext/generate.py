@@ -221,19 +221,12 @@ class _Run:
             print(file=sys.stderr)
 
     def snapshot(self) -> Prefix:
-        n = int(self.cache.cache_lens.max())
-        c = self.cache
-        return Prefix([list(q) for q in self.seqs], self.B, self.style,
-                      [k[:, :, :n].clone() for k in c.keys], [v[:, :, :n].clone() for v in c.values],
-                      c.cache_lens.clone(), self.x.clone(), list(self.records))
+        keys, values, lens = self.cache.copy_filled()
+        return Prefix([list(q) for q in self.seqs], self.B, self.style, keys, values, lens,
+                      self.x.clone(), list(self.records))
 
     def restore(self, p: Prefix):
-        c, n = self.cache, p.keys[0].shape[2]
-        for layer in range(c.n_layers):  # the selectors fold existing entries when they first read
-            c.keys[layer][:, :, :n].copy_(p.keys[layer])
-            c.values[layer][:, :, :n].copy_(p.values[layer])
-        c.cache_lens.copy_(p.cache_lens)
-        c._max_len = n
+        self.cache.load_filled(p.keys, p.values, p.cache_lens)
         self.x = p.first_block.clone().to(self.device)
         self.records.extend(p.records)
 

@@ -136,12 +136,11 @@ def evaluate(model, cfg: Optional[EvalConfig] = None, *, device=None, dtype=None
     records, heat, needle = [], [], []
     for task, length in cells:
         samples = _samples(cfg, task, length, block)
-        acc = {i: _Cell(cfg.recall and m != "exact") for i, (m, *_) in enumerate(grid)}
+        acc = [_Cell(cfg.recall and m != "exact") for m, *_ in grid]
         for s0 in range(0, len(samples), cfg.batch_size):
             chunk = samples[s0:s0 + cfg.batch_size]
             prefix = None  # the prompt is prefilled once per chunk, for every method
-            for i, (method, k, adaptive, policy) in enumerate(grid):
-                cell = acc[i]
+            for cell, (method, k, adaptive, policy) in zip(acc, grid):
                 if cfg.needle_mass and method == "exact":
                     cell.mass = cell.mass or NeedleMassMeter([])
                     cell.mass.positions = [needle_positions(s.context, s.answer) for s in chunk]
@@ -156,8 +155,7 @@ def evaluate(model, cfg: Optional[EvalConfig] = None, *, device=None, dtype=None
                     cell.correct.append((s.depth, T.score(s, ids)))
                 if s0 + cfg.batch_size >= len(samples):
                     prog.step(f"{task} {length} {method} k={k}")
-        for i, (method, k, adaptive, policy) in enumerate(grid):
-            cell = acc[i]
+        for cell, (method, k, adaptive, policy) in zip(acc, grid):
             summ = cell.recall.summary() if cell.recall is not None else {}
             rec = dict(method=method, k=k, adaptive=adaptive, dense_layers=policy.dense_layers,
                        task=task, context_len=length,

@@ -155,6 +155,25 @@ class MageCache(_HFCache):
         ops.append_kv(kv.k, kv.v, kv.lens, k_block, v_block)
         self.selector.on_append(layer, kv, kv.lens.clone(), k_block.shape[2])
 
+    def copy_filled(self) -> tuple:
+        """(keys, values, cache_lens) of the filled part, copied: per layer [batch, Hkv, n, d]
+        with n the longest sequence. ``load_filled`` puts them into a fresh cache."""
+        n = self._max_len
+        return ([k[:, :, :n].clone() for k in self.keys], [v[:, :, :n].clone() for v in self.values],
+                self.cache_lens.clone())
+
+    def load_filled(self, keys: list, values: list, cache_lens: Tensor) -> None:
+        """Fills a fresh cache from ``copy_filled``'s tensors; selectors fold the entries when
+        they first read them (e.g. Quest's page bounds)."""
+        n = keys[0].shape[2]
+        if n > self.capacity:
+            raise ValueError(f"MageCache.load_filled: {n} entries exceed the capacity {self.capacity}")
+        for layer in range(self.n_layers):
+            self.keys[layer][:, :, :n].copy_(keys[layer])
+            self.values[layer][:, :, :n].copy_(values[layer])
+        self.cache_lens.copy_(cache_lens)
+        self._max_len = n
+
     def count_read(self, selection: Optional[Selection]) -> None:
         """Accounts one layer's read: the whole cache (``None``) or the selected entries."""
         if not self.track_reads:
