@@ -3,7 +3,10 @@
 Environment switches:
   MAGE_FORCE_CPU=1       build the CPU kernels only, even where nvcc is present.
   MAGE_REQUIRE_CUDA=1    fail unless the CUDA kernels can be built (CI's compile check).
-  MAGE_CUDA_ARCHS="9.0"  CUDA architectures (semicolon or space separated, e.g. "8.0;9.0a").
+  MAGE_CUDA_ARCHS="9.0a" CUDA architectures, sm_90 or newer (the kernels use mbarriers and
+                         thread-block clusters); semicolon or space separated. 9.0a (Hopper's
+                         arch-specific target) adds the wgmma attention and scores kernels;
+                         plain 9.0 builds only the portable mma.sync ones.
   DEBUG=1                -O0 -g host and device code.
 CUDA kernels are compiled when torch is a CUDA build and a CUDA toolkit (nvcc) is found;
 otherwise the build is CPU-only without error. No GPU is needed to build.
@@ -65,6 +68,12 @@ def gencode_flags(archs: str) -> list:
     return flags
 
 
+def wgmma_wanted(archs: str) -> bool:
+    """The warpgroup (wgmma) kernels need the arch-specific Hopper target sm_90a."""
+    return any(a.removesuffix("+PTX").replace(".", "") == "90a"
+               for a in archs.replace(";", " ").split())
+
+
 def extensions():
     debug = os.getenv("DEBUG", "0") == "1"
     use_cuda = cuda_wanted()
@@ -74,11 +83,12 @@ def extensions():
     sources = library_sources(use_cuda)
     sources.append("csrc/python_module.cpp")
     if use_cuda:
-        archs = os.getenv("MAGE_CUDA_ARCHS", "9.0")
-        args["cxx"] = cxx + ["-DMAGE_WITH_CUDA"]
+        archs = os.getenv("MAGE_CUDA_ARCHS", "9.0a")
+        defines = ["-DMAGE_WITH_CUDA"] + (["-DMAGE_WGMMA"] if wgmma_wanted(archs) else [])
+        args["cxx"] = cxx + defines
         args["nvcc"] = opt + [
             "-std=c++17",
-            "-DMAGE_WITH_CUDA",
+            *defines,
             "--expt-relaxed-constexpr",
             "-lineinfo",
         ] + gencode_flags(archs) + (["-G"] if debug else [])

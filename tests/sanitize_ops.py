@@ -5,7 +5,8 @@
 
 Shapes cover: lengths not multiple of the tiles, a split cache (merge kernel), batch 2 with
 unequal lengths, GQA, d 64 and 128, fp16 / bf16 / fp32, sparse with counts < k, top-k with
-sinks and recents, append.
+sinks and recents, append; and a case with enough rows and key tiles for the wide CTAs (the
+sm_90a warpgroup kernels on an sm_90a build), with a part-filled warpgroup.
 """
 import torch
 
@@ -28,6 +29,16 @@ def main():
             idx, cnt = mage_ext.topk_select(scores, lens, 100, n_sink=3, n_recent=5)
             mage_ext.sparse_attention(q, kc, vc, idx, cnt, kb, vb)
             mage_ext.append_kv(kc, vc, lens, kb, vb)
+        # Wide CTAs: 5 x 32 = 160 rows per KV head (3 warpgroups, the last half full).
+        b, hq, hkv, blk, cap, d = 2, 10, 2, 32, 9000, 128
+        if dtype != torch.float32:
+            r = lambda *s: torch.randn(*s, device=dev, dtype=dtype)  # noqa: E731
+            q, kb, vb = r(b, hq, blk, d), r(b, hkv, blk, d), r(b, hkv, blk, d)
+            kc, vc = r(b, hkv, cap, d), r(b, hkv, cap, d)
+            lens = torch.tensor([8999, 4001], dtype=torch.int32, device=dev)
+            out, lse, scores = mage_ext.attention_with_scores(q, kc, vc, lens, kb, vb)
+            idx, cnt = mage_ext.topk_select(scores, lens, 4000)
+            mage_ext.sparse_attention(q, kc, vc, idx, cnt, kb, vb)
     torch.cuda.synchronize()
     print("sanitize_ops: all ops ran")
 

@@ -13,7 +13,7 @@
 
 #include <cmath>
 
-#include "cuda/key_list.cuh"
+#include "cuda/attention_parts.cuh"
 
 namespace mage::cuda {
 
@@ -117,18 +117,13 @@ __global__ void __launch_bounds__(Shape::kWarpsPerCta * 32, 1)
   T* s_v = s_k + kStages * kKeyTile * D;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int bh = blockIdx.z, b = bh / a.hkv, h = bh % a.hkv;
-  const int split = blockIdx.y, row0 = blockIdx.x * kTcRows;
-  const KeyList<T, kSparse> keys(a, b, h);
-  const int k_begin = split * a.keys_per_split;
-  const int k_end = min(keys.n_total, k_begin + a.keys_per_split);
-  const int64_t total_rows = static_cast<int64_t>(a.batch) * a.hq * a.block;
-  const int64_t head_row0 = (static_cast<int64_t>(b) * a.hq + h * a.group) * a.block;
+  const CtaWork<T, kSparse> work(a, kTcRows);
+  const auto& keys = work.keys;
+  const int split = work.split, row0 = work.row0, k_begin = work.k_begin, k_end = work.k_end;
+  const int64_t head_row0 = work.head_row0;
 
   if (k_begin >= k_end) {  // this sequence's keys end before this split (num_splits > 1)
-    for (int r = tid; r < kTcRows; r += kThreads) {
-      if (row0 + r < a.rows) a.lse_part[split * total_rows + head_row0 + row0 + r] = -INFINITY;
-    }
+    mark_empty_split(a, split, head_row0, row0, kTcRows, tid, kThreads);
     return;
   }
 
@@ -138,10 +133,7 @@ __global__ void __launch_bounds__(Shape::kWarpsPerCta * 32, 1)
   const int warp_row0 = warp * kMT * 16;
   const int n_compute = min(Shape::kConsumerWarps, (a.rows - row0 + kMT * 16 - 1) / (kMT * 16));
   if (tid == 0) {
-    for (int i = 0; i < kStages; ++i) {
-      mbar_init(&full_bar[i], 32);
-      mbar_init(&empty_bar[i], n_compute);
-    }
+    init_ring(full_bar, empty_bar, n_compute);
     s_bad = 0;
   }
   const T* q = static_cast<const T*>(a.q) + head_row0 * D;
@@ -154,39 +146,14 @@ __global__ void __launch_bounds__(Shape::kWarpsPerCta * 32, 1)
   cp_async_wait<0>();
   __syncthreads();  // Q in shared memory, barriers initialised
 
-  static_assert(kKeyTile == 64, "the producer's lane mapping covers 64-row tiles");
   if (warp == Shape::kConsumerWarps) {  // the producer: K/V tiles into a kStages ring
     bool bad = false;
     for (int it = 0, t = k_begin; t < k_end; ++it, t += kKeyTile) {
       const int buf = it % kStages;
       if (it >= kStages) mbar_wait(&empty_bar[buf], ((it / kStages) - 1) & 1);
-      T* dk = s_k + buf * kKeyTile * D;
-      T* dv = s_v + buf * kKeyTile * D;
-      // Lane pair (2i, 2i + 1) copies rows i, i + 16, i + 32, i + 48 of the tile, the even /
-      // odd 16-byte chunks: each cp.async instruction moves 16 rows x 32 contiguous bytes
-      // (whole sectors), and each row's offset (a selected index) is looked up once.
-      const T* ksrc[4];
-      const T* vsrc[4];
-      bool valid[4];
-#pragma unroll
-      for (int g = 0; g < 4; ++g) {
-        const int v = t + (lane >> 1) + 16 * g;
-        valid[g] = v < k_end;
-        bool in_block = true;
-        const int64_t off = valid[g] ? keys.row_offset(v, in_block, bad) : 0;
-        ksrc[g] = (in_block ? keys.k_block : keys.k_cache) + off;
-        vsrc[g] = (in_block ? keys.v_block : keys.v_cache) + off;
-      }
-#pragma unroll
-      for (int g = 0; g < 4; ++g) {
-        const int r = (lane >> 1) + 16 * g;
-#pragma unroll
-        for (int j = 0; j < kChunks / 2; ++j) {
-          const int ch = 2 * j + (lane & 1);
-          cp_async_16(dk + swizzled<D>(r, ch), ksrc[g] + ch * 8, valid[g]);
-          cp_async_16(dv + swizzled<D>(r, ch), vsrc[g] + ch * 8, valid[g]);
-        }
-      }
+      copy_kv_tile<T, D, kSparse>(keys, t, k_end, lane, s_k + buf * kKeyTile * D,
+                                  s_v + buf * kKeyTile * D,
+                                  [](int r, int ch) { return swizzled<D>(r, ch); }, bad);
       mbar_arrive_on_copies(&full_bar[buf]);
     }
     if (bad) s_bad = 1;
@@ -286,31 +253,8 @@ __global__ void __launch_bounds__(Shape::kWarpsPerCta * 32, 1)
   for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      float li = l[2 * mt + i];
-      li += __shfl_xor_sync(0xffffffffu, li, 1);
-      li += __shfl_xor_sync(0xffffffffu, li, 2);
-      const int row = row0 + warp_row0 + mt * 16 + g + i * 8;
-      if (row >= a.rows) continue;
-      const float inv = poisoned ? NAN : 1.f / li;
-      const float lse = poisoned ? NAN : (m[2 * mt + i] + log2f(li)) * kLn2;
-      const int64_t grow = head_row0 + row;
-      if (a.num_splits == 1) {
-        T* out = static_cast<T*>(a.out) + grow * D;
-#pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt) {
-          *reinterpret_cast<uint32_t*>(out + dt * 8 + tig * 2) =
-              pack2<T>(o[mt][dt][2 * i] * inv, o[mt][dt][2 * i + 1] * inv);
-        }
-        if (tig == 0) a.lse[grow] = lse;
-      } else {
-        float* out = a.o_part + (split * total_rows + grow) * D;
-#pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt) {
-          *reinterpret_cast<float2*>(out + dt * 8 + tig * 2) =
-              make_float2(o[mt][dt][2 * i] * inv, o[mt][dt][2 * i + 1] * inv);
-        }
-        if (tig == 0) a.lse_part[split * total_rows + grow] = lse;
-      }
+      store_rows<T, D>(a, split, head_row0, row0 + warp_row0 + mt * 16 + g + i * 8, o[mt], i,
+                       m[2 * mt + i], l[2 * mt + i], poisoned, tig);
     }
   }
 }
@@ -341,12 +285,9 @@ __global__ void __launch_bounds__(kScoreWarps * 32, 1)
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int h = blockIdx.y, b = blockIdx.z;
-  const int n_cache = clamp_int(a.cache_lens[b], 0, a.capacity);
-  const int range_begin = blockIdx.x * a.keys_per_split;
-  const int range_end = min(a.capacity, range_begin + a.keys_per_split);
   float* scores = a.scores + (static_cast<int64_t>(b) * a.hkv + h) * a.capacity;
-  for (int j = max(range_begin, n_cache) + tid; j < range_end; j += kThreads) scores[j] = 0.f;
-  const int k_end = min(n_cache, range_end);
+  const int range_begin = blockIdx.x * a.keys_per_split;
+  const int k_end = scores_split_end(a, b, range_begin, scores, tid, kThreads);
   if (range_begin >= k_end) return;
 
   const T* k_cache = static_cast<const T*>(a.k_cache) + b * a.cache_stride_b + h * a.cache_stride_h;

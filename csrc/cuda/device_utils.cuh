@@ -124,6 +124,14 @@ MAGE_DEVICE int swizzled(int row, int chunk) {
   return row * D + ((chunk ^ (row & 7)) << 3);
 }
 
+// 2^x on the special-function unit, denormal results flushed to zero (exp2f adds range
+// handling around the same instruction; softmax weights below 2^-126 do not matter).
+MAGE_DEVICE float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 MAGE_DEVICE float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

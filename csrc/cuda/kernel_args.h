@@ -30,7 +30,8 @@ struct AttentionArgs {
   int batch = 0, hq = 0, hkv = 0, group = 0, block = 0, dim = 0;
   int rows = 0;  // group * block: query rows per KV head
   float scale_log2 = 0.f;  // softmax scale * log2(e)
-  int rows_per_cta = 224;  // tensor-core CTA shape: kRowsWide or kRowsNarrow
+  int rows_per_cta = 224;  // tensor-core CTA shape: kRowsWide or kRowsNarrow, or 64 * wgmma_groups
+  int wgmma_groups = 0;    // > 0: the sm_90a warpgroup kernel with this many 64-row groups per CTA
   int keys_per_split = 0;
   int num_splits = 1;
   float* o_part = nullptr;    // [num_splits, batch*Hq*B, D] when num_splits > 1
@@ -53,6 +54,7 @@ struct ScoresArgs {
   float scale_log2 = 0.f;
   int keys_per_split = 0;
   int num_splits = 1;
+  bool wgmma = false;  // the sm_90a kernel (rows <= 256)
 };
 
 struct MergeArgs {

@@ -1,5 +1,6 @@
 // The key list one (sequence, KV head) attends to: its cache keys (a dense prefix, or the
-// selected indices) followed by the block's own B keys. Shared by every attention kernel.
+// selected indices) followed by the block's own B keys. Shared by every attention kernel; and
+// the scores kernels' cache split.
 #pragma once
 
 #include "cuda/device_utils.cuh"
@@ -54,5 +55,15 @@ struct KeyList {
     return static_cast<int64_t>(pos) * dim;
   }
 };
+
+// The scores kernels' split of the cache: keys [range_begin, returned end) of sequence b are
+// scored; the split's positions past the sequence's length get score 0 here.
+MAGE_DEVICE int scores_split_end(const ScoresArgs& a, int b, int range_begin, float* scores,
+                                 int tid, int n_threads) {
+  const int n_cache = clamp_int(a.cache_lens[b], 0, a.capacity);
+  const int range_end = min(a.capacity, range_begin + a.keys_per_split);
+  for (int j = max(range_begin, n_cache) + tid; j < range_end; j += n_threads) scores[j] = 0.f;
+  return min(n_cache, range_end);
+}
 
 }  // namespace mage::cuda

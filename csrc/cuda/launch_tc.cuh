@@ -3,7 +3,9 @@
 #pragma once
 
 #include "cuda/attention_tc.cuh"
+#include "cuda/attention_wgmma.cuh"
 #include "cuda/merge.cuh"
+#include "cuda/scores_wgmma.cuh"
 
 namespace mage::cuda {
 
@@ -25,8 +27,26 @@ cudaError_t launch_tc_attention(const AttentionArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+template <typename T, int D, bool kSparse, int kWG>
+cudaError_t launch_wgmma_attention(const AttentionArgs& a, cudaStream_t stream) {
+  constexpr int smem = wgmma_smem_bytes<D, kWG>();
+  auto kernel = attention_wgmma_kernel<T, D, kSparse, kWG>;
+  static const cudaError_t attr = allow_smem(kernel, smem);
+  if (attr != cudaSuccess) return attr;
+  const dim3 grid((a.rows + kWG * 64 - 1) / (kWG * 64), a.num_splits, a.batch * a.hkv);
+  kernel<<<grid, wgmma_threads<kWG>(), smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
 template <typename T, int D, bool kSparse>
 cudaError_t launch_tc_shape(const AttentionArgs& a, cudaStream_t stream) {
+#ifdef MAGE_WGMMA  // built for sm_90a (setup.py / CMake define it; the host checks it too)
+  switch (a.wgmma_groups) {
+    case 2: return launch_wgmma_attention<T, D, kSparse, 2>(a, stream);
+    case 3: return launch_wgmma_attention<T, D, kSparse, 3>(a, stream);
+    default: break;
+  }
+#endif
   return a.rows_per_cta == kRowsNarrow ? launch_tc_attention<T, D, kSparse, TcNarrow>(a, stream)
                                        : launch_tc_attention<T, D, kSparse, TcWide>(a, stream);
 }
@@ -43,6 +63,16 @@ cudaError_t launch_tc(bool sparse, const AttentionArgs& a, cudaStream_t stream) 
 
 template <typename T, int D>
 cudaError_t launch_tc_scores_d(const ScoresArgs& a, cudaStream_t stream) {
+#ifdef MAGE_WGMMA
+  if (a.wgmma) {
+    constexpr int smem = scores_wgmma_smem_bytes<D>();
+    auto kernel = scores_wgmma_kernel<T, D>;
+    static const cudaError_t attr = allow_smem(kernel, smem);
+    if (attr != cudaSuccess) return attr;
+    kernel<<<dim3(a.num_splits, a.hkv, a.batch), kScoreWg * 128 + 32, smem, stream>>>(a);
+    return cudaGetLastError();
+  }
+#endif
   constexpr int smem = scores_smem_bytes<D>();
   auto kernel = scores_kernel<T, D>;
   static const cudaError_t attr = allow_smem(kernel, smem);

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
 #include "cuda/kernel_args.h"
 #include "ops/checks.h"
@@ -43,6 +44,33 @@ void plan_splits(int64_t max_keys, int64_t ctas_per_split, int64_t target_ctas, 
   const int64_t tiles_per_split = (tiles + splits - 1) / splits;
   *keys_per_split = static_cast<int>(tiles_per_split * kKeyTile);
   *num_splits = static_cast<int>((tiles + tiles_per_split - 1) / tiles_per_split);
+}
+
+// The sm_90a warpgroup kernel: built (setup.py / CMake define MAGE_WGMMA for a 9.0a target),
+// on an sm_90 device, and not switched off by MAGE_DISABLE_WGMMA=1 (read per call, so tests
+// and benchmarks can compare both kernels in one process).
+bool use_wgmma() {
+#ifdef MAGE_WGMMA
+  const char* off = std::getenv("MAGE_DISABLE_WGMMA");
+  if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  return prop->major == 9 && prop->minor == 0;
+#else
+  return false;
+#endif
+}
+
+// 64-row warpgroups per CTA for `rows` (> 64) query rows, or 0 for the mma.sync kernel: 2 or
+// 3 groups (a fourth does not fit the registers). Up to 192 rows one CTA holds them all. More
+// rows need 2+ CTAs per key split, each re-reading the K/V tiles, and 2-group CTAs run at about
+// half the MMA rate of 3-group ones (one group's softmax leaves the tensor cores idle): measured
+// on the H200 for the 7B shape (224 rows), the 224-row mma.sync CTA is faster while the key
+// splits fill the GPU (batch 1: 223 vs 349 us at 128K) and slower once the (sequence, head,
+// row tile) units alone fill it (batch 32: 7024 vs 6624 us; sparse k = 512: 101 vs 65 us).
+int wgmma_groups_for(int rows, int64_t row_units) {
+  const int need = (rows + 63) / 64;
+  if (need <= 3) return std::max(need, 2);
+  return row_units * ((rows + 127) / 128) >= sm_count() ? 2 : 0;
 }
 
 struct Prepared {
@@ -107,10 +135,16 @@ void run_attention(const char* op, bool sparse, AttentionArgs a, const Prepared&
   // One CTA per SM (the kernel fills an SM's shared memory): one wave of equal splits. Wide
   // CTAs (224 rows) when the key tiles can fill the GPU with them; else narrow ones (64 rows),
   // so a short key list (the sparse step at small batch) still spreads over many SMs.
+  // On sm_90a builds the wide CTA is the warpgroup (wgmma) kernel with 64-row groups.
+  const int groups =
+      use_wgmma() ? wgmma_groups_for(a.rows, static_cast<int64_t>(a.batch) * a.hkv) : 0;
+  const int wide_rows = groups > 0 ? 64 * groups : kRowsWide;
   const int64_t key_tiles = std::max<int64_t>(1, (max_keys + kKeyTile - 1) / kKeyTile);
-  const int64_t wide_ctas = key_tiles * a.batch * a.hkv * ((a.rows + kRowsWide - 1) / kRowsWide);
+  const int64_t wide_ctas = key_tiles * a.batch * a.hkv * ((a.rows + wide_rows - 1) / wide_rows);
   // (Narrow also when the rows fit in one narrow CTA, e.g. SDAR's block 4: no idle m-tiles.)
-  a.rows_per_cta = (wide_ctas >= sm_count() && a.rows > kRowsNarrow) ? kRowsWide : kRowsNarrow;
+  const bool wide = wide_ctas >= sm_count() && a.rows > kRowsNarrow;
+  a.rows_per_cta = wide ? wide_rows : kRowsNarrow;
+  a.wgmma_groups = wide ? groups : 0;
   const int64_t row_tiles = (a.rows + a.rows_per_cta - 1) / a.rows_per_cta;
   plan_splits(max_keys, row_tiles * a.batch * a.hkv, sm_count(), /*min_tiles=*/1,
               &a.num_splits, &a.keys_per_split);
@@ -185,8 +219,10 @@ void attention_with_scores_out(const at::Tensor& q, const at::Tensor& k_cache,
   s.dim = a.dim;
   s.rows = a.rows;
   s.scale_log2 = a.scale_log2;
+  // The sm_90a kernel spreads a split's tiles over 4 warpgroups: give each split >= 8 tiles.
+  s.wgmma = use_wgmma() && dtype_of(p.q) != Dtype::kFloat32 && a.rows <= 256;
   plan_splits(a.capacity, static_cast<int64_t>(a.batch) * a.hkv, sm_count(),
-              /*min_tiles=*/2, &s.num_splits, &s.keys_per_split);
+              /*min_tiles=*/s.wgmma ? 8 : 2, &s.num_splits, &s.keys_per_split);
   C10_CUDA_CHECK(launch_scores(dtype_of(p.q), s, at::cuda::getCurrentCUDAStream()));
 }
 

@@ -10,25 +10,55 @@ from reference import assert_close_fa, make_inputs, random_selection, reference_
 pytestmark = requires_cuda
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("dim", [64, 128])
-@pytest.mark.parametrize("hq,hkv,block", [(12, 2, 32), (28, 4, 32), (32, 8, 4), (8, 8, 64)])
-def test_long_cache_with_splits(dtype, dim, hq, hkv, block, gen):
-    lens = [5003, 1, 2500]
-    inp = make_inputs(3, hq, hkv, block, dim, lens, dtype, "cuda", capacity=5010, generator=gen)
+@pytest.fixture(params=["default", "mma_sync"])
+def kernel_path(request, monkeypatch):
+    """Runs a test on the default kernels (the wgmma ones on an sm_90a build) and again with
+    them switched off (MAGE_DISABLE_WGMMA=1: the portable mma.sync kernels)."""
+    if request.param == "mma_sync":
+        monkeypatch.setenv("MAGE_DISABLE_WGMMA", "1")
+    return request.param
+
+
+def check_first_and_sparse_steps(inp, lens, hkv, budgets, dtype, gen):
+    """attention_with_scores and sparse_attention (one random selection per budget) against
+    the fp64 reference, with the FlashAttention tolerance rule."""
     out, lse, scores = mage_ext.attention_with_scores(*inp.args())
     ref64 = reference_attention(inp)
     ref_pt = reference_attention(inp, dtype=dtype)
     assert_close_fa(out, ref64[0], ref_pt[0], dtype, "out")
     assert_close_fa(lse, ref64[1], ref_pt[1], dtype, "lse")
     assert_close_fa(scores, ref64[2], ref_pt[2], dtype, "scores")
-    idx, cnt = random_selection(lens, hkv, 700, generator=gen, device="cuda")
-    sp_out, sp_lse = mage_ext.sparse_attention(inp.q, inp.k_cache, inp.v_cache, idx, cnt,
-                                               inp.k_block, inp.v_block)
-    ref64 = reference_attention(inp, idx, cnt)
-    ref_pt = reference_attention(inp, idx, cnt, dtype=dtype)
-    assert_close_fa(sp_out, ref64[0], ref_pt[0], dtype, "sparse out")
-    assert_close_fa(sp_lse, ref64[1], ref_pt[1], dtype, "sparse lse")
+    for budget in budgets:
+        idx, cnt = random_selection(lens, hkv, budget, generator=gen, device="cuda")
+        sp_out, sp_lse = mage_ext.sparse_attention(inp.q, inp.k_cache, inp.v_cache, idx, cnt,
+                                                   inp.k_block, inp.v_block)
+        ref64 = reference_attention(inp, idx, cnt)
+        ref_pt = reference_attention(inp, idx, cnt, dtype=dtype)
+        assert_close_fa(sp_out, ref64[0], ref_pt[0], dtype, f"sparse out (k={budget})")
+        assert_close_fa(sp_lse, ref64[1], ref_pt[1], dtype, f"sparse lse (k={budget})")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("hq,hkv,block", [(12, 2, 32), (28, 4, 32), (32, 8, 4), (8, 8, 64),
+                                          (20, 4, 16)])  # 80 rows: a part-filled warpgroup
+def test_long_cache_with_splits(dtype, dim, hq, hkv, block, kernel_path, gen):
+    if dtype == torch.float32 and kernel_path != "default":
+        pytest.skip("fp32 has one (SIMT) kernel")
+    lens = [5003, 1, 2500]
+    inp = make_inputs(3, hq, hkv, block, dim, lens, dtype, "cuda", capacity=5010, generator=gen)
+    # 700 keys: few key tiles (narrow CTAs); 4000: enough for the wide (wgmma) CTAs.
+    check_first_and_sparse_steps(inp, lens, hkv, (700, 4000), dtype, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_many_rows_per_head_at_large_batch(dtype, dim, kernel_path, gen):
+    # 7 x 32 = 224 rows per KV head and 17 x 4 heads: enough (sequence, head) units for the
+    # two-CTAs-per-head warpgroup kernel on an H200; lengths differ per sequence.
+    lens = torch.randint(1, 400, (17,), generator=gen).tolist()
+    inp = make_inputs(17, 28, 4, 32, dim, lens, dtype, "cuda", capacity=400, generator=gen)
+    check_first_and_sparse_steps(inp, lens, 4, (300,), dtype, gen)
 
 
 def test_cuda_matches_cpu_kernels_on_a_large_case(gen):

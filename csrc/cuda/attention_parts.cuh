@@ -1,0 +1,118 @@
+// Pieces shared by the two tensor-core attention kernels (attention_tc.cuh: mma.sync,
+// attention_wgmma.cuh: sm_90a wgmma): the empty-split rows, the producer warp's K/V tile copy,
+// and the per-row epilogue. Both kernels keep each thread's output rows in the mma C-fragment
+// layout: frag[dt][e] is row g + 8 * (e >> 1), column 8 * dt + 2 * tig + (e & 1) of a 16-row tile.
+#pragma once
+
+#include <cmath>
+
+#include "cuda/key_list.cuh"
+
+namespace mage::cuda {
+
+// What one CTA of grid (row tiles, splits, batch * Hkv) works on: rows row0 .. row0 + cta_rows
+// of KV head h of sequence b (head_row0: the head's first row in [batch * Hq * B]) against keys
+// [k_begin, k_end) of its key list (empty when the list ends before this split).
+template <typename T, bool kSparse>
+struct CtaWork {
+  int b, h, split, row0;
+  KeyList<T, kSparse> keys;
+  int k_begin, k_end;
+  int64_t head_row0;
+
+  MAGE_DEVICE CtaWork(const AttentionArgs& a, int cta_rows)
+      : b(blockIdx.z / a.hkv), h(blockIdx.z % a.hkv), split(blockIdx.y),
+        row0(blockIdx.x * cta_rows), keys(a, b, h), k_begin(split * a.keys_per_split),
+        k_end(min(keys.n_total, k_begin + a.keys_per_split)),
+        head_row0((static_cast<int64_t>(b) * a.hq + h * a.group) * a.block) {}
+};
+
+// The producer / consumer ring's barriers: `full` counts the producer warp's 32 lanes (their
+// copies landing), `empty` one arrival per consumer warp.
+template <int kStages>
+MAGE_DEVICE void init_ring(uint64_t (&full)[kStages], uint64_t (&empty)[kStages], int consumers) {
+  for (int i = 0; i < kStages; ++i) {
+    mbar_init(&full[i], 32);
+    mbar_init(&empty[i], consumers);
+  }
+}
+
+// A split that starts past this sequence's keys (num_splits > 1): its rows get partial lse
+// -inf, weight 0 in the merge.
+MAGE_DEVICE void mark_empty_split(const AttentionArgs& a, int split, int64_t head_row0, int row0,
+                                  int cta_rows, int tid, int n_threads) {
+  const int64_t total_rows = static_cast<int64_t>(a.batch) * a.hq * a.block;
+  for (int r = tid; r < cta_rows; r += n_threads) {
+    if (row0 + r < a.rows) a.lse_part[split * total_rows + head_row0 + row0 + r] = -INFINITY;
+  }
+}
+
+// The producer warp's copy of key-list rows t .. t + 63 (kKeyTile) into the K and V tiles at
+// element offsets offset(row, 16-byte chunk). Lane pair (2i, 2i + 1) copies rows i, i + 16,
+// i + 32, i + 48, the even / odd chunks: each cp.async instruction moves 16 rows x 32
+// contiguous bytes (whole sectors), and each row's offset (a selected index) is looked up once.
+// Rows past k_end are zero-filled (P = 0 there, and 0 * V must stay finite).
+template <typename T, int D, bool kSparse, typename Offset>
+MAGE_DEVICE void copy_kv_tile(const KeyList<T, kSparse>& keys, int t, int k_end, int lane, T* dk,
+                              T* dv, Offset offset, bool& bad) {
+  static_assert(kKeyTile == 64, "the lane mapping covers 64-row tiles");
+  constexpr int kChunks = D / 8;
+  const T* ksrc[4];
+  const T* vsrc[4];
+  bool valid[4];
+#pragma unroll
+  for (int g = 0; g < 4; ++g) {
+    const int v = t + (lane >> 1) + 16 * g;
+    valid[g] = v < k_end;
+    bool in_block = true;
+    const int64_t off = valid[g] ? keys.row_offset(v, in_block, bad) : 0;
+    ksrc[g] = (in_block ? keys.k_block : keys.k_cache) + off;
+    vsrc[g] = (in_block ? keys.v_block : keys.v_cache) + off;
+  }
+#pragma unroll
+  for (int g = 0; g < 4; ++g) {
+    const int r = (lane >> 1) + 16 * g;
+#pragma unroll
+    for (int j = 0; j < kChunks / 2; ++j) {
+      const int ch = 2 * j + (lane & 1);
+      cp_async_16(dk + offset(r, ch), ksrc[g] + ch * 8, valid[g]);
+      cp_async_16(dv + offset(r, ch), vsrc[g] + ch * 8, valid[g]);
+    }
+  }
+}
+
+// Writes this thread's half (i = 0: row g, 1: row g + 8) of a 16-row output tile: the final
+// row (normalised, 16-bit) and lse when there is one split, else the split's fp32 partials.
+// `row` is the row within the KV head (grow = the global row); rows past a.rows are skipped.
+template <typename T, int D>
+MAGE_DEVICE void store_rows(const AttentionArgs& a, int split, int64_t head_row0, int row,
+                            const float (&frag)[D / 8][4], int i, float m_log2, float l_part,
+                            bool poisoned, int tig) {
+  float li = l_part;  // the 4 lanes of a row hold a quarter of its sum each
+  li += __shfl_xor_sync(0xffffffffu, li, 1);
+  li += __shfl_xor_sync(0xffffffffu, li, 2);
+  if (row >= a.rows) return;
+  const float inv = poisoned ? NAN : 1.f / li;
+  const float lse = poisoned ? NAN : (m_log2 + log2f(li)) * kLn2;
+  const int64_t grow = head_row0 + row;
+  if (a.num_splits == 1) {
+    T* out = static_cast<T*>(a.out) + grow * D;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      *reinterpret_cast<uint32_t*>(out + dt * 8 + tig * 2) =
+          pack2<T>(frag[dt][2 * i] * inv, frag[dt][2 * i + 1] * inv);
+    }
+    if (tig == 0) a.lse[grow] = lse;
+  } else {
+    const int64_t total_rows = static_cast<int64_t>(a.batch) * a.hq * a.block;
+    float* out = a.o_part + (split * total_rows + grow) * D;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      *reinterpret_cast<float2*>(out + dt * 8 + tig * 2) =
+          make_float2(frag[dt][2 * i] * inv, frag[dt][2 * i + 1] * inv);
+    }
+    if (tig == 0) a.lse_part[split * total_rows + grow] = lse;
+  }
+}
+
+}  // namespace mage::cuda

@@ -1,0 +1,215 @@
+// Hopper (sm_90a) warpgroup attention kernel: the same work split as attention_tile_kernel
+// (one CTA = the packed G*B query rows of one (sequence, KV head), or a tile of them, against one
+// split of its key list; flash-decoding partials merged by merge.cuh), with the matrix products
+// on wgmma instead of mma.sync.
+//
+// kWG consumer warpgroups of 64 rows each (Q in shared memory) + one producer warp that streams
+// 64-key K/V tiles through a kStages ring (cp.async into the 128-byte-swizzled layout wgmma
+// reads; per-stage mbarriers). Per tile a warpgroup issues S = Q K^T (D/16 async MMAs, both
+// operands in shared memory), runs the online softmax on S in registers (the accumulator layout
+// of S is the A-fragment layout of P), then O += P V (4 async MMAs, P from registers, V from
+// shared memory). The warpgroups drift apart, so one's softmax overlaps another's MMAs.
+#pragma once
+
+#include <cmath>
+
+#include "cuda/attention_parts.cuh"
+#include "cuda/wgmma.cuh"
+
+namespace mage::cuda {
+
+constexpr int kWgStages = 4;
+
+template <int D, int kWG>
+constexpr int wgmma_smem_bytes() {
+  // 1024 bytes of slack to align the tiles to the swizzle atom.
+  return 1024 + (kWG * 64 * D + 2 * kWgStages * kKeyTile * D) * 2;
+}
+
+// S (+)= Q K^T for one 64-key tile, issued asynchronously (the caller waits): D/16 MMAs with
+// both operands in shared memory (this warpgroup's 64 Q rows, the swizzled K tile).
+template <typename T, int D, int kRows>
+MAGE_DEVICE void wgmma_qk(float (&s)[32], const unsigned char* q_wg, const unsigned char* kt) {
+#pragma unroll
+  for (int i = 0; i < 32; ++i) s[i] = 0.f;
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    const uint64_t da = wgmma_desc(q_wg + (ks >> 2) * kRows * 128 + (ks & 3) * 32, 16, 1024);
+    const uint64_t db = wgmma_desc(kt + (ks >> 2) * kKeyTile * 128 + (ks & 3) * 32, 16, 1024);
+    WgmmaOps<T>::ss_n64(s, da, db, ks > 0);
+  }
+  wgmma_commit();
+}
+
+// Online softmax of one tile's S (keys t .. t + 63; those >= k_end masked) into the running
+// max m / sum l / output o, then O += P V issued asynchronously (the caller waits).
+template <typename T, int D>
+MAGE_DEVICE void softmax_pv(float (&s)[32], float (&o)[D / 8][4], float (&m)[2], float (&l)[2],
+                            int t, int k_end, float scale_log2, const unsigned char* vt,
+                            int tig) {
+  // Keys past the list only occur in a split's last tile (a warp-uniform branch). The scale is
+  // positive (checked on the host), so the max is taken on the raw logits and the scaling folds
+  // into the exponent's FMA.
+  if (t + kKeyTile > k_end) {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      if (t + (i >> 2) * 8 + tig * 2 + (i & 1) >= k_end) s[i] = -INFINITY;
+    }
+  }
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int i = 0; i < 32; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
+  float alpha[2], neg_mx[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+    const float m_new = fmaxf(m[i], mx[i] * scale_log2);  // every tile has a valid key: finite
+    alpha[i] = fast_exp2(m[i] - m_new);  // m = -inf on the first tile: alpha = 0
+    m[i] = m_new;
+    neg_mx[i] = -m_new;
+    l[i] *= alpha[i];
+  }
+#pragma unroll
+  for (int i = 0; i < 32; ++i) {
+    s[i] = fast_exp2(fmaf(s[i], scale_log2, neg_mx[(i >> 1) & 1]));
+    l[(i >> 1) & 1] += s[i];
+  }
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) {
+    o[dt][0] *= alpha[0];
+    o[dt][1] *= alpha[0];
+    o[dt][2] *= alpha[1];
+    o[dt][3] *= alpha[1];
+  }
+  // P as A fragments: keys 16j .. 16j + 15 are two adjacent 8-key accumulator blocks. All
+  // converted before the MMAs (registers written between them would make ptxas wait).
+  uint32_t pa[4][4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) pa[j][r] = pack2<T>(s[8 * j + 2 * r], s[8 * j + 2 * r + 1]);
+  wgmma_fence();
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    // V as the MN-major B operand: 8-key groups 1024 bytes apart (stride), the two 64-column
+    // halves kKeyTile * 128 bytes apart (leading).
+    wgmma_pv<T, D>(reinterpret_cast<float(&)[D / 2]>(o), pa[j],
+                   wgmma_desc(vt + j * 16 * 128, kKeyTile * 128, 1024));
+  }
+  wgmma_commit();
+}
+
+// Threads per CTA: kWG consumer warpgroups (2 or 3: at 4 the 64 fp32 output accumulators per
+// thread no longer fit the register file next to S) + the producer warp.
+template <int kWG>
+constexpr int wgmma_threads() {
+  return kWG * 128 + 32;
+}
+
+template <typename T, int D, bool kSparse, int kWG>
+__global__ void __launch_bounds__(wgmma_threads<kWG>(), 1)
+    attention_wgmma_kernel(const __grid_constant__ AttentionArgs a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kRows = kWG * 64;
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  constexpr int kThreads = wgmma_threads<kWG>();
+  constexpr int kTileBytes = kKeyTile * D * 2;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* s_q = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  unsigned char* s_k = s_q + kRows * D * 2;
+  unsigned char* s_v = s_k + kWgStages * kTileBytes;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const CtaWork<T, kSparse> work(a, kRows);
+  const auto& keys = work.keys;
+  const int split = work.split, row0 = work.row0, k_begin = work.k_begin, k_end = work.k_end;
+  const int64_t head_row0 = work.head_row0;
+
+  if (k_begin >= k_end) {  // this sequence's keys end before this split (num_splits > 1)
+    mark_empty_split(a, split, head_row0, row0, kRows, tid, kThreads);
+    return;
+  }
+
+  __shared__ uint64_t full_bar[kWgStages];   // tile landed (32 producer lanes arrive)
+  __shared__ uint64_t empty_bar[kWgStages];  // tile consumed (each compute warp arrives)
+  __shared__ int s_bad;
+  const int n_wg = min(kWG, (a.rows - row0 + 63) / 64);  // warpgroups with rows
+  if (tid == 0) {
+    init_ring(full_bar, empty_bar, 4 * n_wg);
+    s_bad = 0;
+  }
+  const T* q = static_cast<const T*>(a.q) + head_row0 * D;
+  for (int c = tid; c < kRows * kChunks; c += kThreads) {
+    const int r = c / kChunks, ch = c % kChunks;
+    const bool valid = row0 + r < a.rows;
+    cp_async_16(s_q + sw128_offset(r, ch, kRows), q + (valid ? (row0 + r) * D + ch * 8 : 0),
+                valid);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  fence_proxy_async();  // Q is read by wgmma (async proxy)
+  __syncthreads();      // Q in shared memory, barriers initialised
+
+  // Warpgroup index, made warp-uniform for the compiler (a per-thread value would put the
+  // wgmma loop on a "divergent path", where ptxas serialises the async MMAs).
+  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
+  const bool active = wg < n_wg;  // (the producer warp has wg == kWG)
+  if (wg == kWG) {  // the producer warp: K/V tiles into the ring (as attention_tile_kernel)
+    bool bad = false;
+    for (int it = 0, t = k_begin; t < k_end; ++it, t += kKeyTile) {
+      const int buf = it % kWgStages;
+      if (it >= kWgStages) mbar_wait(&empty_bar[buf], ((it / kWgStages) - 1) & 1);
+      copy_kv_tile<T, D, kSparse>(
+          keys, t, k_end, lane, reinterpret_cast<T*>(s_k + buf * kTileBytes),
+          reinterpret_cast<T*>(s_v + buf * kTileBytes),
+          [](int r, int ch) { return sw128_offset(r, ch, kKeyTile) / 2; }, bad);
+      mbar_arrive_on_copies(&full_bar[buf]);
+    }
+    if (bad) s_bad = 1;
+  }
+
+  const int warp_row0 = wg * 64 + (warp & 3) * 16;  // this warp's 16 rows of the CTA
+  const unsigned char* q_wg = s_q + wg * 64 * 128;
+  // The accumulators of wgmma (per warp) have mma.sync's C layout (see attention_parts.cuh).
+  float o[D / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // log2 units; this thread's share
+  const int g = lane >> 2, tig = lane & 3;
+
+  const int n_tiles = active ? (k_end - k_begin + kKeyTile - 1) / kKeyTile : 0;
+  for (int it = 0; it < n_tiles; ++it) {
+    const int buf = it % kWgStages;
+    mbar_wait(&full_bar[buf], (it / kWgStages) & 1);
+    fence_proxy_async();  // the producer's cp.async writes, acquired above, for wgmma
+    // (Issuing the next tile's Q K^T before this softmax, FlashAttention-3 style, needs a
+    // second S accumulator: past the registers of 2-3 groups, ptxas then serialises the MMAs.)
+    float s[32];
+    wgmma_qk<T, D, kRows>(s, q_wg, s_k + buf * kTileBytes);
+    wgmma_wait<0>();
+    wgmma_fence_operands(s);
+    softmax_pv<T, D>(s, o, m, l, k_begin + it * kKeyTile, k_end, a.scale_log2,
+                     s_v + buf * kTileBytes, tig);
+    wgmma_wait<0>();
+    wgmma_fence_operands(reinterpret_cast<float(&)[D / 2]>(o));
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty_bar[buf]);  // this warp is done with the tile
+  }
+
+  __syncthreads();  // every warp is past the loop: s_bad is final
+  const bool poisoned = s_bad != 0;
+  if (!active) return;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    store_rows<T, D>(a, split, head_row0, row0 + warp_row0 + g + i * 8, o, i, m[i], l[i],
+                     poisoned, tig);
+  }
+#else
+  __trap();  // built without sm_90a: the host never launches this kernel (see wgmma_built())
+#endif
+}
+
+}  // namespace mage::cuda
