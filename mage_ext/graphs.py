@@ -13,6 +13,7 @@ never synchronise, which is what capture needs.
 """
 from __future__ import annotations
 
+import gc
 from typing import Callable
 
 import torch
@@ -64,8 +65,17 @@ class StepGraph:
             self.ids = ids.clone()
             self.graph = torch.cuda.CUDAGraph()
             torch.cuda.synchronize(ids.device)
-            with torch.cuda.graph(self.graph, stream=self.stream):
-                self.logits = self.forward(self.ids)
+            # torch.cuda.graph collects garbage before capturing; keep the collector off during
+            # the capture too: a collection there can run destructors of earlier CUDA objects
+            # (events, graphs), calls a capture forbids, which invalidate the capture.
+            gc_was_enabled = gc.isenabled()
+            gc.disable()
+            try:
+                with torch.cuda.graph(self.graph, stream=self.stream):
+                    self.logits = self.forward(self.ids)
+            finally:
+                if gc_was_enabled:
+                    gc.enable()
         self.ids.copy_(ids)
         self.graph.replay()
         return self.logits.clone()
