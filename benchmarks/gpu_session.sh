@@ -34,7 +34,7 @@ for stage in "$@"; do
     cuda-tests) python3 -m pytest tests/python/test_cuda.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log" | tail -5 ;;
     e2e) python3 benchmarks/bench_e2e.py 2>&1 | tee "$OUT/e2e.log" ;;
     profile) python3 benchmarks/profile_ops.py 2>&1 | grep -E "^---|mage::" | tee "$OUT/profile.log" ;;
-    ncu) ncu --set full --import-source no --kernel-name regex:"attention_tile|scores_kernel|topk|merge" \
+    ncu) ncu --set full --import-source no --kernel-name regex:"attention_tile|attention_wgmma|scores_kernel|scores_wgmma|topk|merge" \
            -f -o "$OUT/ncu" python3 benchmarks/ncu_steps.py >"$OUT/ncu_run.log" 2>&1
          ncu -i "$OUT/ncu.ncu-rep" --page details >"$OUT/ncu_details.txt" 2>&1
          ncu -i "$OUT/ncu.ncu-rep" --page raw --csv >"$OUT/ncu_raw.csv" 2>&1

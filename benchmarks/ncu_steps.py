@@ -1,6 +1,6 @@
 """One call of each MAGE step, for Nsight Compute (the kernels' stall reasons and throughputs).
 
-    ncu --set full --kernel-name regex:"attention_tile|scores_kernel|topk|merge" \\
+    ncu --set full --kernel-name regex:"attention_tile|attention_wgmma|scores_kernel|scores_wgmma|topk|merge" \\
         python benchmarks/ncu_steps.py --shape fdllm-1.5b          (or: gpu_session.sh ncu)
 Each step runs twice (the second launch is the warm one).
 """
