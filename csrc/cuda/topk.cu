@@ -1,17 +1,21 @@
 // Top-k selection per (sequence, KV head) = one "row" of scores.
 //
-// One thread-block cluster of 8 CTAs x 1024 threads per row (Hopper distributed shared memory).
-// CTA r takes the r-th eighth of the row; each thread keeps 16 order-preserving integer keys in
-// registers (rows up to 8 x 16K = 128K positions stay resident; longer rows are cut into 16K
-// tiles that every phase re-reads from global memory). A 3-pass radix select on key bits
-// 31..20, 19..10 and 9..0 finds T, the k-th largest key. The 12-bit first pass (sign, exponent,
-// 3 mantissa bits) spreads scores of one exponent over 8 bins and saves the fourth pass.
+// One thread-block cluster of C CTAs x 1024 threads per row (Hopper distributed shared memory).
+// C = 1, 2, 4 or 8 is picked at launch from the cache capacity (the bound of every row's length;
+// no device sync, so graph capturable): the fewest CTAs that hold a full row in registers, so
+// short caches don't pay 8 CTA slots (1 per SM) per row. CTA r takes the r-th C-th of the row;
+// each thread keeps 16 order-preserving integer keys in registers (rows up to C x 16K positions
+// stay resident; longer ones, capacity above 8 x 16K, are cut into 16K tiles that every phase
+// re-reads from global memory). A 3-pass radix select on key bits 31..20, 19..10 and 9..0
+// finds T, the k-th largest key. The 12-bit first pass (sign, exponent, 3 mantissa bits)
+// spreads scores of one exponent over 8 bins and saves the fourth pass.
 //  - A pass counts the keys that still match the prefix into a CTA histogram (one atomic per
 //    run of equal bins in a thread; in pass 1 two bank-shifted copies, by lane parity, since
 //    scores crowd into few bins), then adds it into the cluster histogram, whose bins are
-//    spread over the 8 CTAs (remote atomics). After one cluster barrier every CTA reads the
+//    spread over the C CTAs (remote atomics). After one cluster barrier every CTA reads the
 //    totals back and finds the bin with one block scan. Rescanning the register-resident keys
-//    costs a compare each, so later passes need no candidate list.
+//    costs a compare each, so later passes need no candidate list. With C = 1 the CTA
+//    histogram is the row's: no cluster histogram, block barriers only.
 //  - The scans also carry, per bin, this CTA's count (passes 1, 2) or the count of the CTAs
 //    before it (pass 3, whose cluster histogram keeps one column per CTA). So each CTA knows,
 //    without another barrier, how many keys above T and equal to T the CTAs before it hold:
@@ -23,7 +27,6 @@
 #include <cooperative_groups.h>
 
 #include <cmath>
-#include <utility>
 
 #include "cuda/device_utils.cuh"
 
@@ -32,14 +35,13 @@ namespace {
 
 namespace cg = cooperative_groups;
 
-constexpr int kClusterCtas = 8;
+constexpr int kMaxCtas = 8;  // CTAs per row (cluster size) for the longest rows
 constexpr int kTopkThreads = 1024;
 constexpr int kWarps = kTopkThreads / 32;
 constexpr int kPer = 16;                       // keys per thread
 constexpr int kTile = kTopkThreads * kPer;     // positions per CTA held in registers
 constexpr int kSegs = kWarps * kPer;           // 32-position segments of a tile
 constexpr int kBins1 = 4096, kBins2 = 1024;    // pass 1: key bits 31..20; passes 2, 3: 10 bits
-constexpr int kSlice1 = kBins1 / kClusterCtas, kSlice2 = kBins2 / kClusterCtas;  // bins per CTA
 constexpr int kCopy = kBins1 + 1;              // offset of pass 1's second copy: one bank over
 constexpr uint32_t kForced = 0xffffffffu;      // sinks and recents: above every real score
 static_assert(kWarps == 32 && kBins2 == kTopkThreads && kSegs <= kTopkThreads && kTile < 65536,
@@ -125,22 +127,54 @@ MAGE_DEVICE void find_bin(const int (&g)[B], const int (&x)[B], int hi_bin, int 
   }
 }
 
-__global__ void __cluster_dims__(kClusterCtas, 1, 1) __launch_bounds__(kTopkThreads, 1)
+// N ints from shared memory (this CTA's or another's) in vector loads: 16-byte aligned for
+// N % 4 == 0, 8-byte aligned for N == 2.
+template <int N>
+MAGE_DEVICE void load_ints(const int* p, int (&v)[N]) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i) {
+      const int4 q = reinterpret_cast<const int4*>(p)[i];
+      v[4 * i] = q.x;
+      v[4 * i + 1] = q.y;
+      v[4 * i + 2] = q.z;
+      v[4 * i + 3] = q.w;
+    }
+  } else {
+    static_assert(N == 2, "cluster sizes are powers of two");
+    const int2 q = *reinterpret_cast<const int2*>(p);
+    v[0] = q.x;
+    v[1] = q.y;
+  }
+}
+
+// C: CTAs per row, the cluster size of the launch (1, 2, 4 or 8).
+template <int C>
+__global__ void __launch_bounds__(kTopkThreads, 1)
     topk_cluster_kernel(const __grid_constant__ TopkArgs a) {
+  constexpr bool kDsmem = C > 1;  // C == 1: the CTA histograms are the row's
+  constexpr int kSlice1 = kBins1 / C, kSlice2 = kBins2 / C;  // cluster histogram bins per CTA
+  static_assert(C >= 1 && C <= kMaxCtas && kBins2 % C == 0 && kSlice1 % 4 == 0,
+                "pass 1 reads 4 bins of one CTA's slice with one 16-byte load");
   __shared__ int s_h1[2 * kCopy];  // this CTA's pass-1 histogram (two copies); pass 3 reuses it
-  __shared__ int s_h2[kBins2];     // this CTA's pass-2 histogram
-  // The cluster histograms: this CTA's slice of the bins. Pass 3 keeps a column per CTA.
-  __shared__ __align__(16) int s_g1[kSlice1];
-  __shared__ __align__(16) int s_g2[kSlice2];
-  __shared__ __align__(16) int s_g3[kSlice2 * kClusterCtas];
-  __shared__ uint32_t s_seg[kSegs];  // packed (above, equal) per segment, then their scan
+  // This CTA's pass-2 histogram; the write phase reuses it for its packed (above, equal) per
+  // segment, then their scan (s_seg). The sharing keeps C = 2 within 48 KB of static memory.
+  __shared__ __align__(16) int s_h2[kBins2];
+  // The cluster histograms (C > 1): this CTA's slice of the bins. Pass 3 keeps a column per CTA
+  // in pass 1's space: its remote writes follow the pass-2 cluster barrier, which follows
+  // every CTA's reads of pass 1's totals.
+  __shared__ __align__(16) int s_g13[kDsmem ? (kSlice1 > kBins2 ? kSlice1 : kBins2) : 4];
+  __shared__ __align__(16) int s_g2[kDsmem ? kSlice2 : 4];
+  int* const s_g1 = s_g13;
+  int* const s_g3 = s_g13;
+  uint32_t* const s_seg = reinterpret_cast<uint32_t*>(s_h2);  // kSegs entries
   __shared__ int2 s_warp[kWarps];    // block_scan's warp totals
   __shared__ Found s_found;
   __shared__ int s_above12;         // this CTA's keys above T decided in passes 1, 2
   __shared__ int s_above_earlier;   // the same, summed over the CTAs before this one
 
   cg::cluster_group cluster = cg::this_cluster();
-  const int rank = static_cast<int>(cluster.block_rank());
+  const int rank = kDsmem ? static_cast<int>(cluster.block_rank()) : 0;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int row = blockIdx.y, b = row / a.hkv;
   const int len = clamp_int(a.cache_lens[b], 0, a.capacity);
@@ -155,13 +189,15 @@ __global__ void __cluster_dims__(kClusterCtas, 1, 1) __launch_bounds__(kTopkThre
 
   for (int i = tid; i < 2 * kCopy; i += kTopkThreads) s_h1[i] = 0;
   s_h2[tid] = 0;
-  if (tid < kSlice1) s_g1[tid] = 0;
-  if (tid < kSlice2) s_g2[tid] = 0;
-  // Remote adds into s_g1 / s_g2 wait for this; s_g3 is fully overwritten, so never cleared.
-  auto zeroed = cluster.barrier_arrive();
+  if constexpr (kDsmem) {
+    for (int i = tid; i < kSlice1; i += kTopkThreads) s_g1[i] = 0;
+    if (tid < kSlice2) s_g2[tid] = 0;
+    // Remote adds into s_g1 / s_g2 wait for this; s_g3 is fully overwritten, so never cleared.
+    cluster.barrier_arrive();
+  }
 
   const float* scores = a.scores + static_cast<int64_t>(row) * a.capacity;
-  const int chunk = (len + kClusterCtas - 1) / kClusterCtas;
+  const int chunk = (len + C - 1) / C;
   const int begin = min(len, rank * chunk);
   const int n = min(len, begin + chunk) - begin;  // this CTA's positions [begin, begin + n)
   const int ntiles = max(1, (n + kTile - 1) / kTile);
@@ -198,24 +234,30 @@ __global__ void __cluster_dims__(kClusterCtas, 1, 1) __launch_bounds__(kTopkThre
                [](uint32_t key) { return static_cast<int>(key >> 20); });
   }
   __syncthreads();
-  cluster.barrier_wait(std::move(zeroed));
+  if constexpr (kDsmem) {
+    cluster.barrier_wait();  // every CTA's s_g1 / s_g2 cleared
 #pragma unroll
-  for (int e = 0; e < kBins1 / kTopkThreads; ++e) {
-    const int bin = tid + e * kTopkThreads;
-    const int c = s_h1[bin] + s_h1[kCopy + bin];
-    if (c > 0) atomicAdd(cluster.map_shared_rank(s_g1, bin / kSlice1) + bin % kSlice1, c);
+    for (int e = 0; e < kBins1 / kTopkThreads; ++e) {
+      const int bin = tid + e * kTopkThreads;
+      const int c = s_h1[bin] + s_h1[kCopy + bin];
+      if (c > 0) atomicAdd(cluster.map_shared_rank(s_g1, bin / kSlice1) + bin % kSlice1, c);
+    }
+    cluster.sync();  // cluster histogram complete
   }
-  cluster.sync();  // cluster histogram complete
   {
     constexpr int B = kBins1 / kTopkThreads;
     const int lo = kBins1 - B * (tid + 1);  // this thread's bins: lo .. lo + B - 1
-    const int4 g = *reinterpret_cast<const int4*>(
-        cluster.map_shared_rank(s_g1, lo / kSlice1) + lo % kSlice1);
-    const int gs[B] = {g.w, g.z, g.y, g.x};
     int ls[B];
 #pragma unroll
     for (int e = 0; e < B; ++e) ls[e] = s_h1[lo + B - 1 - e] + s_h1[kCopy + lo + B - 1 - e];
-    find_bin(gs, ls, kBins1 - 1, a.k, 0u, 20, s_warp, &s_found);
+    if constexpr (kDsmem) {
+      const int4 g = *reinterpret_cast<const int4*>(
+          cluster.map_shared_rank(s_g1, lo / kSlice1) + lo % kSlice1);
+      const int gs[B] = {g.w, g.z, g.y, g.x};
+      find_bin(gs, ls, kBins1 - 1, a.k, 0u, 20, s_warp, &s_found);
+    } else {
+      find_bin(ls, ls, kBins1 - 1, a.k, 0u, 20, s_warp, &s_found);
+    }
   }
   __syncthreads();
   uint32_t prefix = s_found.prefix;
@@ -234,14 +276,20 @@ __global__ void __cluster_dims__(kClusterCtas, 1, 1) __launch_bounds__(kTopkThre
     });
   }
   __syncthreads();
-  if (s_h2[tid] > 0)
-    atomicAdd(cluster.map_shared_rank(s_g2, tid / kSlice2) + tid % kSlice2, s_h2[tid]);
-  cluster.sync();
+  if constexpr (kDsmem) {
+    if (s_h2[tid] > 0)
+      atomicAdd(cluster.map_shared_rank(s_g2, tid / kSlice2) + tid % kSlice2, s_h2[tid]);
+    cluster.sync();
+  }
   {
     const int bin = kBins2 - 1 - tid;
-    const int gs[1] = {cluster.map_shared_rank(s_g2, bin / kSlice2)[bin % kSlice2]};
     const int ls[1] = {s_h2[bin]};
-    find_bin(gs, ls, kBins2 - 1, remaining, prefix, 10, s_warp, &s_found);
+    if constexpr (kDsmem) {
+      const int gs[1] = {cluster.map_shared_rank(s_g2, bin / kSlice2)[bin % kSlice2]};
+      find_bin(gs, ls, kBins2 - 1, remaining, prefix, 10, s_warp, &s_found);
+    } else {
+      find_bin(ls, ls, kBins2 - 1, remaining, prefix, 10, s_warp, &s_found);
+    }
   }
   __syncthreads();
   prefix = s_found.prefix;
@@ -250,7 +298,7 @@ __global__ void __cluster_dims__(kClusterCtas, 1, 1) __launch_bounds__(kTopkThre
 
   // Pass 3 (bits 9..0). Each CTA writes its whole column, so the owners see every CTA's
   // count per bin and can tell the CTAs before the reader from the rest.
-  if (tid == 0) s_above12 = above;
+  if (kDsmem && tid == 0) s_above12 = above;
   for (int t = 0; t < ntiles; ++t) {
     if (ntiles > 1) {
       fetch(t);
@@ -261,35 +309,37 @@ __global__ void __cluster_dims__(kClusterCtas, 1, 1) __launch_bounds__(kTopkThre
     });
   }
   __syncthreads();
-  cluster.map_shared_rank(s_g3, tid / kSlice2)[(tid % kSlice2) * kClusterCtas + rank] = s_h1[tid];
-  cluster.sync();
-  if (warp == 0) {
-    const int x = lane < rank ? *cluster.map_shared_rank(&s_above12, lane) : 0;
-    const int sum = __reduce_add_sync(0xffffffffu, x);
-    if (lane == 0) s_above_earlier = sum;
-  }
   {
     const int bin = kBins2 - 1 - tid;
-    const int4* col = reinterpret_cast<const int4*>(
-        cluster.map_shared_rank(s_g3, bin / kSlice2) + (bin % kSlice2) * kClusterCtas);
-    const int4 c0 = col[0], c1 = col[1];
-    const int c[kClusterCtas] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
     int gs[1] = {0}, es[1] = {0};  // all CTAs, the CTAs before this one
+    if constexpr (kDsmem) {
+      cluster.map_shared_rank(s_g3, tid / kSlice2)[(tid % kSlice2) * C + rank] = s_h1[tid];
+      cluster.sync();
+      if (warp == 0) {
+        const int x = lane < rank ? *cluster.map_shared_rank(&s_above12, lane) : 0;
+        const int sum = __reduce_add_sync(0xffffffffu, x);
+        if (lane == 0) s_above_earlier = sum;
+      }
+      int c[C];
+      load_ints(cluster.map_shared_rank(s_g3, bin / kSlice2) + (bin % kSlice2) * C, c);
 #pragma unroll
-    for (int r = 0; r < kClusterCtas; ++r) {
-      gs[0] += c[r];
-      es[0] += r < rank ? c[r] : 0;
+      for (int r = 0; r < C; ++r) {
+        gs[0] += c[r];
+        es[0] += r < rank ? c[r] : 0;
+      }
+    } else {
+      gs[0] = s_h1[bin];
     }
     find_bin(gs, es, kBins2 - 1, remaining, prefix, 0, s_warp, &s_found);
   }
   // Every remote read of this CTA is done; the matching wait keeps this CTA's shared memory
   // alive until the other CTAs have done theirs.
-  auto read_done = cluster.barrier_arrive();
+  if constexpr (kDsmem) cluster.barrier_arrive();
   __syncthreads();
   const uint32_t thresh = s_found.prefix;  // T, the k-th largest key of the row
   remaining = s_found.remaining;           // keys equal to T in the top k
   const int eq_earlier = s_found.equal;    // keys equal to T in the CTAs before this one
-  const int offset = s_above_earlier + s_found.above + min(remaining, eq_earlier);
+  const int offset = (kDsmem ? s_above_earlier : 0) + s_found.above + min(remaining, eq_earlier);
   const int tie_budget = max(0, remaining - eq_earlier);  // ties left to this CTA
 
   const uint32_t lt_mask = (1u << lane) - 1u;
@@ -335,15 +385,36 @@ __global__ void __cluster_dims__(kClusterCtas, 1, 1) __launch_bounds__(kTopkThre
     if (ntiles > 1) __syncthreads();  // s_seg and s_warp are rewritten by the next tile
   }
   if (rank == 0 && tid == 0) a.counts[row] = a.k;
-  cluster.barrier_wait(std::move(read_done));
+  if constexpr (kDsmem) cluster.barrier_wait();  // pairs with the arrive after pass 3's reads
+}
+
+template <int C>
+cudaError_t launch_ctas(const TopkArgs& a, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(C, a.batch * a.hkv);
+  cfg.blockDim = dim3(kTopkThreads);
+  cfg.stream = stream;
+  cudaLaunchAttribute cluster[1];
+  cluster[0].id = cudaLaunchAttributeClusterDimension;
+  cluster[0].val.clusterDim.x = C;
+  cluster[0].val.clusterDim.y = 1;
+  cluster[0].val.clusterDim.z = 1;
+  cfg.attrs = cluster;
+  cfg.numAttrs = C > 1 ? 1 : 0;  // C == 1 uses no cluster operations: a plain launch
+  return cudaLaunchKernelEx(&cfg, topk_cluster_kernel<C>, a);
 }
 
 }  // namespace
 
 cudaError_t launch_topk(const TopkArgs& a, cudaStream_t stream) {
-  const dim3 grid(kClusterCtas, a.batch * a.hkv);
-  topk_cluster_kernel<<<grid, kTopkThreads, 0, stream>>>(a);
-  return cudaGetLastError();
+  // CTAs per row: the fewest (a power of two, so the histogram bins split evenly) that hold a
+  // row of `capacity` scores in registers. cache_lens only bounds the rows by capacity on the
+  // device; the kernel handles any length, this only picks the speed.
+  const int64_t tiles = (static_cast<int64_t>(a.capacity) + kTile - 1) / kTile;
+  if (tiles <= 1) return launch_ctas<1>(a, stream);
+  if (tiles <= 2) return launch_ctas<2>(a, stream);
+  if (tiles <= 4) return launch_ctas<4>(a, stream);
+  return launch_ctas<kMaxCtas>(a, stream);
 }
 
 }  // namespace mage::cuda

@@ -83,6 +83,25 @@ def test_topk_matches_cpu_exactly(k, n_sink, n_recent, gen):
     assert torch.equal(cpu_idx, gpu_idx.cpu())
 
 
+# The launch picks 1, 2, 4 or 8 CTAs per row from the capacity; 150000 > 8 x 16K also takes
+# the path that re-reads 16K-position tiles.
+@pytest.mark.parametrize("capacity", [3000, 20000, 40000, 150000])
+@pytest.mark.parametrize("k,n_sink,n_recent", [(1, 0, 0), (512, 4, 64), (2048, 0, 0)])
+def test_topk_matches_cpu_exactly_for_each_cluster_size(capacity, k, n_sink, n_recent, gen):
+    lens = [capacity, capacity - 1, capacity // 2 + 7, 100]
+    scores = torch.rand(4, 2, capacity, generator=gen)
+    scores[:, :, 1000:1100] = 0.5  # ties
+    scores[1, 1] = 0.25  # a row of ties only: the earliest positions win, across CTAs
+    mid = capacity // 2  # a CTA boundary of the full-length rows (C > 1)
+    scores[0, 1, mid - 300 : mid + 700] = 2.0  # top ties that k = 512 splits across two CTAs
+    scores[0, 0, 5] = float("nan")
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    cpu_idx, cpu_cnt = mage_ext.topk_select(scores, lens_t, k, n_sink, n_recent)
+    gpu_idx, gpu_cnt = mage_ext.topk_select(scores.cuda(), lens_t.cuda(), k, n_sink, n_recent)
+    assert torch.equal(cpu_cnt, gpu_cnt.cpu())
+    assert torch.equal(cpu_idx, gpu_idx.cpu())
+
+
 def test_repeated_runs_are_identical(gen):
     inp = make_inputs(2, 28, 4, 32, 128, [9000, 4097], torch.bfloat16, "cuda", generator=gen)
     first = mage_ext.attention_with_scores(*inp.args())
