@@ -208,7 +208,7 @@ __global__ void __launch_bounds__(wgmma_threads<kWG>(), 1)
                      poisoned, tig);
   }
 #else
-  __trap();  // built without sm_90a: the host never launches this kernel (see wgmma_built())
+  __trap();  // built without sm_90a: the host never launches this kernel (see use_wgmma())
 #endif
 }
 
