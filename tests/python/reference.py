@@ -43,6 +43,13 @@ def make_inputs(batch, hq, hkv, block, dim, lens, dtype=torch.float32, device="c
     )
 
 
+def poison(*tensors):
+    """Fills outputs with NaN (integers with -12345) before a kernel runs: an element the kernel
+    does not write then fails the comparison instead of passing on leftover memory."""
+    for t in tensors:
+        t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-12345)
+
+
 def random_selection(lens, hkv, k, generator=None, device="cpu"):
     """Random ascending selections of min(k, len) positions per (sequence, KV head)."""
     batch = len(lens)

@@ -5,7 +5,8 @@ import torch
 
 import mage_ext
 from conftest import requires_cuda
-from reference import assert_close_fa, make_inputs, random_selection, reference_attention
+from reference import (assert_close_fa, make_inputs, poison, random_selection,
+                       reference_attention)
 
 pytestmark = requires_cuda
 
@@ -20,22 +21,27 @@ def kernel_path(request, monkeypatch):
 
 
 def check_first_and_sparse_steps(inp, lens, hkv, budgets, dtype, gen):
-    """attention_with_scores and sparse_attention (one random selection per budget) against
-    the fp64 reference, with the FlashAttention tolerance rule."""
-    out, lse, scores = mage_ext.attention_with_scores(*inp.args())
+    """attention_with_scores and sparse_attention (one random selection per budget) into
+    NaN-poisoned outputs, against the fp64 reference with the FlashAttention tolerance rule."""
+    dev = inp.q.device
+    out, lse = torch.empty_like(inp.q), torch.empty(inp.q.shape[:3], device=dev)
+    scores = torch.empty(inp.k_cache.shape[:3], device=dev)
+    poison(out, lse, scores)
+    mage_ext.ops.attention_with_scores_out(*inp.args(), None, out, lse, scores)
     ref64 = reference_attention(inp)
     ref_pt = reference_attention(inp, dtype=dtype)
     assert_close_fa(out, ref64[0], ref_pt[0], dtype, "out")
     assert_close_fa(lse, ref64[1], ref_pt[1], dtype, "lse")
     assert_close_fa(scores, ref64[2], ref_pt[2], dtype, "scores")
     for budget in budgets:
-        idx, cnt = random_selection(lens, hkv, budget, generator=gen, device="cuda")
-        sp_out, sp_lse = mage_ext.sparse_attention(inp.q, inp.k_cache, inp.v_cache, idx, cnt,
-                                                   inp.k_block, inp.v_block)
+        idx, cnt = random_selection(lens, hkv, budget, generator=gen, device=dev)
+        poison(out, lse)
+        mage_ext.ops.sparse_attention_out(inp.q, inp.k_cache, inp.v_cache, idx, cnt,
+                                          inp.k_block, inp.v_block, None, out, lse)
         ref64 = reference_attention(inp, idx, cnt)
         ref_pt = reference_attention(inp, idx, cnt, dtype=dtype)
-        assert_close_fa(sp_out, ref64[0], ref_pt[0], dtype, f"sparse out (k={budget})")
-        assert_close_fa(sp_lse, ref64[1], ref_pt[1], dtype, f"sparse lse (k={budget})")
+        assert_close_fa(out, ref64[0], ref_pt[0], dtype, f"sparse out (k={budget})")
+        assert_close_fa(lse, ref64[1], ref_pt[1], dtype, f"sparse lse (k={budget})")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -4,7 +4,7 @@ import torch
 
 import mage_ext
 from conftest import DEVICES
-from reference import (assert_close_fa, make_inputs, max_error, random_selection,
+from reference import (assert_close_fa, make_inputs, max_error, poison, random_selection,
                        reference_attention)
 
 # (batch, Hq, Hkv, B, d, lens): odd sizes, GQA 1..7, unequal lengths, an empty sequence.
@@ -15,11 +15,6 @@ SHAPES = [
     (2, 8, 2, 16, 64, [1, 2050]),
 ]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def poison(*tensors):
-    for t in tensors:
-        t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-12345)
 
 
 @pytest.mark.parametrize("device", DEVICES)
