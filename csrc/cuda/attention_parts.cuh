@@ -47,14 +47,24 @@ MAGE_DEVICE void mark_empty_split(const AttentionArgs& a, int split, int64_t hea
   }
 }
 
-// The producer warp's copy of key-list rows t .. t + 63 (kKeyTile) into the K and V tiles at
-// element offsets offset(row, 16-byte chunk). Lane pair (2i, 2i + 1) copies rows i, i + 16,
-// i + 32, i + 48, the even / odd chunks: each cp.async instruction moves 16 rows x 32
-// contiguous bytes (whole sectors), and each row's offset (a selected index) is looked up once.
+// The producer warp's rows of key-list tile t: lane pair (2i, 2i + 1) takes rows i, i + 16,
+// i + 32, i + 48 (see copy_kv_tile). Loads their positions (the selected indices); the first
+// tile's before the key count is known.
+template <typename T, bool kSparse>
+MAGE_DEVICE void load_tile_positions(const KeyList<T, kSparse>& keys, int t, int lane,
+                                     int (&pos)[4]) {
+#pragma unroll
+  for (int g = 0; g < 4; ++g) pos[g] = keys.load_position(t + (lane >> 1) + 16 * g);
+}
+
+// The producer warp's copy of key-list rows t .. t + 63 (kKeyTile), at positions `pos` from
+// load_tile_positions, into the K and V tiles at element offsets offset(row, 16-byte chunk).
+// Lane pair (2i, 2i + 1) copies rows i, i + 16, i + 32, i + 48, the even / odd chunks: each
+// cp.async instruction moves 16 rows x 32 contiguous bytes (whole sectors).
 // Rows past k_end are zero-filled (P = 0 there, and 0 * V must stay finite).
 template <typename T, int D, bool kSparse, typename Offset>
-MAGE_DEVICE void copy_kv_tile(const KeyList<T, kSparse>& keys, int t, int k_end, int lane, T* dk,
-                              T* dv, Offset offset, bool& bad) {
+MAGE_DEVICE void copy_kv_tile(const KeyList<T, kSparse>& keys, int t, int k_end, int lane,
+                              const int (&pos)[4], T* dk, T* dv, Offset offset, bool& bad) {
   static_assert(kKeyTile == 64, "the lane mapping covers 64-row tiles");
   constexpr int kChunks = D / 8;
   const T* ksrc[4];
@@ -65,7 +75,7 @@ MAGE_DEVICE void copy_kv_tile(const KeyList<T, kSparse>& keys, int t, int k_end,
     const int v = t + (lane >> 1) + 16 * g;
     valid[g] = v < k_end;
     bool in_block = true;
-    const int64_t off = valid[g] ? keys.row_offset(v, in_block, bad) : 0;
+    const int64_t off = valid[g] ? keys.row_offset(v, pos[g], in_block, bad) : 0;
     ksrc[g] = (in_block ? keys.k_block : keys.k_cache) + off;
     vsrc[g] = (in_block ? keys.v_block : keys.v_cache) + off;
   }

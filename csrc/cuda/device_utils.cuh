@@ -140,4 +140,40 @@ MAGE_DEVICE float warp_sum(float v) {
 
 MAGE_DEVICE int clamp_int(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
+// Programmatic dependent launch (sm_90). A kernel launched by launch_dependent() may be placed
+// on the GPU while the kernel before it in the stream still runs, so its launch latency
+// overlaps that kernel's tail; it must call pdl_wait() before it touches global memory (the
+// wait returns once the previous kernel has finished and its writes are visible; at once when
+// the launch was an ordinary one). Kernels that usually have such a successor call
+// pdl_release() when their main loop is done: the successor's CTAs may then take free SM
+// slots and wait there.
+MAGE_DEVICE void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+MAGE_DEVICE void pdl_release() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Launches kernel(args) after the previous kernel in the stream: programmatically (see above)
+// when `pdl`, else as an ordinary launch.
+template <typename Args>
+cudaError_t launch_dependent(bool pdl, void (*kernel)(Args), dim3 grid, int threads, int smem,
+                             cudaStream_t stream, const Args& args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, args);
+}
+
 }  // namespace mage::cuda

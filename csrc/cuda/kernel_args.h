@@ -65,6 +65,7 @@ struct MergeArgs {
   int dim = 0;
   void* out = nullptr;
   float* lse = nullptr;
+  bool pdl = false;  // programmatic dependent launch (device_utils.cuh)
 };
 
 struct TopkArgs {
@@ -113,5 +114,7 @@ cudaError_t launch_merge_f32(const MergeArgs& args, cudaStream_t stream);
 constexpr int kKeyTile = 64;
 constexpr int kRowsWide = 224;
 constexpr int kRowsNarrow = 64;
+// Narrow (one-warpgroup) sm_90a attention CTAs resident per SM (attention_wgmma.cuh).
+constexpr int kNarrowWgmmaCtasPerSm = 2;
 
 }  // namespace mage::cuda

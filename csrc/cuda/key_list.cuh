@@ -18,6 +18,7 @@ struct KeyList {
   int n_total;  // n_cache + B
   int capacity;
   int dim;
+  int kmax;  // sparse: entries per indices row
 
   MAGE_DEVICE KeyList(const AttentionArgs& a, int b, int h) {
     const int64_t cache_off = b * a.cache_stride_b + h * a.cache_stride_h;
@@ -28,6 +29,7 @@ struct KeyList {
     v_block = static_cast<const T*>(a.v_block) + block_off;
     capacity = a.capacity;
     dim = a.dim;
+    kmax = a.kmax;
     if constexpr (kSparse) {
       indices = a.indices + (static_cast<int64_t>(b) * a.hkv + h) * a.kmax;
       n_cache = clamp_int(a.counts[b * a.hkv + h], 0, a.kmax);
@@ -39,20 +41,33 @@ struct KeyList {
     n_total = n_cache + a.block;
   }
 
-  // Offset (in elements) of key v's row in its cache or block tensor; `in_block` says which.
-  // An out-of-range selected index reads row 0 and raises `bad` (the output becomes NaN).
-  MAGE_DEVICE int64_t row_offset(int v, bool& in_block, bool& bad) const {
-    in_block = v >= n_cache;
-    if (in_block) return static_cast<int64_t>(v - n_cache) * dim;
+  // The cache position of list entry v as far as the indices know it (sparse; dense: v). It
+  // does not look at the key count, so the load can be issued before the count arrives
+  // (entries past the count are read but never used); asm volatile keeps it where it is
+  // written instead of next to its first use.
+  MAGE_DEVICE int load_position(int v) const {
     int pos = v;
     if constexpr (kSparse) {
-      pos = __ldg(indices + v);
-      if (pos < 0 || pos >= capacity) {
-        bad = true;
-        pos = 0;
-      }
+      if (v < kmax) asm volatile("ld.global.nc.s32 %0, [%1];\n" : "=r"(pos) : "l"(indices + v));
+    }
+    return pos;
+  }
+
+  // Offset (in elements) of key v's row in its cache or block tensor, `pos` being
+  // load_position(v); `in_block` says which tensor. An out-of-range selected index reads row 0
+  // and raises `bad` (the output becomes NaN).
+  MAGE_DEVICE int64_t row_offset(int v, int pos, bool& in_block, bool& bad) const {
+    in_block = v >= n_cache;
+    if (in_block) return static_cast<int64_t>(v - n_cache) * dim;
+    if (kSparse && (pos < 0 || pos >= capacity)) {
+      bad = true;
+      pos = 0;
     }
     return static_cast<int64_t>(pos) * dim;
+  }
+  MAGE_DEVICE int64_t row_offset(int v, bool& in_block, bool& bad) const {
+    const int pos = kSparse && v < n_cache ? __ldg(indices + v) : v;
+    return row_offset(v, pos, in_block, bad);
   }
 };
 

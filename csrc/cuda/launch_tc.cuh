@@ -42,6 +42,7 @@ template <typename T, int D, bool kSparse>
 cudaError_t launch_tc_shape(const AttentionArgs& a, cudaStream_t stream) {
 #ifdef MAGE_WGMMA  // built for sm_90a (setup.py / CMake define it; the host checks it too)
   switch (a.wgmma_groups) {
+    case 1: return launch_wgmma_attention<T, D, kSparse, 1>(a, stream);
     case 2: return launch_wgmma_attention<T, D, kSparse, 2>(a, stream);
     case 3: return launch_wgmma_attention<T, D, kSparse, 3>(a, stream);
     default: break;
@@ -90,12 +91,8 @@ cudaError_t launch_tc_scores(const ScoresArgs& a, cudaStream_t stream) {
 template <typename T>
 cudaError_t launch_merge_typed(const MergeArgs& a, cudaStream_t stream) {
   const dim3 grid(a.total_rows);  // one CTA per row
-  if (a.dim == 64) {
-    merge_splits_kernel<T, 64><<<grid, kMergeWarps * 32, 0, stream>>>(a);
-  } else {
-    merge_splits_kernel<T, 128><<<grid, kMergeWarps * 32, 0, stream>>>(a);
-  }
-  return cudaGetLastError();
+  auto kernel = a.dim == 64 ? merge_splits_kernel<T, 64> : merge_splits_kernel<T, 128>;
+  return launch_dependent(a.pdl, kernel, grid, kMergeWarps * 32, 0, stream, a);
 }
 
 }  // namespace mage::cuda

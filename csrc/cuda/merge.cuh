@@ -44,6 +44,7 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
   constexpr int kUnroll = 8;
   __shared__ Vec s_acc[kMergeWarps][32];
   __shared__ float s_wsum[kMergeWarps];
+  pdl_wait();  // the partials come from the attention kernel just before (PDL launch)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t row = blockIdx.x;
   const int64_t rows = a.total_rows;

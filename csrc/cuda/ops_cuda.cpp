@@ -60,6 +60,14 @@ bool use_wgmma() {
 #endif
 }
 
+// Programmatic dependent launch of the merge after the attention kernel (device_utils.cuh) on
+// sm_90+, unless MAGE_DISABLE_PDL=1 (read per call, as use_wgmma()).
+bool use_pdl() {
+  const char* off = std::getenv("MAGE_DISABLE_PDL");
+  if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
+  return at::cuda::getCurrentDeviceProperties()->major >= 9;
+}
+
 // 64-row warpgroups per CTA for `rows` (> 64) query rows, or 0 for the mma.sync kernel: 2 or
 // 3 groups (a fourth does not fit the registers). Up to 192 rows one CTA holds them all. More
 // rows need 2+ CTAs per key split, each re-reading the K/V tiles, and 2-group CTAs run at about
@@ -132,10 +140,11 @@ void run_attention(const char* op, bool sparse, AttentionArgs a, const Prepared&
     C10_CUDA_CHECK(launch_attention(dtype, sparse, a, stream));
     return;
   }
-  // One CTA per SM (the kernel fills an SM's shared memory): one wave of equal splits. Wide
-  // CTAs (224 rows) when the key tiles can fill the GPU with them; else narrow ones (64 rows),
-  // so a short key list (the sparse step at small batch) still spreads over many SMs.
-  // On sm_90a builds the wide CTA is the warpgroup (wgmma) kernel with 64-row groups.
+  // One wave of equal splits: one CTA per SM (the kernel fills an SM's shared memory; two for
+  // narrow warpgroup CTAs). Wide CTAs (224 rows) when the key tiles can fill the GPU with them;
+  // else narrow ones (64 rows), so a short key list (the sparse step at small batch) still
+  // spreads over many SMs. On sm_90a builds both are the warpgroup (wgmma) kernel, with
+  // 64-row groups.
   const int groups =
       use_wgmma() ? wgmma_groups_for(a.rows, static_cast<int64_t>(a.batch) * a.hkv) : 0;
   const int wide_rows = groups > 0 ? 64 * groups : kRowsWide;
@@ -144,9 +153,14 @@ void run_attention(const char* op, bool sparse, AttentionArgs a, const Prepared&
   // (Narrow also when the rows fit in one narrow CTA, e.g. SDAR's block 4: no idle m-tiles.)
   const bool wide = wide_ctas >= sm_count() && a.rows > kRowsNarrow;
   a.rows_per_cta = wide ? wide_rows : kRowsNarrow;
-  a.wgmma_groups = wide ? groups : 0;
+  // Narrow CTAs are one warpgroup on sm_90a: a 64-key tile takes a fraction of the 4 mma.sync
+  // warps' time, which is most of a short split's critical path.
+  a.wgmma_groups = wide ? groups : (use_wgmma() ? 1 : 0);
   const int64_t row_tiles = (a.rows + a.rows_per_cta - 1) / a.rows_per_cta;
-  plan_splits(max_keys, row_tiles * a.batch * a.hkv, sm_count(), /*min_tiles=*/1,
+  const int ctas_per_sm = a.wgmma_groups == 1 ? kNarrowWgmmaCtasPerSm : 1;
+  // One key tile per split where the GPU has room: a split's time at batch 1 is mostly the
+  // latency of its first tile (measured: each further tile of a split added ~1.6-3.6 us).
+  plan_splits(max_keys, row_tiles * a.batch * a.hkv, sm_count() * ctas_per_sm, /*min_tiles=*/1,
               &a.num_splits, &a.keys_per_split);
   at::Tensor o_part, lse_part;
   const int64_t total_rows = static_cast<int64_t>(a.batch) * a.hq * a.block;
@@ -166,6 +180,9 @@ void run_attention(const char* op, bool sparse, AttentionArgs a, const Prepared&
     m.dim = a.dim;
     m.out = out.data_ptr();
     m.lse = lse.data_ptr<float>();
+    // Measured on the H200: the sparse step at batch 1 gains ~0.7 us of ~9 per layer; the
+    // dense steps lose 1-10% (batch 32), so they launch the merge the ordinary way.
+    m.pdl = sparse && use_pdl();
     C10_CUDA_CHECK(launch_merge(dtype, m, stream));
   }
 }

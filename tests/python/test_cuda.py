@@ -13,10 +13,12 @@ pytestmark = requires_cuda
 
 @pytest.fixture(params=["default", "mma_sync"])
 def kernel_path(request, monkeypatch):
-    """Runs a test on the default kernels (the wgmma ones on an sm_90a build) and again with
-    them switched off (MAGE_DISABLE_WGMMA=1: the portable mma.sync kernels)."""
+    """Runs a test on the default kernels (the wgmma ones on an sm_90a build, the sparse step's
+    merge as a programmatic dependent launch) and again on the portable path (mma.sync kernels,
+    ordinary launches: MAGE_DISABLE_WGMMA=1, MAGE_DISABLE_PDL=1)."""
     if request.param == "mma_sync":
         monkeypatch.setenv("MAGE_DISABLE_WGMMA", "1")
+        monkeypatch.setenv("MAGE_DISABLE_PDL", "1")
     return request.param
 
 
