@@ -5,9 +5,9 @@
 
 Shapes cover: lengths not multiple of the tiles, a split cache (merge kernel), batch 2 with
 unequal lengths, GQA, d 64 and 128, fp16 / bf16 / fp32, sparse with counts < k, top-k with
-sinks and recents (1 and 2 CTAs per row), append; and a case with enough rows and key tiles
-for the wide CTAs (the sm_90a warpgroup kernels on an sm_90a build), with a part-filled
-warpgroup.
+sinks and recents (1, 2 or 4, and 16 CTAs per row; re-read tiles), append; and a case with
+enough rows and key tiles for the wide CTAs (the sm_90a warpgroup kernels on an sm_90a
+build), with a part-filled warpgroup.
 """
 import torch
 
@@ -40,10 +40,17 @@ def main():
             out, lse, scores = mage_ext.attention_with_scores(q, kc, vc, lens, kb, vb)
             idx, cnt = mage_ext.topk_select(scores, lens, 4000)
             mage_ext.sparse_attention(q, kc, vc, idx, cnt, kb, vb)
-    # Top-k with a 2-CTA cluster per row (capacity 20000 > 16K): the DSMEM histograms.
+    # Top-k with a cluster per row (capacity 20000 > 16K: 2 CTAs, 4 where the rows fit at
+    # once): the DSMEM histograms.
     scores = torch.randn(2, 2, 20000, device=dev)
     lens = torch.tensor([20000, 9000], dtype=torch.int32, device=dev)
     mage_ext.topk_select(scores, lens, 512, n_sink=4, n_recent=64)
+    # 16-CTA clusters (non-portable size; 8 where the device has none): a batch-1 long row with
+    # a length off the 32-position segments, and a 300000 row that re-reads 16K tiles.
+    for cap, n in ((150000, 149989), (300000, 299999)):
+        scores = torch.randn(1, 2, cap, device=dev)
+        lens = torch.tensor([n], dtype=torch.int32, device=dev)
+        mage_ext.topk_select(scores, lens, 512, n_sink=4, n_recent=64)
     torch.cuda.synchronize()
     print("sanitize_ops: all ops ran")
 

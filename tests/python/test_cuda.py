@@ -22,6 +22,19 @@ def kernel_path(request, monkeypatch):
     return request.param
 
 
+def capture(step):
+    """A CUDA graph of step(), after one warm-up run on a side stream (outside the capture)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
 def check_first_and_sparse_steps(inp, lens, hkv, budgets, dtype, gen):
     """attention_with_scores and sparse_attention (one random selection per budget) into
     NaN-poisoned outputs, against the fp64 reference with the FlashAttention tolerance rule."""
@@ -91,23 +104,91 @@ def test_topk_matches_cpu_exactly(k, n_sink, n_recent, gen):
     assert torch.equal(cpu_idx, gpu_idx.cpu())
 
 
-# The launch picks 1, 2, 4 or 8 CTAs per row from the capacity; 150000 > 8 x 16K also takes
-# the path that re-reads 16K-position tiles.
-@pytest.mark.parametrize("capacity", [3000, 20000, 40000, 150000])
-@pytest.mark.parametrize("k,n_sink,n_recent", [(1, 0, 0), (512, 4, 64), (2048, 0, 0)])
-def test_topk_matches_cpu_exactly_for_each_cluster_size(capacity, k, n_sink, n_recent, gen):
-    lens = [capacity, capacity - 1, capacity // 2 + 7, 100]
-    scores = torch.rand(4, 2, capacity, generator=gen)
+def _topk_rows(capacity, batch, k, gen):
+    """Scores [batch, 2, capacity] and lengths that cover the kernel's corner cases: full and
+    odd lengths (a warp's last segment past the end), lengths just above k (CTAs left empty),
+    ties across CTA boundaries, a row of ties only, NaN / -inf / -0 reaching into the top k
+    (the CPU kernel ranks NaN as -inf and -0 as +0)."""
+    base = [capacity, capacity - 1, capacity // 2 + 7, 100, min(capacity, k + 1),
+            min(capacity, k + 45)]
+    lens = [base[i] if i < len(base) else
+            int(torch.randint(k + 1, capacity + 1, (1,), generator=gen)) for i in range(batch)]
+    scores = torch.rand(batch, 2, capacity, generator=gen)
     scores[:, :, 1000:1100] = 0.5  # ties
-    scores[1, 1] = 0.25  # a row of ties only: the earliest positions win, across CTAs
-    mid = capacity // 2  # a CTA boundary of the full-length rows (C > 1)
-    scores[0, 1, mid - 300 : mid + 700] = 2.0  # top ties that k = 512 splits across two CTAs
     scores[0, 0, 5] = float("nan")
-    lens_t = torch.tensor(lens, dtype=torch.int32)
-    cpu_idx, cpu_cnt = mage_ext.topk_select(scores, lens_t, k, n_sink, n_recent)
-    gpu_idx, gpu_cnt = mage_ext.topk_select(scores.cuda(), lens_t.cuda(), k, n_sink, n_recent)
+    # Top ties around every 1/16 of the row (CTA boundaries for C = 2 .. 16): k = 512 splits
+    # them across CTAs.
+    for i in range(1, 16):
+        p = i * capacity // 16
+        scores[0, 1, max(0, p - 40): p + 40] = 2.0
+    if batch > 1:
+        scores[1, 1] = 0.25  # a row of ties only: the earliest positions win, across CTAs
+    if batch > 2:
+        row = scores[2, 0]  # NaN and -inf tie below every number; 300 numbers only
+        row[:] = float("nan")
+        row[::7] = float("-inf")
+        row[torch.randperm(capacity, generator=gen)[:300]] = torch.rand(300, generator=gen)
+        row = scores[2, 1]  # -0 and +0 tie; 200 positives only
+        row[:] = 0.0
+        row[::3] = -0.0
+        row[torch.randperm(capacity, generator=gen)[:200]] = 1.0 + torch.rand(200, generator=gen)
+    return scores, torch.tensor(lens, dtype=torch.int32)
+
+
+def _check_topk(scores, lens, k, n_sink, n_recent):
+    cpu_idx, cpu_cnt = mage_ext.topk_select(scores, lens, k, n_sink, n_recent)
+    gpu_idx, gpu_cnt = mage_ext.topk_select(scores.cuda(), lens.cuda(), k, n_sink, n_recent)
     assert torch.equal(cpu_cnt, gpu_cnt.cpu())
-    assert torch.equal(cpu_idx, gpu_idx.cpu())
+    bad = (cpu_idx != gpu_idx.cpu()).any(-1).nonzero().tolist()
+    assert not bad, f"rows (batch, head) {bad[:8]} differ (lens {lens.tolist()})"
+
+
+# The launch picks C = 1, 2, 4, 8 or 16 CTAs per row from the capacity and the row count: the
+# fewest that hold a row in registers, doubled while a CTA holds > 8K positions and all rows fit
+# on the GPU at once (the row counts below are for an H200: 132 SMs). 300000 > 16 x 16K also
+# takes the path that re-reads 16K-position tiles.
+@pytest.mark.parametrize("capacity,batch", [
+    (3000, 4),      # C = 1
+    (20000, 4),     # 2, doubled to 4
+    (20000, 24),    # 48 rows: too many 4-clusters at once, C = 2
+    (40000, 4),     # 4, doubled to 8
+    (100000, 3),    # 8, doubled to 16 (non-portable cluster size)
+    (100000, 16),   # 32 rows: too many 16-clusters at once, C = 8
+    (150000, 3),    # 16
+    (300000, 1),    # 16, two tiles per CTA
+])
+@pytest.mark.parametrize("k,n_sink,n_recent", [(1, 0, 0), (512, 4, 64), (2048, 0, 0)])
+def test_topk_matches_cpu_exactly_for_each_cluster_size(capacity, batch, k, n_sink, n_recent,
+                                                        gen):
+    scores, lens = _topk_rows(capacity, batch, k, gen)
+    _check_topk(scores, lens, k, n_sink, n_recent)
+
+
+@pytest.mark.parametrize("capacity", [1024, 1500, 8192, 16384, 16385, 70000])
+def test_topk_short_and_odd_rows(capacity, gen):
+    """Each length from k + 1 up in odd steps: the per-warp key counts and the -inf tail of the
+    last segment (lengths not multiples of 32 or 1024)."""
+    k = 512
+    lens = torch.arange(k + 1, capacity + 1, max(1, (capacity - k) // 37), dtype=torch.int32)
+    scores = torch.randn(len(lens), 1, capacity, generator=gen).exp()
+    scores[:, :, 600:700] = scores[:, :, 650:651]  # ties
+    _check_topk(scores, lens, k, 2, 16)
+
+
+def test_topk_under_cuda_graph(gen):
+    """A 16-CTA launch (batch 1, long row) captured and replayed with new scores."""
+    cap = 131072
+    scores = torch.rand(1, 2, cap, generator=gen).cuda()
+    lens = torch.tensor([cap - 5], dtype=torch.int32, device="cuda")
+    idx = torch.empty(1, 2, 512, dtype=torch.int32, device="cuda")
+    cnt = torch.empty(1, 2, dtype=torch.int32, device="cuda")
+    graph = capture(lambda: mage_ext.ops.topk_select_out(scores, lens, 512, 4, 64, idx, cnt))
+    for _ in range(2):
+        scores.copy_(torch.rand(1, 2, cap, generator=gen))
+        idx.fill_(-7)
+        graph.replay()
+        want_idx, want_cnt = mage_ext.topk_select(scores.cpu(), lens.cpu(), 512, 4, 64)
+        assert torch.equal(idx.cpu(), want_idx) and torch.equal(cnt.cpu(), want_cnt)
 
 
 def test_repeated_runs_are_identical(gen):
@@ -126,17 +207,8 @@ def test_sparse_step_under_cuda_graph(gen):
     out = torch.empty_like(inp.q)
     lse = torch.empty_like(lse0)
     q_static = inp.q.clone()
-    step = lambda: mage_ext.ops.sparse_attention_out(q_static, inp.k_cache, inp.v_cache, idx,
-                                                     cnt, inp.k_block, inp.v_block, None, out,
-                                                     lse)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()  # warm-up outside capture
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = capture(lambda: mage_ext.ops.sparse_attention_out(
+        q_static, inp.k_cache, inp.v_cache, idx, cnt, inp.k_block, inp.v_block, None, out, lse))
     for _ in range(2):
         q_static.copy_(torch.randn(inp.q.shape, generator=gen).to(q_static))
         out.fill_(float("nan"))
