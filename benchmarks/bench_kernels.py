@@ -9,7 +9,10 @@ naive torch sparse step (gather + SDPA), the naive first step (explicit softmax 
 
 Every function is timed as CUDA-graph replays with a cold L2 (device time without host launch
 overhead: time_us), and the MAGE ops also back to back from Python (eager_us: what a plain
-Python loop pays, host overhead included, warm L2).
+Python loop pays, host overhead included, warm L2). At batch 1 the sparse step and the top-k
+are also timed as 28 layers in one graph, each layer on its own cache (layers_graph_us, per
+layer): a single graph replay costs ~4 us of launch and events (an empty kernel's replay),
+which a model's decoding graph pays once per step, not per layer.
 
 Floor = bytes that must move / copy bandwidth measured in this run:
   dense / first step: the cache's K and V once (b * Hkv * N * d * 2 tensors * 2 bytes),
@@ -37,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mage_ext  # noqa: E402
 import peers_flashinfer  # noqa: E402
 from common import (SHAPES, copy_bandwidth_tbps, eager_us, environment,  # noqa: E402
-                    graph_time_us, matmul_tflops, time_us, write_results)
+                    graph_time_us, layers_graph_us, matmul_tflops, time_us, write_results)
 CACHE_LENS = [8192, 32768, 65536, 131072]
 BATCHES = [1, 8, 32]
 KS = [256, 512, 2048]
@@ -132,11 +135,17 @@ def run_config(name, hq, hkv, d, block, batch, n, bw, tflops, flex, flashinfer):
                         eager_us=eager_us(first),
                         floor_us=floor(kv_bytes + io_bytes),
                         compute_floor_us=compute_floor(n + block), peers=first_peers))
-    records.append(dict(base, op="topk", k=FIRST_STEP_K,
-                        time_us=timed(lambda: mage_ext.ops.topk_select_out(
-                            scores, lens, FIRST_STEP_K, 0, 0, idx, cnt)),
-                        floor_us=floor(scores.numel() * 4),
-                        peers={"torch_topk": timed(lambda: scores.topk(FIRST_STEP_K, -1))}))
+    topk = dict(base, op="topk", k=FIRST_STEP_K,
+                time_us=timed(lambda: mage_ext.ops.topk_select_out(
+                    scores, lens, FIRST_STEP_K, 0, 0, idx, cnt)),
+                floor_us=floor(scores.numel() * 4),
+                peers={"torch_topk": timed(lambda: scores.topk(FIRST_STEP_K, -1))})
+    if batch == 1:
+        def topk_layer():
+            s = scores.clone()  # each layer its own scores (same distribution)
+            return lambda: mage_ext.ops.topk_select_out(s, lens, FIRST_STEP_K, 0, 0, idx, cnt)
+        topk["layers_graph_us"] = layers_graph_us(topk_layer)
+    records.append(topk)
 
     for k in KS:
         sel_scores = torch.rand(batch, hkv, n, device="cuda")
@@ -151,11 +160,20 @@ def run_config(name, hq, hkv, d, block, batch, n, bw, tflops, flex, flashinfer):
             vs = torch.cat([vc.gather(2, gather_idx), vb], 2)
             return F.scaled_dot_product_attention(q, ks, vs, enable_gqa=True)
 
-        records.append(dict(base, op="sparse_step", k=k, time_us=timed(sparse),
-                            eager_us=eager_us(sparse),
-                            floor_us=floor(2 * batch * hkv * k * d * esize + io_bytes),
-                            compute_floor_us=compute_floor(k + block),
-                            peers={"naive_torch_gather_sdpa": timed(naive_sparse)}))
+        rec = dict(base, op="sparse_step", k=k, time_us=timed(sparse),
+                   eager_us=eager_us(sparse),
+                   floor_us=floor(2 * batch * hkv * k * d * esize + io_bytes),
+                   compute_floor_us=compute_floor(k + block),
+                   peers={"naive_torch_gather_sdpa": timed(naive_sparse)})
+        if batch == 1:
+            def sparse_layer():
+                kc_l, vc_l = rnd(batch, hkv, n, d), rnd(batch, hkv, n, d)
+                idx_l, cnt_l = mage_ext.topk_select(torch.rand_like(sel_scores), lens, k)
+                return lambda: mage_ext.ops.sparse_attention_out(q, kc_l, vc_l, idx_l, cnt_l, kb,
+                                                                 vb, None, out, lse)
+            rec["layers_graph_us"] = layers_graph_us(sparse_layer)
+            torch.cuda.empty_cache()
+        records.append(rec)
     return records
 
 
@@ -188,6 +206,8 @@ def main():
             records.append(r)
             write_results(args.output, dict(env, records=records))  # partial runs keep their data
             peers = ", ".join(f"{k}={v:.1f}" for k, v in r["peers"].items())
+            if "layers_graph_us" in r:
+                peers += f"  [28-layer graph: {r['layers_graph_us']:.1f} us/layer]"
             print(f"{r['op']:12} {r['shape']:26} {r['block']:>3} {r['batch']:>4} "
                   f"{r['cache_len']:>7} {str(r['k'] or ''):>5} {r['time_us']:>9.1f} "
                   f"{r.get('eager_us', float('nan')):>8.1f} {r['floor_us']:>8.1f} {r['time_us'] / r['floor_us']:>6.2f} "

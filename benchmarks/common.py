@@ -103,6 +103,14 @@ def graph_time_us(fn, **kw) -> float:
     return time_us(graph.replay, **kw)
 
 
+def layers_graph_us(make_layer, layers: int = 28, **kw) -> float:
+    """Per-layer time of `layers` calls captured in ONE graph, each call from make_layer() on its
+    own inputs (its own KV cache, as the layers of a model): what a layer costs inside a
+    decoding graph, where the graph's launch and the timing events are paid once, not per call."""
+    fns = [make_layer() for _ in range(layers)]
+    return graph_time_us(lambda: [f() for f in fns], **kw) / layers
+
+
 def copy_bandwidth_tbps(nbytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth (bytes read + written per second), in TB/s."""
     src = torch.randn(nbytes // 4, device="cuda")

@@ -16,8 +16,13 @@ def table(records, batch: int, block: int) -> str:
             continue
         key = (r["shape"].split()[0], r["cache_len"])
         rows.setdefault(key, {})[(r["op"], r["k"])] = r
+    # Batch 1 records also carry the per-layer time inside a 28-layer graph (layers_graph_us).
+    layered = any("layers_graph_us" in r for r in records if r["batch"] == batch)
+    lg = lambda r: f" [{r['layers_graph_us']:.1f}]" if "layers_graph_us" in r else ""  # noqa: E731
+    note = " [in a 28-layer graph]" if layered else ""
     out = ["| shape | cache | dense us (x floor) | compute floor | FlashInfer | SDPA gqa "
-           "| first step us (x dense floor) | top-k us | sparse k=512 us (x floor) | naive sparse |",
+           f"| first step us (x dense floor) | top-k us{note} | sparse k=512 us (x floor){note} "
+           "| naive sparse |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for (shape, n), ops in rows.items():
         d, f, t, s = (ops.get(("dense_step", None)), ops.get(("first_step", 512)),
@@ -29,8 +34,9 @@ def table(records, batch: int, block: int) -> str:
         out.append(f"| {shape} | {n // 1024}K | {d['time_us']:.0f} ({d['time_us'] / d['floor_us']:.1f}x) "
                    f"| {'-' if cf is None else f'{cf:.0f}'} | {'-' if fi is None else f'{fi:.0f}'} "
                    f"| {d['peers']['sdpa_gqa']:.0f} ")
-        out[-1] += (f"| {f['time_us']:.0f} ({f['time_us'] / d['floor_us']:.1f}x) | {t['time_us']:.0f} "
-                    f"| {s['time_us']:.1f} ({s['time_us'] / s['floor_us']:.1f}x) "
+        out[-1] += (f"| {f['time_us']:.0f} ({f['time_us'] / d['floor_us']:.1f}x) "
+                    f"| {t['time_us']:.0f}{lg(t)} "
+                    f"| {s['time_us']:.1f} ({s['time_us'] / s['floor_us']:.1f}x){lg(s)} "
                     f"| {s['peers']['naive_torch_gather_sdpa']:.0f} |")
     return "\n".join(out)
 

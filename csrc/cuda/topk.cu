@@ -3,10 +3,10 @@
 // One thread-block cluster of C CTAs x 1024 threads per row (Hopper distributed shared memory).
 // C = 1, 2, 4, 8 or 16 is picked at launch from the cache capacity (the bound of every row's
 // length) and the row count (no device sync, so graph capturable): the fewest CTAs that hold a
-// full row in registers, 16 keys per thread; then, if that is a cluster, twice as many while a
-// CTA would hold more than 8K positions and all the rows' clusters fit on the GPU at once (at
-// small batch most SMs are idle; 16 is non-portable, used only where the occupancy query allows
-// it). Rows longer than 16 x 16K positions are cut into 16K tiles that every phase re-reads from
+// full row in registers, 16 keys per thread; then, if that is a cluster, twice as many (up to
+// 8) while a CTA would hold more than 8K positions and all the rows' clusters fit on the GPU at
+// once (at small batch most SMs are idle; 16 is non-portable, used only for rows past 8 x 16K
+// and where the occupancy query allows it). Rows longer than 16 x 16K positions are cut into 16K tiles that every phase re-reads from
 // global memory. CTA r takes the r-th C-th of the row (rounded up to 32 positions); within a
 // tile of nt positions each warp takes S = ceil(nt / 1024) consecutive 32-position segments,
 // key j of a lane being segment j's lane-th position. So loads coalesce, a warp's keys are
@@ -53,6 +53,9 @@ constexpr int kWarps = kTopkThreads / 32;
 constexpr int kPer = 16;                       // keys per thread at most
 constexpr int kTile = kTopkThreads * kPer;     // positions per CTA held in registers
 constexpr int kSpreadAbove = 8192;             // launch: more CTAs while a CTA holds more
+// ... up to 8 CTAs: measured on the H200, a 16-CTA cluster costs ~5 us more than an 8-CTA one
+// at the same keys per CTA (128K x 2 rows: 24.3 vs 19.3 us), so 16 only holds rows past 128K.
+constexpr int kMaxSpread = 8;
 constexpr int kBins1 = 4096, kBins2 = 1024;    // pass 1: key bits 31..20; passes 2, 3: 10 bits
 constexpr int kCopy = kBins1 + 4;  // pass 1's second copy: 4 banks over, 16-byte aligned
 constexpr uint32_t kForced = 0xffffffffu;      // sinks and recents: above every real score
@@ -583,18 +586,18 @@ int resident_rows(int c) {
 cudaError_t launch_topk(const TopkArgs& a, cudaStream_t stream) {
   // CTAs per row, a power of two (so the histogram bins split evenly). First the fewest that
   // hold a row of `capacity` scores in registers (16 only where the device runs 16-clusters;
-  // else 8 and re-read tiles). Then, for clusters, twice as many while a CTA would hold more
-  // than kSpreadAbove positions and the rows' clusters all fit at once: at small batch most
-  // SMs are idle, and a CTA's per-key work shrinks with its keys. A single CTA stays one: a
-  // cluster's barriers and remote traffic cost more than halving its keys saves. cache_lens
-  // only bounds the rows by capacity on the device; the kernel handles any length, this only
-  // picks the speed.
+  // else 8 and re-read tiles). Then, for clusters, twice as many (up to kMaxSpread) while a
+  // CTA would hold more than kSpreadAbove positions and the rows' clusters all fit at once: at
+  // small batch most SMs are idle, and a CTA's per-key work shrinks with its keys. A single CTA
+  // stays one: a cluster's barriers and remote traffic cost more than halving its keys saves.
+  // cache_lens only bounds the rows by capacity on the device; the kernel handles any length,
+  // this only picks the speed.
   const int64_t cap = a.capacity, rows = static_cast<int64_t>(a.batch) * a.hkv;
   auto per_cta = [cap](int c) { return (cap + c - 1) / c; };
   int c = 1;
   while (c < 8 && per_cta(c) > kTile) c *= 2;
   if (per_cta(c) > kTile && resident_rows(16) > 0) c = 16;
-  while (c > 1 && c < kMaxCtas && per_cta(c) > kSpreadAbove && rows <= resident_rows(2 * c))
+  while (c > 1 && c < kMaxSpread && per_cta(c) > kSpreadAbove && rows <= resident_rows(2 * c))
     c *= 2;
   // The L2 prefetch of full-capacity rows: only when all rows run at once, which bounds what
   // rows shorter than the capacity fetch in vain.
