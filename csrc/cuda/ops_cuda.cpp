@@ -33,6 +33,13 @@ void check_aligned(const char* op, const char* name, const at::Tensor& t) {
 
 int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
+// CUDA grids take at most 65535 blocks along y and z, where the kernels put the sequences and
+// KV heads: a clear error instead of a failed launch.
+void check_grid(const char* op, const char* what, int64_t value) {
+  TORCH_CHECK(value <= 65535, op, ": ", what, " = ", value,
+              " is more than the CUDA kernels take in one call (65535); split the batch");
+}
+
 // Splits of a key list of at most `max_keys` keys so that the grid has at most `target_ctas`
 // CTAs (one wave) where it can; every split holds at least `min_tiles` key tiles.
 void plan_splits(int64_t max_keys, int64_t ctas_per_split, int64_t target_ctas, int min_tiles,
@@ -94,6 +101,7 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k_cache,
                  const at::Tensor& v_block, std::optional<double> scale) {
   Prepared p;
   p.dims = check_attention_inputs(op, q, k_cache, v_cache, k_block, v_block, scale);
+  check_grid(op, "batch * Hkv", p.dims.batch * p.dims.hkv);
   p.q = q.contiguous();
   p.k_block = k_block.contiguous();
   p.v_block = v_block.contiguous();
@@ -271,6 +279,8 @@ void topk_select_out(const at::Tensor& scores, const at::Tensor& cache_lens, int
   const char* op = "mage.topk_select";
   const c10::cuda::CUDAGuard guard(scores.device());
   const auto d = check_topk_inputs(op, scores, cache_lens, k, n_sink, n_recent);
+  check_grid(op, "batch", d.batch);
+  check_grid(op, "Hkv", d.hkv);
   check_topk_outputs(op, d, scores, indices, counts);
   const auto s = scores.contiguous();
   const auto lens = cache_lens.contiguous();
@@ -294,6 +304,8 @@ void append_kv(const at::Tensor& k_cache, const at::Tensor& v_cache,
   const char* op = "mage.append_kv";
   const c10::cuda::CUDAGuard guard(k_cache.device());
   const auto d = check_append_inputs(op, k_cache, v_cache, cache_lens, k_block, v_block);
+  check_grid(op, "batch", d.batch);
+  check_grid(op, "Hkv", d.hkv);
   const auto kb = k_block.contiguous();
   const auto vb = v_block.contiguous();
   const auto lens = cache_lens.contiguous();
