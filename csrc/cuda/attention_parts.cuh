@@ -37,10 +37,28 @@ MAGE_DEVICE void init_ring(uint64_t (&full)[kStages], uint64_t (&empty)[kStages]
   }
 }
 
+// Issues the cp.async copies of this CTA's Q rows (row0 .. row0 + cta_rows of the head's rows;
+// rows past a.rows zero-filled) into s_q at element offsets offset(row, 16-byte chunk), and
+// commits them. Needs no key count, so it is issued before that arrives.
+template <typename T, int D, typename Offset>
+MAGE_DEVICE void copy_q_rows(const AttentionArgs& a, int64_t head_row0, int row0, int cta_rows,
+                             T* s_q, Offset offset, int tid, int n_threads) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  const T* q = static_cast<const T*>(a.q) + head_row0 * D;
+  for (int c = tid; c < cta_rows * kChunks; c += n_threads) {
+    const int r = c / kChunks, ch = c % kChunks;
+    const bool valid = row0 + r < a.rows;
+    cp_async_16(s_q + offset(r, ch), q + (valid ? (row0 + r) * D + ch * 8 : 0), valid);
+  }
+  cp_async_commit();
+}
+
 // A split that starts past this sequence's keys (num_splits > 1): its rows get partial lse
-// -inf, weight 0 in the merge.
+// -inf, weight 0 in the merge. Waits for the CTA's Q copies first (they land in shared memory
+// this CTA owns until it exits).
 MAGE_DEVICE void mark_empty_split(const AttentionArgs& a, int split, int64_t head_row0, int row0,
                                   int cta_rows, int tid, int n_threads) {
+  cp_async_wait<0>();
   const int64_t total_rows = static_cast<int64_t>(a.batch) * a.hq * a.block;
   for (int r = tid; r < cta_rows; r += n_threads) {
     if (row0 + r < a.rows) a.lse_part[split * total_rows + head_row0 + row0 + r] = -INFINITY;

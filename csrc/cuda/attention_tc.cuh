@@ -107,7 +107,6 @@ MAGE_DEVICE void qk_tile_m(float (&s)[kMT][8][4], const T* s_q, int row_base, co
 template <typename T, int D, bool kSparse, typename Shape>
 __global__ void __launch_bounds__(Shape::kWarpsPerCta * 32, 1)
     attention_tile_kernel(const __grid_constant__ AttentionArgs a) {
-  constexpr int kChunks = D / 8;  // 16-byte chunks per row
   constexpr int kThreads = Shape::kWarpsPerCta * 32;
   constexpr int kMT = Shape::kMTiles;
   constexpr int kTcRows = Shape::kRows;
@@ -125,19 +124,13 @@ __global__ void __launch_bounds__(Shape::kWarpsPerCta * 32, 1)
   // Q, the key count (in CtaWork) and the producer's first positions are requested together,
   // before anything waits for the count: one memory latency instead of a chain of three (what
   // the sparse step at batch 1 mostly consists of).
-  const T* q = static_cast<const T*>(a.q) + head_row0 * D;
-  for (int c = tid; c < kTcRows * kChunks; c += kThreads) {
-    const int r = c / kChunks, ch = c % kChunks;
-    const bool valid = row0 + r < a.rows;
-    cp_async_16(s_q + swizzled<D>(r, ch), q + (valid ? (row0 + r) * D + ch * 8 : 0), valid);
-  }
-  cp_async_commit();
+  copy_q_rows<T, D>(a, head_row0, row0, kTcRows, s_q,
+                    [](int r, int ch) { return swizzled<D>(r, ch); }, tid, kThreads);
   const bool producer = warp == Shape::kConsumerWarps;
   int pos[4];
   if (producer) load_tile_positions(keys, k_begin, lane, pos);
 
   if (k_begin >= k_end) {  // this sequence's keys end before this split (num_splits > 1)
-    cp_async_wait<0>();
     mark_empty_split(a, split, head_row0, row0, kTcRows, tid, kThreads);
     return;
   }

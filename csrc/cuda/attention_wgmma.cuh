@@ -124,7 +124,6 @@ __global__ void __launch_bounds__(wgmma_threads<kWG>(), wgmma_ctas_per_sm<kWG>()
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kWgStages = wgmma_stages<kWG>();
   constexpr int kRows = kWG * 64;
-  constexpr int kChunks = D / 8;  // 16-byte chunks per row
   constexpr int kThreads = wgmma_threads<kWG>();
   constexpr int kTileBytes = kKeyTile * D * 2;
   extern __shared__ unsigned char smem_raw[];
@@ -141,14 +140,8 @@ __global__ void __launch_bounds__(wgmma_threads<kWG>(), wgmma_ctas_per_sm<kWG>()
 
   // Q, the key count and the producer's first positions in flight together (as in
   // attention_tile_kernel).
-  const T* q = static_cast<const T*>(a.q) + head_row0 * D;
-  for (int c = tid; c < kRows * kChunks; c += kThreads) {
-    const int r = c / kChunks, ch = c % kChunks;
-    const bool valid = row0 + r < a.rows;
-    cp_async_16(s_q + sw128_offset(r, ch, kRows), q + (valid ? (row0 + r) * D + ch * 8 : 0),
-                valid);
-  }
-  cp_async_commit();
+  copy_q_rows<T, D>(a, head_row0, row0, kRows, reinterpret_cast<T*>(s_q),
+                    [](int r, int ch) { return sw128_offset(r, ch, kRows) / 2; }, tid, kThreads);
   // Warpgroup index, made warp-uniform for the compiler (a per-thread value would put the
   // wgmma loop on a "divergent path", where ptxas serialises the async MMAs).
   const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
@@ -156,7 +149,6 @@ __global__ void __launch_bounds__(wgmma_threads<kWG>(), wgmma_ctas_per_sm<kWG>()
   if (wg == kWG) load_tile_positions(keys, k_begin, lane, pos);
 
   if (k_begin >= k_end) {  // this sequence's keys end before this split (num_splits > 1)
-    cp_async_wait<0>();
     mark_empty_split(a, split, head_row0, row0, kRows, tid, kThreads);
     return;
   }
