@@ -90,6 +90,11 @@ cudaError_t launch_tc_scores(const ScoresArgs& a, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_merge_typed(const MergeArgs& a, cudaStream_t stream) {
+  if (a.num_splits <= kFewSplits) {  // one warp per row
+    const dim3 grid((a.total_rows + kFewSplitRowsPerCta - 1) / kFewSplitRowsPerCta);
+    auto kernel = a.dim == 64 ? merge_few_splits_kernel<T, 64> : merge_few_splits_kernel<T, 128>;
+    return launch_dependent(a.pdl, kernel, grid, kFewSplitRowsPerCta * 32, 0, stream, a);
+  }
   const dim3 grid(a.total_rows);  // one CTA per row
   auto kernel = a.dim == 64 ? merge_splits_kernel<T, 64> : merge_splits_kernel<T, 128>;
   return launch_dependent(a.pdl, kernel, grid, kMergeWarps * 32, 0, stream, a);
