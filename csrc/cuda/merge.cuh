@@ -38,6 +38,25 @@ MAGE_DEVICE void fma_vec(float2& acc, float w, const float2& v) {
   acc.x += w * v.x; acc.y += w * v.y;
 }
 
+// A lane's kPer (2 or 4) merged columns, scaled by inv, as one 4- or 8-byte store of 16-bit
+// values (fp32: per element).
+template <typename T, int kPer>
+MAGE_DEVICE void store_lane_columns(T* out, const float* acc, float inv) {
+  if constexpr (sizeof(T) == 2) {
+    uint32_t packed[kPer / 2];
+#pragma unroll
+    for (int e = 0; e < kPer / 2; ++e) packed[e] = pack2<T>(acc[2 * e] * inv, acc[2 * e + 1] * inv);
+    if constexpr (kPer == 4) {
+      *reinterpret_cast<uint2*>(out) = make_uint2(packed[0], packed[1]);
+    } else {
+      *reinterpret_cast<uint32_t*>(out) = packed[0];
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) out[e] = from_float<T>(acc[e] * inv);
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kMergeWarps * 32)
     merge_splits_kernel(const __grid_constant__ MergeArgs a) {
@@ -102,10 +121,8 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
     fma_vec(acc, 1.f, s_acc[w][lane]);
   }
   const float inv = poisoned ? NAN : 1.f / wsum;
-  const float* accf = reinterpret_cast<const float*>(&acc);
-  T* out = static_cast<T*>(a.out) + row * D + lane * kPer;
-#pragma unroll
-  for (int e = 0; e < kPer; ++e) out[e] = from_float<T>(accf[e] * inv);
+  store_lane_columns<T, kPer>(static_cast<T*>(a.out) + row * D + lane * kPer,
+                              reinterpret_cast<const float*>(&acc), inv);
   if (lane == 0) a.lse[row] = poisoned ? NAN : mx + logf(wsum);
 }
 
@@ -151,10 +168,8 @@ __global__ void __launch_bounds__(kFewSplitRowsPerCta * 32)
     if (s < n && ws != 0.f) fma_vec(acc, ws, part[s]);
   }
   const float inv = poisoned ? NAN : 1.f / wsum;
-  const float* accf = reinterpret_cast<const float*>(&acc);
-  T* out = static_cast<T*>(a.out) + row * D + lane * kPer;
-#pragma unroll
-  for (int e = 0; e < kPer; ++e) out[e] = from_float<T>(accf[e] * inv);
+  store_lane_columns<T, kPer>(static_cast<T*>(a.out) + row * D + lane * kPer,
+                              reinterpret_cast<const float*>(&acc), inv);
   if (lane == 0) a.lse[row] = poisoned ? NAN : mx + logf(wsum);
 }
 

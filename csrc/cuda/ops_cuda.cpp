@@ -143,6 +143,7 @@ AttentionArgs attention_args(const Prepared& p, const at::Tensor& k_cache,
 // merge; writes out / lse.
 void run_attention(const char* op, bool sparse, AttentionArgs a, const Prepared& p,
                    int64_t max_keys, const at::Tensor& out, const at::Tensor& lse) {
+  check_aligned(op, "out", out);  // the kernels store 4- and 8-byte vectors
   const auto dtype = dtype_of(p.q);
   const auto stream = at::cuda::getCurrentCUDAStream();
   a.out = out.data_ptr();

@@ -231,6 +231,14 @@ def test_out_of_range_indices_poison_rows_instead_of_reading_out_of_bounds(gen):
         mage_ext.check_selection(idx, cnt, capacity=100)
 
 
+def test_misaligned_output_is_refused_by_name(gen):
+    inp = make_inputs(1, 4, 2, 8, 64, [100], torch.bfloat16, "cuda", generator=gen)
+    out = torch.empty(inp.q.numel() + 1, dtype=inp.q.dtype, device="cuda")[1:].view(inp.q.shape)
+    lse = torch.empty(inp.q.shape[:3], device="cuda")
+    with pytest.raises(RuntimeError, match="out must start at a 16-byte aligned address"):
+        mage_ext.ops.dense_attention_out(*inp.args(), None, out, lse)
+
+
 def test_append_kv_matches_cpu(gen):
     kc = torch.randn(3, 2, 40, 128, generator=gen).bfloat16()
     vc = torch.randn(3, 2, 40, 128, generator=gen).bfloat16()
