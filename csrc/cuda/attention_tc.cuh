@@ -148,18 +148,11 @@ __global__ void __launch_bounds__(Shape::kWarpsPerCta * 32, 1)
   __syncthreads();  // Q in shared memory, barriers initialised
 
   if (producer) {  // K/V tiles into a kStages ring
-    bool bad = false;
-    for (int it = 0, t = k_begin; t < k_end; ++it, t += kKeyTile) {
-      const int buf = it % kStages;
-      if (it >= kStages) mbar_wait(&empty_bar[buf], ((it / kStages) - 1) & 1);
-      copy_kv_tile<T, D, kSparse>(keys, t, k_end, lane, pos, s_k + buf * kKeyTile * D,
-                                  s_v + buf * kKeyTile * D,
-                                  [](int r, int ch) { return swizzled<D>(r, ch); }, bad);
-      mbar_arrive_on_copies(&full_bar[buf]);
-      // The next tile's positions, in flight while this warp waits for a free stage.
-      if (t + kKeyTile < k_end) load_tile_positions(keys, t + kKeyTile, lane, pos);
+    if (produce_kv_tiles<T, D, kSparse, kStages>(
+            keys, k_begin, k_end, lane, pos, s_k, s_v, kKeyTile * D,
+            [](int r, int ch) { return swizzled<D>(r, ch); }, full_bar, empty_bar)) {
+      s_bad = 1;
     }
-    if (bad) s_bad = 1;
   }
 
   // Per thread: rows g and g + 8 of each of the warp's m-tiles (index 2 * mt + i).

@@ -166,20 +166,13 @@ __global__ void __launch_bounds__(wgmma_threads<kWG>(), wgmma_ctas_per_sm<kWG>()
   __syncthreads();      // Q in shared memory, barriers initialised
 
   const bool active = wg < n_wg;  // (the producer warp has wg == kWG)
-  if (wg == kWG) {  // the producer warp: K/V tiles into the ring (as attention_tile_kernel)
-    bool bad = false;
-    for (int it = 0, t = k_begin; t < k_end; ++it, t += kKeyTile) {
-      const int buf = it % kWgStages;
-      if (it >= kWgStages) mbar_wait(&empty_bar[buf], ((it / kWgStages) - 1) & 1);
-      copy_kv_tile<T, D, kSparse>(
-          keys, t, k_end, lane, pos, reinterpret_cast<T*>(s_k + buf * kTileBytes),
-          reinterpret_cast<T*>(s_v + buf * kTileBytes),
-          [](int r, int ch) { return sw128_offset(r, ch, kKeyTile) / 2; }, bad);
-      mbar_arrive_on_copies(&full_bar[buf]);
-      // The next tile's positions, in flight while this warp waits for a free stage.
-      if (t + kKeyTile < k_end) load_tile_positions(keys, t + kKeyTile, lane, pos);
+  if (wg == kWG) {  // the producer warp: K/V tiles into the ring
+    if (produce_kv_tiles<T, D, kSparse, kWgStages>(
+            keys, k_begin, k_end, lane, pos, reinterpret_cast<T*>(s_k),
+            reinterpret_cast<T*>(s_v), kKeyTile * D,
+            [](int r, int ch) { return sw128_offset(r, ch, kKeyTile) / 2; }, full_bar, empty_bar)) {
+      s_bad = 1;
     }
-    if (bad) s_bad = 1;
   }
 
   const int warp_row0 = wg * 64 + (warp & 3) * 16;  // this warp's 16 rows of the CTA
