@@ -170,7 +170,8 @@ __global__ void __launch_bounds__(wgmma_threads<kWG>(), wgmma_ctas_per_sm<kWG>()
     if (produce_kv_tiles<T, D, kSparse, kWgStages>(
             keys, k_begin, k_end, lane, pos, reinterpret_cast<T*>(s_k),
             reinterpret_cast<T*>(s_v), kKeyTile * D,
-            [](int r, int ch) { return sw128_offset(r, ch, kKeyTile) / 2; }, full_bar, empty_bar)) {
+            [](int r, int ch) { return sw128_offset(r, ch, kKeyTile) / 2; }, full_bar,
+            empty_bar)) {
       s_bad = 1;
     }
   }

@@ -3,13 +3,13 @@
 // merge_few_splits_kernel (up to kFewSplits splits, e.g. batch 8-32 or the sparse step) and
 // merge_splits_kernel (many splits: long caches at small batch).
 //
-// merge_splits_kernel: one CTA of kMergeWarps warps per row, each warp summing a contiguous quarter of the splits.
-// The loop is latency-bound (a row may have 100+ splits): the weights of 32 splits are
-// computed at once (one per lane) and broadcast, the partial rows are read 8 splits at a time as
-// 16/8-byte vectors with no data-dependent branch, so each lane keeps eight loads in flight and
-// a row has 4 x 32 x 8 in flight (one warp per row kept a quarter of that: 17 us of a 66 us
-// dense step at 32K under Nsight Compute). Every warp takes the max over all splits itself, so
-// the warps' sums share one reference and add up in shared memory.
+// merge_splits_kernel: one CTA of kMergeWarps warps per row, each warp summing a contiguous
+// quarter of the splits. The loop is latency-bound (a row may have 100+ splits): the weights of
+// 32 splits are computed at once (one per lane) and broadcast, the partial rows are read 8
+// splits at a time as 16/8-byte vectors with no data-dependent branch, so each lane keeps eight
+// loads in flight and a row has 4 x 32 x 8 in flight (one warp per row kept a quarter of that:
+// 17 us of a 66 us dense step at 32K under Nsight Compute). Every warp takes the max over all
+// splits itself, so the warps' sums share one reference and add up in shared memory.
 #pragma once
 
 #include <cmath>
