@@ -242,11 +242,7 @@ __global__ void __launch_bounds__(Shape::kWarpsPerCta * 32, 1)
     if (lane == 0) mbar_arrive(&empty_bar[buf]);  // this warp is done with the tile
   }
 
-  __syncthreads();  // every warp is past the loop: s_bad is final
-  // The merge may be placed now (not earlier: its waiting CTAs would take issue slots
-  // from this kernel's main loop; measured 10% slower at batch 32).
-  pdl_release();
-  const bool poisoned = s_bad != 0;
+  const bool poisoned = finish_key_loop(s_bad);
   if (!active) return;
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
@@ -283,10 +279,9 @@ __global__ void __launch_bounds__(kScoreWarps * 32, 1)
   float* s_red = s_lse + kScoreRows;  // [warps][64] per-warp column sums
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int h = blockIdx.y, b = blockIdx.z;
-  float* scores = a.scores + (static_cast<int64_t>(b) * a.hkv + h) * a.capacity;
-  const int range_begin = blockIdx.x * a.keys_per_split;
-  const int k_end = scores_split_end(a, b, range_begin, scores, tid, kThreads);
+  const ScoresSplit work(a, tid, kThreads);
+  const int h = work.h, b = work.b, range_begin = work.range_begin, k_end = work.k_end;
+  float* const scores = work.scores;
   if (range_begin >= k_end) return;
 
   const T* k_cache = static_cast<const T*>(a.k_cache) + b * a.cache_stride_b + h * a.cache_stride_h;

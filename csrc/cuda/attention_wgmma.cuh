@@ -204,11 +204,7 @@ __global__ void __launch_bounds__(wgmma_threads<kWG>(), wgmma_ctas_per_sm<kWG>()
     if (lane == 0) mbar_arrive(&empty_bar[buf]);  // this warp is done with the tile
   }
 
-  __syncthreads();  // every warp is past the loop: s_bad is final
-  // The merge may be placed now (not earlier: its waiting CTAs would take issue slots
-  // from this kernel's main loop; measured 10% slower at batch 32).
-  pdl_release();
-  const bool poisoned = s_bad != 0;
+  const bool poisoned = finish_key_loop(s_bad);
   if (!active) return;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {

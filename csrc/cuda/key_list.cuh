@@ -71,14 +71,24 @@ struct KeyList {
   }
 };
 
-// The scores kernels' split of the cache: keys [range_begin, returned end) of sequence b are
-// scored; the split's positions past the sequence's length get score 0 here.
-MAGE_DEVICE int scores_split_end(const ScoresArgs& a, int b, int range_begin, float* scores,
-                                 int tid, int n_threads) {
-  const int n_cache = clamp_int(a.cache_lens[b], 0, a.capacity);
-  const int range_end = min(a.capacity, range_begin + a.keys_per_split);
-  for (int j = max(range_begin, n_cache) + tid; j < range_end; j += n_threads) scores[j] = 0.f;
-  return min(n_cache, range_end);
-}
+// What one scores CTA of grid (splits, Hkv, batch) works on: keys [range_begin, k_end) of KV
+// head h of sequence b (empty when the sequence ends before this split), whose scores row is
+// `scores`. The constructor writes score 0 at the split's positions past the sequence's length
+// (every thread of the CTA calls it, tid of n_threads).
+struct ScoresSplit {
+  int h, b;
+  float* scores;
+  int range_begin, k_end;
+
+  MAGE_DEVICE ScoresSplit(const ScoresArgs& a, int tid, int n_threads)
+      : h(blockIdx.y), b(blockIdx.z),
+        scores(a.scores + (static_cast<int64_t>(b) * a.hkv + h) * a.capacity),
+        range_begin(blockIdx.x * a.keys_per_split) {
+    const int n_cache = clamp_int(a.cache_lens[b], 0, a.capacity);
+    const int range_end = min(a.capacity, range_begin + a.keys_per_split);
+    for (int j = max(range_begin, n_cache) + tid; j < range_end; j += n_threads) scores[j] = 0.f;
+    k_end = min(n_cache, range_end);
+  }
+};
 
 }  // namespace mage::cuda

@@ -40,10 +40,9 @@ __global__ void __launch_bounds__(kScoreWg * 128 + 32, 1)
   float* s_lse = reinterpret_cast<float*>(s_k + kScoreWgStages * kTileBytes);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int h = blockIdx.y, b = blockIdx.z;
-  float* scores = a.scores + (static_cast<int64_t>(b) * a.hkv + h) * a.capacity;
-  const int range_begin = blockIdx.x * a.keys_per_split;
-  const int k_end = scores_split_end(a, b, range_begin, scores, tid, kThreads);
+  const ScoresSplit work(a, tid, kThreads);
+  const int h = work.h, b = work.b, range_begin = work.range_begin, k_end = work.k_end;
+  float* const scores = work.scores;
   if (range_begin >= k_end) return;
 
   __shared__ uint64_t full_bar[kScoreWgStages];
