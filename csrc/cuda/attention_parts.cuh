@@ -109,35 +109,34 @@ MAGE_DEVICE void copy_kv_tile(const KeyList<T, kSparse>& keys, int t, int k_end,
   }
 }
 
-// Tiles whose positions the producer warp has in flight: the position loads of tile t + 4 are
-// issued when tile t's copies are. With one tile ahead the producer of a multi-tile sparse split
-// waited a memory latency per tile on its index loads (Nsight Compute, sparse step at batch 32:
-// the top stall, 36%, in a kernel moving ~1 TB/s). Measured on the H200: batch-32 sparse steps
-// 5% faster (median), batch 1 unchanged, the 224-row mma.sync CTAs (7B at batch 8) 7-9% slower.
-constexpr int kPositionsAhead = 4;
-
 // The producer warp's loop: key-list tiles k_begin, k_begin + 64, ... < k_end into a kStages
 // ring of K / V tiles (tile_elems elements apart from s_k / s_v; element offsets offset(row,
 // 16-byte chunk)), `full` arrived on by each tile's copies, `empty` waited on before a stage is
 // reused. first_pos: tile 0's positions (load_tile_positions, issued in the prologue). Returns
 // whether a selected index was out of range.
-template <typename T, int D, bool kSparse, int kStages, typename Offset>
+//
+// kAhead: tiles whose positions are in flight (the loads of tile t + kAhead are issued with
+// tile t's copies). With 1, a multi-tile sparse split of the warpgroup kernel waited a memory
+// latency per tile on its index loads (Nsight Compute, sparse step at batch 32: the top stall,
+// 36%); 4 made those steps 5% faster (H200, median) but the 224-row mma.sync CTAs (7B, batch 8)
+// 7-9% slower, so that kernel keeps 1.
+template <typename T, int D, bool kSparse, int kStages, int kAhead, typename Offset>
 MAGE_DEVICE bool produce_kv_tiles(const KeyList<T, kSparse>& keys, int k_begin, int k_end,
                                   int lane, const int (&first_pos)[4], T* s_k, T* s_v,
                                   int tile_elems, Offset offset, uint64_t* full_bar,
                                   uint64_t* empty_bar) {
-  int pos[kPositionsAhead][4];  // indexed by compile-time constants only (fully unrolled)
+  int pos[kAhead][4];  // indexed by compile-time constants only (fully unrolled)
 #pragma unroll
   for (int g = 0; g < 4; ++g) pos[0][g] = first_pos[g];
 #pragma unroll
-  for (int j = 1; j < kPositionsAhead; ++j) {
+  for (int j = 1; j < kAhead; ++j) {
     const int t = k_begin + j * kKeyTile;
     if (t < k_end) load_tile_positions(keys, t, lane, pos[j]);
   }
   bool bad = false;
-  for (int it0 = 0;; it0 += kPositionsAhead) {
+  for (int it0 = 0;; it0 += kAhead) {
 #pragma unroll
-    for (int j = 0; j < kPositionsAhead; ++j) {
+    for (int j = 0; j < kAhead; ++j) {
       const int it = it0 + j;
       const int t = k_begin + it * kKeyTile;
       if (t >= k_end) return bad;
@@ -146,7 +145,7 @@ MAGE_DEVICE bool produce_kv_tiles(const KeyList<T, kSparse>& keys, int k_begin, 
       copy_kv_tile<T, D, kSparse>(keys, t, k_end, lane, pos[j], s_k + buf * tile_elems,
                                   s_v + buf * tile_elems, offset, bad);
       mbar_arrive_on_copies(&full_bar[buf]);
-      const int t_ahead = t + kPositionsAhead * kKeyTile;
+      const int t_ahead = t + kAhead * kKeyTile;
       if (t_ahead < k_end) load_tile_positions(keys, t_ahead, lane, pos[j]);
     }
   }

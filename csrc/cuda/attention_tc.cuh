@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(Shape::kWarpsPerCta * 32, 1)
   __syncthreads();  // Q in shared memory, barriers initialised
 
   if (producer) {  // K/V tiles into a kStages ring
-    if (produce_kv_tiles<T, D, kSparse, kStages>(
+    if (produce_kv_tiles<T, D, kSparse, kStages, /*kAhead=*/1>(
             keys, k_begin, k_end, lane, pos, s_k, s_v, kKeyTile * D,
             [](int r, int ch) { return swizzled<D>(r, ch); }, full_bar, empty_bar)) {
       s_bad = 1;

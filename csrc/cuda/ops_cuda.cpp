@@ -79,16 +79,17 @@ bool use_pdl() {
 }
 
 // 64-row warpgroups per CTA for `rows` (> 64) query rows, or 0 for the mma.sync kernel: 2 or
-// 3 groups (a fourth does not fit the registers). Up to 192 rows one CTA holds them all. More
-// rows need 2+ CTAs per key split, each re-reading the K/V tiles, and 2-group CTAs run at about
-// half the MMA rate of 3-group ones (one group's softmax leaves the tensor cores idle): measured
-// on the H200 for the 7B shape (224 rows), the 224-row mma.sync CTA is faster while the key
-// splits fill the GPU (batch 1: 223 vs 349 us at 128K) and slower once the (sequence, head,
-// row tile) units alone fill it (batch 32: 7024 vs 6624 us; sparse k = 512: 101 vs 65 us).
-int wgmma_groups_for(int rows, int64_t row_units) {
+// 3 groups (a fourth does not fit the registers). Up to 192 rows one CTA holds them all; more
+// (224 for the 7B shape) take two 2-group CTAs per key split, the second reading the K/V tiles
+// mostly from L2. Measured on the H200 (7B shape, both kernels in one process:
+// benchmarks/results/wgmma_loop_probe_h200.json): the two 2-group CTAs beat the 224-row mma.sync
+// CTA on the dense step at every batch (batch 1 128K: 169 vs 220 us; batch 8 32K: 333 vs 449;
+// batch 32 32K: 1315 vs 1869) and on the sparse step at batch 8 (k = 512: 22.3 vs 26.6 us), not
+// on the sparse step once the (sequence, head) units alone fill the GPU (batch 32: 45 vs 42 us).
+int wgmma_groups_for(int rows, int64_t row_units, bool sparse) {
   const int need = (rows + 63) / 64;
   if (need <= 3) return std::max(need, 2);
-  return row_units * ((rows + 127) / 128) >= sm_count() ? 2 : 0;
+  return sparse && row_units * ((rows + 127) / 128) >= sm_count() ? 0 : 2;
 }
 
 struct Prepared {
@@ -158,7 +159,7 @@ void run_attention(const char* op, bool sparse, AttentionArgs a, const Prepared&
   // spreads over many SMs. On sm_90a builds both are the warpgroup (wgmma) kernel, with
   // 64-row groups.
   const int groups =
-      use_wgmma() ? wgmma_groups_for(a.rows, static_cast<int64_t>(a.batch) * a.hkv) : 0;
+      use_wgmma() ? wgmma_groups_for(a.rows, static_cast<int64_t>(a.batch) * a.hkv, sparse) : 0;
   const int wide_rows = groups > 0 ? 64 * groups : kRowsWide;
   const int64_t key_tiles = std::max<int64_t>(1, (max_keys + kKeyTile - 1) / kKeyTile);
   const int64_t wide_ctas = key_tiles * a.batch * a.hkv * ((a.rows + wide_rows - 1) / wide_rows);
