@@ -86,8 +86,15 @@ bool use_pdl() {
 // CTA on the dense step at every batch (batch 1 128K: 169 vs 220 us; batch 8 32K: 333 vs 449;
 // batch 32 32K: 1315 vs 1869) and on the sparse step at batch 8 (k = 512: 22.3 vs 26.6 us), not
 // on the sparse step once the (sequence, head) units alone fill the GPU (batch 32: 45 vs 42 us).
-int wgmma_groups_for(int rows, int64_t row_units, bool sparse) {
+// A short sparse key list (at most kShortKeyTiles tiles) whose units do not fill the GPU spreads
+// 129-192 rows over two CTAs (2 + 1 groups) instead of splitting the keys further (fewer
+// partials to merge): 1.5B shape, batch 32: k = 256 24.8 -> 17.8 us, k = 512 28.0 -> 25.2; with
+// k = 2048 (33 tiles) the key split wins (52.3 vs 65.7 us at batch 32;
+// benchmarks/results/sparse_groups_probe_h200.json).
+constexpr int64_t kShortKeyTiles = 16;
+int wgmma_groups_for(int rows, int64_t row_units, bool sparse, int64_t key_tiles) {
   const int need = (rows + 63) / 64;
+  if (need == 3 && sparse && key_tiles <= kShortKeyTiles && row_units < sm_count()) return 2;
   if (need <= 3) return std::max(need, 2);
   return sparse && row_units * ((rows + 127) / 128) >= sm_count() ? 0 : 2;
 }
@@ -158,10 +165,12 @@ void run_attention(const char* op, bool sparse, AttentionArgs a, const Prepared&
   // else narrow ones (64 rows), so a short key list (the sparse step at small batch) still
   // spreads over many SMs. On sm_90a builds both are the warpgroup (wgmma) kernel, with
   // 64-row groups.
-  const int groups =
-      use_wgmma() ? wgmma_groups_for(a.rows, static_cast<int64_t>(a.batch) * a.hkv, sparse) : 0;
-  const int wide_rows = groups > 0 ? 64 * groups : kRowsWide;
   const int64_t key_tiles = std::max<int64_t>(1, (max_keys + kKeyTile - 1) / kKeyTile);
+  const int groups =
+      use_wgmma()
+          ? wgmma_groups_for(a.rows, static_cast<int64_t>(a.batch) * a.hkv, sparse, key_tiles)
+          : 0;
+  const int wide_rows = groups > 0 ? 64 * groups : kRowsWide;
   const int64_t wide_ctas = key_tiles * a.batch * a.hkv * ((a.rows + wide_rows - 1) / wide_rows);
   // (Narrow also when the rows fit in one narrow CTA, e.g. SDAR's block 4: no idle m-tiles.)
   const bool wide = wide_ctas >= sm_count() && a.rows > kRowsNarrow;
