@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "ops/launch_plan.h"  // kKeyTile and the CTA shapes
+
 namespace mage::cuda {
 
 enum class Dtype { kFloat16, kBFloat16, kFloat32 };
@@ -108,13 +110,5 @@ cudaError_t launch_scores_f32(const ScoresArgs& args, cudaStream_t stream);
 cudaError_t launch_merge_f16(const MergeArgs& args, cudaStream_t stream);
 cudaError_t launch_merge_bf16(const MergeArgs& args, cudaStream_t stream);
 cudaError_t launch_merge_f32(const MergeArgs& args, cudaStream_t stream);
-
-// Keys per CTA tile of the tensor-core kernels (split sizes are multiples of it), and the query
-// rows per CTA of the tensor-core attention kernel's two shapes (see TcShape).
-constexpr int kKeyTile = 64;
-constexpr int kRowsWide = 224;
-constexpr int kRowsNarrow = 64;
-// Narrow (one-warpgroup) sm_90a attention CTAs resident per SM (attention_wgmma.cuh).
-constexpr int kNarrowWgmmaCtasPerSm = 2;
 
 }  // namespace mage::cuda

@@ -13,6 +13,7 @@
 
 #include "cuda/kernel_args.h"
 #include "ops/checks.h"
+#include "ops/launch_plan.h"
 
 namespace mage::cuda {
 namespace {
@@ -40,22 +41,6 @@ void check_grid(const char* op, const char* what, int64_t value) {
               " is more than the CUDA kernels take in one call (65535); split the batch");
 }
 
-// Splits of a key list of at most `max_keys` keys so that the grid has at most `target_ctas`
-// CTAs (one wave) where it can; every split holds at least `min_tiles` key tiles.
-void plan_splits(int64_t max_keys, int64_t ctas_per_split, int64_t target_ctas, int min_tiles,
-                 int* num_splits, int* keys_per_split) {
-  const int64_t tiles = std::max<int64_t>(1, (max_keys + kKeyTile - 1) / kKeyTile);
-  const int64_t max_splits = std::max<int64_t>(1, tiles / min_tiles);
-  // Rounded down: all CTAs in one wave. Rounding up left a few CTAs for a second wave (SDAR at
-  // batch 1: 8 heads x 17 splits = 136 CTAs on 132 SMs), which cost a whole CTA's time again
-  // (measured: SDAR dense 128K 306 -> 175 us, 1.5B batch 8 at 128K 728 -> 429 us).
-  const int64_t want = std::max<int64_t>(1, target_ctas / ctas_per_split);
-  const int64_t splits = std::clamp<int64_t>(want, 1, std::min<int64_t>(max_splits, 65535));
-  const int64_t tiles_per_split = (tiles + splits - 1) / splits;
-  *keys_per_split = static_cast<int>(tiles_per_split * kKeyTile);
-  *num_splits = static_cast<int>((tiles + tiles_per_split - 1) / tiles_per_split);
-}
-
 // The sm_90a warpgroup kernel: built (setup.py / CMake define MAGE_WGMMA for a 9.0a target),
 // on an sm_90 device, and not switched off by MAGE_DISABLE_WGMMA=1 (read per call, so tests
 // and benchmarks can compare both kernels in one process).
@@ -76,27 +61,6 @@ bool use_pdl() {
   const char* off = std::getenv("MAGE_DISABLE_PDL");
   if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
   return at::cuda::getCurrentDeviceProperties()->major >= 9;
-}
-
-// 64-row warpgroups per CTA for `rows` (> 64) query rows, or 0 for the mma.sync kernel: 2 or
-// 3 groups (a fourth does not fit the registers). Up to 192 rows one CTA holds them all; more
-// (224 for the 7B shape) take two 2-group CTAs per key split, the second reading the K/V tiles
-// mostly from L2. Measured on the H200 (7B shape, both kernels in one process:
-// benchmarks/results/wgmma_loop_probe_h200.json): the two 2-group CTAs beat the 224-row mma.sync
-// CTA on the dense step at every batch (batch 1 128K: 169 vs 220 us; batch 8 32K: 333 vs 449;
-// batch 32 32K: 1315 vs 1869) and on the sparse step at batch 8 (k = 512: 22.3 vs 26.6 us), not
-// on the sparse step once the (sequence, head) units alone fill the GPU (batch 32: 45 vs 42 us).
-// A short sparse key list (at most kShortKeyTiles tiles) whose units do not fill the GPU spreads
-// 129-192 rows over two CTAs (2 + 1 groups) instead of splitting the keys further (fewer
-// partials to merge): 1.5B shape, batch 32: k = 256 24.8 -> 17.8 us, k = 512 28.0 -> 25.2; with
-// k = 2048 (33 tiles) the key split wins (52.3 vs 65.7 us at batch 32;
-// benchmarks/results/sparse_groups_probe_h200.json).
-constexpr int64_t kShortKeyTiles = 16;
-int wgmma_groups_for(int rows, int64_t row_units, bool sparse, int64_t key_tiles) {
-  const int need = (rows + 63) / 64;
-  if (need == 3 && sparse && key_tiles <= kShortKeyTiles && row_units < sm_count()) return 2;
-  if (need <= 3) return std::max(need, 2);
-  return sparse && row_units * ((rows + 127) / 128) >= sm_count() ? 0 : 2;
 }
 
 struct Prepared {
@@ -160,30 +124,13 @@ void run_attention(const char* op, bool sparse, AttentionArgs a, const Prepared&
     C10_CUDA_CHECK(launch_attention(dtype, sparse, a, stream));
     return;
   }
-  // One wave of equal splits: one CTA per SM (the kernel fills an SM's shared memory; two for
-  // narrow warpgroup CTAs). Wide CTAs (224 rows) when the key tiles can fill the GPU with them;
-  // else narrow ones (64 rows), so a short key list (the sparse step at small batch) still
-  // spreads over many SMs. On sm_90a builds both are the warpgroup (wgmma) kernel, with
-  // 64-row groups.
-  const int64_t key_tiles = std::max<int64_t>(1, (max_keys + kKeyTile - 1) / kKeyTile);
-  const int groups =
-      use_wgmma()
-          ? wgmma_groups_for(a.rows, static_cast<int64_t>(a.batch) * a.hkv, sparse, key_tiles)
-          : 0;
-  const int wide_rows = groups > 0 ? 64 * groups : kRowsWide;
-  const int64_t wide_ctas = key_tiles * a.batch * a.hkv * ((a.rows + wide_rows - 1) / wide_rows);
-  // (Narrow also when the rows fit in one narrow CTA, e.g. SDAR's block 4: no idle m-tiles.)
-  const bool wide = wide_ctas >= sm_count() && a.rows > kRowsNarrow;
-  a.rows_per_cta = wide ? wide_rows : kRowsNarrow;
-  // Narrow CTAs are one warpgroup on sm_90a: a 64-key tile takes a fraction of the 4 mma.sync
-  // warps' time, which is most of a short split's critical path.
-  a.wgmma_groups = wide ? groups : (use_wgmma() ? 1 : 0);
-  const int64_t row_tiles = (a.rows + a.rows_per_cta - 1) / a.rows_per_cta;
-  const int ctas_per_sm = a.wgmma_groups == 1 ? kNarrowWgmmaCtasPerSm : 1;
-  // One key tile per split where the GPU has room: a split's time at batch 1 is mostly the
-  // latency of its first tile (measured: each further tile of a split added ~1.6-3.6 us).
-  plan_splits(max_keys, row_tiles * a.batch * a.hkv, sm_count() * ctas_per_sm, /*min_tiles=*/1,
-              &a.num_splits, &a.keys_per_split);
+  const AttentionPlan plan =
+      plan_attention(a.rows, static_cast<int64_t>(a.batch) * a.hkv, max_keys, sparse, sm_count(),
+                     use_wgmma());
+  a.rows_per_cta = plan.rows_per_cta;
+  a.wgmma_groups = plan.wgmma_groups;
+  a.num_splits = plan.splits.num_splits;
+  a.keys_per_split = plan.splits.keys_per_split;
   at::Tensor o_part, lse_part;
   const int64_t total_rows = static_cast<int64_t>(a.batch) * a.hq * a.block;
   if (a.num_splits > 1) {
@@ -260,8 +207,10 @@ void attention_with_scores_out(const at::Tensor& q, const at::Tensor& k_cache,
   s.scale_log2 = a.scale_log2;
   // The sm_90a kernel spreads a split's tiles over 4 warpgroups: give each split >= 8 tiles.
   s.wgmma = use_wgmma() && dtype_of(p.q) != Dtype::kFloat32 && a.rows <= 256;
-  plan_splits(a.capacity, static_cast<int64_t>(a.batch) * a.hkv, sm_count(),
-              /*min_tiles=*/s.wgmma ? 8 : 2, &s.num_splits, &s.keys_per_split);
+  const Splits splits = plan_splits(a.capacity, static_cast<int64_t>(a.batch) * a.hkv, sm_count(),
+                                    /*min_tiles=*/s.wgmma ? 8 : 2);
+  s.num_splits = splits.num_splits;
+  s.keys_per_split = splits.keys_per_split;
   C10_CUDA_CHECK(launch_scores(dtype_of(p.q), s, at::cuda::getCurrentCUDAStream()));
 }
 
