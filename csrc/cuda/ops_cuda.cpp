@@ -7,7 +7,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 

@@ -3,20 +3,15 @@
 #include <algorithm>
 
 namespace mage::cuda {
+namespace {
 
-Splits plan_splits(int64_t max_keys, int64_t ctas_per_split, int64_t target_ctas, int min_tiles) {
-  const int64_t tiles = std::max<int64_t>(1, (max_keys + kKeyTile - 1) / kKeyTile);
-  const int64_t max_splits = std::max<int64_t>(1, tiles / min_tiles);
-  // Rounded down: all CTAs in one wave. Rounding up left a few CTAs for a second wave (SDAR at
-  // batch 1: 8 heads x 17 splits = 136 CTAs on 132 SMs), which cost a whole CTA's time again
-  // (measured: SDAR dense 128K 306 -> 175 us, 1.5B batch 8 at 128K 728 -> 429 us).
-  const int64_t want = std::max<int64_t>(1, target_ctas / ctas_per_split);
-  const int64_t splits = std::clamp<int64_t>(want, 1, std::min<int64_t>(max_splits, 65535));
-  const int64_t tiles_per_split = (tiles + splits - 1) / splits;
-  return {static_cast<int>((tiles + tiles_per_split - 1) / tiles_per_split),
-          static_cast<int>(tiles_per_split * kKeyTile)};
+// Key tiles of the longest key list (at least one).
+int64_t key_tiles_of(int64_t max_keys) {
+  return std::max<int64_t>(1, (max_keys + kKeyTile - 1) / kKeyTile);
 }
 
+// 64-row warpgroups per CTA for `rows` (> 64) query rows per KV head, or 0 for the mma.sync
+// kernel; row_units = batch * Hkv, key_tiles = the longest key list in tiles.
 // 2 or 3 groups (a fourth does not fit the registers). Up to 192 rows one CTA holds them all;
 // more (224 for the 7B shape) take two 2-group CTAs per key split, the second reading the K/V
 // tiles mostly from L2. Measured on the H200 (7B shape, both kernels in one process:
@@ -35,13 +30,28 @@ int wgmma_groups_for(int rows, int64_t row_units, bool sparse, int64_t key_tiles
   return sparse && row_units * ((rows + 127) / 128) >= sm_count ? 0 : 2;
 }
 
+}  // namespace
+
+Splits plan_splits(int64_t max_keys, int64_t ctas_per_split, int64_t target_ctas, int min_tiles) {
+  const int64_t tiles = key_tiles_of(max_keys);
+  const int64_t max_splits = std::max<int64_t>(1, tiles / min_tiles);
+  // Rounded down: all CTAs in one wave. Rounding up left a few CTAs for a second wave (SDAR at
+  // batch 1: 8 heads x 17 splits = 136 CTAs on 132 SMs), which cost a whole CTA's time again
+  // (measured: SDAR dense 128K 306 -> 175 us, 1.5B batch 8 at 128K 728 -> 429 us).
+  const int64_t want = std::max<int64_t>(1, target_ctas / ctas_per_split);
+  const int64_t splits = std::clamp<int64_t>(want, 1, std::min<int64_t>(max_splits, 65535));
+  const int64_t tiles_per_split = (tiles + splits - 1) / splits;
+  return {static_cast<int>((tiles + tiles_per_split - 1) / tiles_per_split),
+          static_cast<int>(tiles_per_split * kKeyTile)};
+}
+
 AttentionPlan plan_attention(int rows, int64_t units, int64_t max_keys, bool sparse, int sm_count,
                              bool wgmma) {
   // One wave of equal splits: one CTA per SM (the kernel fills an SM's shared memory; two for
   // narrow warpgroup CTAs). Wide CTAs when the key tiles can fill the GPU with them; else narrow
   // ones (64 rows), so a short key list (the sparse step at small batch) still spreads over many
   // SMs. On sm_90a builds both are the warpgroup (wgmma) kernel, with 64-row groups.
-  const int64_t key_tiles = std::max<int64_t>(1, (max_keys + kKeyTile - 1) / kKeyTile);
+  const int64_t key_tiles = key_tiles_of(max_keys);
   const int groups = wgmma ? wgmma_groups_for(rows, units, sparse, key_tiles, sm_count) : 0;
   const int wide_rows = groups > 0 ? 64 * groups : kRowsWide;
   const int64_t wide_ctas = key_tiles * units * ((rows + wide_rows - 1) / wide_rows);

@@ -28,10 +28,6 @@ struct Splits {
 // CTAs (one wave) where it can; every split holds at least `min_tiles` key tiles.
 Splits plan_splits(int64_t max_keys, int64_t ctas_per_split, int64_t target_ctas, int min_tiles);
 
-// 64-row warpgroups per CTA for `rows` (> 64) query rows per KV head, or 0 for the mma.sync
-// kernel; row_units = batch * Hkv, key_tiles = the longest key list in tiles.
-int wgmma_groups_for(int rows, int64_t row_units, bool sparse, int64_t key_tiles, int sm_count);
-
 struct AttentionPlan {
   int rows_per_cta;  // kRowsWide / kRowsNarrow (mma.sync kernel) or 64 * wgmma_groups
   int wgmma_groups;  // 64-row warpgroups per CTA of the sm_90a kernel; 0: the mma.sync kernel
