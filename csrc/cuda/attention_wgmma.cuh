@@ -52,6 +52,10 @@ MAGE_DEVICE void wgmma_qk(float (&s)[32], const unsigned char* q_wg, const unsig
   wgmma_commit();
 }
 
+// How far (log2 units) a row's tile max may exceed its running max before the running max moves
+// (see softmax_pv): exponentials stay below 2^8 = 256, representable in bf16 / fp16 P.
+constexpr float kRescaleSlack = 8.f;
+
 // Online softmax of one tile's S (keys t .. t + 63; those >= k_end masked) into the running
 // max m / sum l / output o, then O += P V issued asynchronously (the caller waits).
 template <typename T, int D>
@@ -70,28 +74,42 @@ MAGE_DEVICE void softmax_pv(float (&s)[32], float (&o)[D / 8][4], float (&m)[2],
   float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int i = 0; i < 32; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
-  float alpha[2], neg_mx[2];
+  // Lazy rescaling (FlashAttention-4): a warp moves its rows' running max only when a row's tile
+  // max exceeds it by more than kRescaleSlack (log2 units), so the exponentials stay below
+  // 2^kRescaleSlack and most tiles skip the output's rescale (64 multiplies a thread): the
+  // softmax's instructions are the kernel's critical path (Nsight Compute; adding some
+  // measured slower in proportion).
+  float tile_max[2];
+  bool grow = false;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
     mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-    const float m_new = fmaxf(m[i], mx[i] * scale_log2);  // every tile has a valid key: finite
-    alpha[i] = fast_exp2(m[i] - m_new);  // m = -inf on the first tile: alpha = 0
-    m[i] = m_new;
-    neg_mx[i] = -m_new;
-    l[i] *= alpha[i];
+    tile_max[i] = mx[i] * scale_log2;  // every tile has a valid key: finite
+    grow |= tile_max[i] > m[i] + kRescaleSlack;  // always on the first tile (m = -inf)
   }
+  if (__any_sync(0xffffffffu, grow)) {  // warp-uniform
+    float alpha[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const float m_new = fmaxf(m[i], tile_max[i]);
+      alpha[i] = fast_exp2(m[i] - m_new);  // m = -inf on the first tile: alpha = 0
+      m[i] = m_new;
+      l[i] *= alpha[i];
+    }
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      o[dt][0] *= alpha[0];
+      o[dt][1] *= alpha[0];
+      o[dt][2] *= alpha[1];
+      o[dt][3] *= alpha[1];
+    }
+  }
+  const float neg_m[2] = {-m[0], -m[1]};
 #pragma unroll
   for (int i = 0; i < 32; ++i) {
-    s[i] = fast_exp2(fmaf(s[i], scale_log2, neg_mx[(i >> 1) & 1]));
+    s[i] = fast_exp2(fmaf(s[i], scale_log2, neg_m[(i >> 1) & 1]));
     l[(i >> 1) & 1] += s[i];
-  }
-#pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) {
-    o[dt][0] *= alpha[0];
-    o[dt][1] *= alpha[0];
-    o[dt][2] *= alpha[1];
-    o[dt][3] *= alpha[1];
   }
   // P as A fragments: keys 16j .. 16j + 15 are two adjacent 8-key accumulator blocks. All
   // converted before the MMAs (registers written between them would make ptxas wait).
