@@ -109,11 +109,22 @@ MAGE_DEVICE void copy_kv_tile(const KeyList<T, kSparse>& keys, int t, int k_end,
   }
 }
 
+// The dense cache through TMA (tma_maps.h; the warpgroup kernel when a.use_tma): the K / V
+// descriptors in kernel parameter space (null: no TMA) and this CTA's (sequence, KV head).
+struct TmaCache {
+  const CUtensorMap* k_map = nullptr;
+  const CUtensorMap* v_map = nullptr;
+  int b = 0, h = 0;
+};
+
 // The producer warp's loop: key-list tiles k_begin, k_begin + 64, ... < k_end into a kStages
 // ring of K / V tiles (tile_elems elements apart from s_k / s_v; element offsets offset(row,
 // 16-byte chunk)), `full` arrived on by each tile's copies, `empty` waited on before a stage is
 // reused. first_pos: tile 0's positions (load_tile_positions, issued in the prologue). Returns
-// whether a selected index was out of range.
+// whether a selected index was out of range. With `tma` set (dense only), a tile wholly inside the
+// cache's valid prefix is loaded by lane 0 as D/64 boxes each of K and V (the other lanes just
+// arrive); the rest (the block's keys, the tile across the cache's end, whose rows past k_end
+// must be zeros) keep cp.async.
 //
 // kAhead: tiles whose positions are in flight (the loads of tile t + kAhead are issued with
 // tile t's copies). With 1, a multi-tile sparse split of the warpgroup kernel waited a memory
@@ -124,7 +135,7 @@ template <typename T, int D, bool kSparse, int kStages, int kAhead, typename Off
 MAGE_DEVICE bool produce_kv_tiles(const KeyList<T, kSparse>& keys, int k_begin, int k_end,
                                   int lane, const int (&first_pos)[4], T* s_k, T* s_v,
                                   int tile_elems, Offset offset, uint64_t* full_bar,
-                                  uint64_t* empty_bar) {
+                                  uint64_t* empty_bar, TmaCache tma = {}) {
   int pos[kAhead][4];  // indexed by compile-time constants only (fully unrolled)
 #pragma unroll
   for (int g = 0; g < 4; ++g) pos[0][g] = first_pos[g];
@@ -142,9 +153,23 @@ MAGE_DEVICE bool produce_kv_tiles(const KeyList<T, kSparse>& keys, int k_begin, 
       if (t >= k_end) return bad;
       const int buf = it % kStages;
       if (it >= kStages) mbar_wait(&empty_bar[buf], ((it / kStages) - 1) & 1);
-      copy_kv_tile<T, D, kSparse>(keys, t, k_end, lane, pos[j], s_k + buf * tile_elems,
-                                  s_v + buf * tile_elems, offset, bad);
-      mbar_arrive_on_copies(&full_bar[buf]);
+      if (!kSparse && tma.k_map != nullptr && t + kKeyTile <= keys.n_cache) {
+        if (lane == 0) {
+          mbar_arrive_expect_tx(&full_bar[buf], 2 * tile_elems * sizeof(T));
+#pragma unroll
+          for (int half = 0; half < D / 64; ++half) {
+            const int dst = buf * tile_elems + half * kKeyTile * 64;  // sw128_offset's halves
+            tma_load_4d(s_k + dst, tma.k_map, half * 64, t, tma.h, tma.b, &full_bar[buf]);
+            tma_load_4d(s_v + dst, tma.v_map, half * 64, t, tma.h, tma.b, &full_bar[buf]);
+          }
+        } else {
+          mbar_arrive(&full_bar[buf]);
+        }
+      } else {
+        copy_kv_tile<T, D, kSparse>(keys, t, k_end, lane, pos[j], s_k + buf * tile_elems,
+                                    s_v + buf * tile_elems, offset, bad);
+        mbar_arrive_on_copies(&full_bar[buf]);
+      }
       const int t_ahead = t + kAhead * kKeyTile;
       if (t_ahead < k_end) load_tile_positions(keys, t_ahead, lane, pos[j]);
     }

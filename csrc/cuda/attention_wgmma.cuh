@@ -185,11 +185,13 @@ __global__ void __launch_bounds__(wgmma_threads<kWG>(), wgmma_ctas_per_sm<kWG>()
 
   const bool active = wg < n_wg;  // (the producer warp has wg == kWG)
   if (wg == kWG) {  // the producer warp: K/V tiles into the ring
+    TmaCache tma;
+    if (!kSparse && a.use_tma) tma = {&a.k_map, &a.v_map, work.b, work.h};
     if (produce_kv_tiles<T, D, kSparse, kWgStages, /*kAhead=*/4>(
             keys, k_begin, k_end, lane, pos, reinterpret_cast<T*>(s_k),
             reinterpret_cast<T*>(s_v), kKeyTile * D,
             [](int r, int ch) { return sw128_offset(r, ch, kKeyTile) / 2; }, full_bar,
-            empty_bar)) {
+            empty_bar, tma)) {
       s_bad = 1;
     }
   }

@@ -2,6 +2,7 @@
 // compiler) and the kernels (*.cu). Pointers are raw device pointers; strides in elements.
 #pragma once
 
+#include <cuda.h>  // CUtensorMap
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -40,6 +41,10 @@ struct AttentionArgs {
   float* lse_part = nullptr;  // [num_splits, batch*Hq*B]
   void* out = nullptr;        // [batch, Hq, B, D] when num_splits == 1
   float* lse = nullptr;       // [batch, Hq, B]
+  // Dense warpgroup kernel: TMA descriptors of the K / V caches (tma_maps.h); use_tma = 0: the
+  // producer copies every tile with cp.async.
+  CUtensorMap k_map, v_map;
+  int use_tma = 0;
 };
 
 // Importance scores (second pass): needs the final lse of every row.

@@ -11,6 +11,7 @@
 #include <cstdlib>
 
 #include "cuda/kernel_args.h"
+#include "cuda/tma_maps.h"
 #include "ops/checks.h"
 #include "ops/launch_plan.h"
 
@@ -60,6 +61,13 @@ bool use_pdl() {
   const char* off = std::getenv("MAGE_DISABLE_PDL");
   if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
   return at::cuda::getCurrentDeviceProperties()->major >= 9;
+}
+
+// TMA loads of the dense cache tiles in the warpgroup kernel (tma_maps.h), unless
+// MAGE_DISABLE_TMA=1 (read per call, as use_wgmma()).
+bool use_tma() {
+  const char* off = std::getenv("MAGE_DISABLE_TMA");
+  return off == nullptr || off[0] == '\0' || off[0] == '0';
 }
 
 struct Prepared {
@@ -130,6 +138,13 @@ void run_attention(const char* op, bool sparse, AttentionArgs a, const Prepared&
   a.wgmma_groups = plan.wgmma_groups;
   a.num_splits = plan.splits.num_splits;
   a.keys_per_split = plan.splits.keys_per_split;
+  if (!sparse && a.wgmma_groups > 0 && use_tma()) {
+    const auto& d = p.dims;
+    a.use_tma = encode_cache_map(&a.k_map, a.k_cache, d.batch, d.hkv, d.capacity, d.dim,
+                                 a.cache_stride_b, a.cache_stride_h) &&
+                encode_cache_map(&a.v_map, a.v_cache, d.batch, d.hkv, d.capacity, d.dim,
+                                 a.cache_stride_b, a.cache_stride_h);
+  }
   at::Tensor o_part, lse_part;
   const int64_t total_rows = static_cast<int64_t>(a.batch) * a.hq * a.block;
   if (a.num_splits > 1) {
