@@ -62,6 +62,9 @@ struct ScoresArgs {
   int keys_per_split = 0;
   int num_splits = 1;
   bool wgmma = false;  // the sm_90a kernel (rows <= 256)
+  // The sm_90a kernel: TMA descriptor of the K cache (as AttentionArgs::k_map).
+  CUtensorMap k_map;
+  int use_tma = 0;
 };
 
 struct MergeArgs {

@@ -139,10 +139,9 @@ void run_attention(const char* op, bool sparse, AttentionArgs a, const Prepared&
   a.num_splits = plan.splits.num_splits;
   a.keys_per_split = plan.splits.keys_per_split;
   if (!sparse && a.wgmma_groups > 0 && use_tma()) {
-    const auto& d = p.dims;
-    a.use_tma = encode_cache_map(&a.k_map, a.k_cache, d.batch, d.hkv, d.capacity, d.dim,
+    a.use_tma = encode_cache_map(&a.k_map, a.k_cache, a.batch, a.hkv, a.capacity, a.dim,
                                  a.cache_stride_b, a.cache_stride_h) &&
-                encode_cache_map(&a.v_map, a.v_cache, d.batch, d.hkv, d.capacity, d.dim,
+                encode_cache_map(&a.v_map, a.v_cache, a.batch, a.hkv, a.capacity, a.dim,
                                  a.cache_stride_b, a.cache_stride_h);
   }
   at::Tensor o_part, lse_part;
@@ -225,6 +224,10 @@ void attention_with_scores_out(const at::Tensor& q, const at::Tensor& k_cache,
                                     /*min_tiles=*/s.wgmma ? 8 : 2);
   s.num_splits = splits.num_splits;
   s.keys_per_split = splits.keys_per_split;
+  if (s.wgmma && use_tma()) {
+    s.use_tma = encode_cache_map(&s.k_map, s.k_cache, a.batch, a.hkv, a.capacity, a.dim,
+                                 a.cache_stride_b, a.cache_stride_h);
+  }
   C10_CUDA_CHECK(launch_scores(dtype_of(p.q), s, at::cuda::getCurrentCUDAStream()));
 }
 

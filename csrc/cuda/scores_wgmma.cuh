@@ -3,7 +3,8 @@
 // exp(q_r . k_j * scale - lse_r).
 //
 // One CTA per (split of the cache, KV head, sequence): all G*B rows (<= kScoreWgRows) of Q and
-// their lse in shared memory; a producer warp streams 64-key K tiles through a ring; each of the
+// their lse in shared memory; a producer warp streams 64-key K tiles (TMA, cp.async for a
+// split's partial last tile) through a ring; each of the
 // kScoreWg consumer warpgroups takes every kScoreWg-th tile and computes S^T = K Q^T for it
 // (keys as the 64-row M side, query rows as N in chunks of 64), so a thread holds 2 keys x 16
 // rows per chunk: the row sum is 16 adds in registers and 2 shuffles across the 4 lanes of a
@@ -77,6 +78,18 @@ __global__ void __launch_bounds__(kScoreWg * 128 + 32, 1)
       const int buf = it % kScoreWgStages;
       if (it >= kScoreWgStages) mbar_wait(&empty_bar[buf], ((it / kScoreWgStages) - 1) & 1);
       unsigned char* dk = s_k + buf * kTileBytes;
+      if (a.use_tma && t + kKeyTile <= k_end) {  // a whole tile of valid keys: TMA
+        if (lane == 0) {
+          mbar_arrive_expect_tx(&full_bar[buf], kTileBytes);
+#pragma unroll
+          for (int half = 0; half < D / 64; ++half) {
+            tma_load_4d(dk + half * kKeyTile * 128, &a.k_map, half * 64, t, h, b, &full_bar[buf]);
+          }
+        } else {
+          mbar_arrive(&full_bar[buf]);
+        }
+        continue;
+      }
 #pragma unroll
       for (int g = 0; g < 4; ++g) {
         const int r = (lane >> 1) + 16 * g;
