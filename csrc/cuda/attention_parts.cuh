@@ -27,12 +27,13 @@ struct CtaWork {
         head_row0((static_cast<int64_t>(b) * a.hq + h * a.group) * a.block) {}
 };
 
-// The producer / consumer ring's barriers: `full` counts the producer warp's 32 lanes (their
+// The producer / consumer ring's barriers: `full` counts the producer warps' lanes (their
 // copies landing), `empty` one arrival per consumer warp.
 template <int kStages>
-MAGE_DEVICE void init_ring(uint64_t (&full)[kStages], uint64_t (&empty)[kStages], int consumers) {
+MAGE_DEVICE void init_ring(uint64_t (&full)[kStages], uint64_t (&empty)[kStages], int consumers,
+                           int producer_lanes = 32) {
   for (int i = 0; i < kStages; ++i) {
-    mbar_init(&full[i], 32);
+    mbar_init(&full[i], producer_lanes);
     mbar_init(&empty[i], consumers);
   }
 }
@@ -65,32 +66,43 @@ MAGE_DEVICE void mark_empty_split(const AttentionArgs& a, int split, int64_t hea
   }
 }
 
-// The producer warp's rows of key-list tile t: lane pair (2i, 2i + 1) takes rows i, i + 16,
-// i + 32, i + 48 (see copy_kv_tile). Loads their positions (the selected indices); the first
-// tile's before the key count is known.
-template <typename T, bool kSparse>
-MAGE_DEVICE void load_tile_positions(const KeyList<T, kSparse>& keys, int t, int lane,
-                                     int (&pos)[4]) {
-#pragma unroll
-  for (int g = 0; g < 4; ++g) pos[g] = keys.load_position(t + (lane >> 1) + 16 * g);
+// A tile's 64 rows as four 16-row groups; with kWarps producer warps, warp pw (0 .. kWarps-1)
+// copies groups pw, pw + kWarps, ... (kGroups of them), lane pair (2i, 2i + 1) row i of each.
+template <int kWarps>
+constexpr int producer_groups() {
+  static_assert(kWarps == 1 || kWarps == 2 || kWarps == 4, "4 row groups per tile");
+  return 4 / kWarps;
 }
 
-// The producer warp's copy of key-list rows t .. t + 63 (kKeyTile), at positions `pos` from
-// load_tile_positions, into the K and V tiles at element offsets offset(row, 16-byte chunk).
-// Lane pair (2i, 2i + 1) copies rows i, i + 16, i + 32, i + 48, the even / odd chunks: each
-// cp.async instruction moves 16 rows x 32 contiguous bytes (whole sectors).
-// Rows past k_end are zero-filled (P = 0 there, and 0 * V must stay finite).
-template <typename T, int D, bool kSparse, typename Offset>
+// This producer warp's rows of key-list tile t (see producer_groups): loads their positions
+// (the selected indices); the first tile's before the key count is known.
+template <typename T, bool kSparse, int kWarps = 1>
+MAGE_DEVICE void load_tile_positions(const KeyList<T, kSparse>& keys, int t, int lane,
+                                     int (&pos)[4], int pw = 0) {
+#pragma unroll
+  for (int j = 0; j < producer_groups<kWarps>(); ++j) {
+    pos[j] = keys.load_position(t + (lane >> 1) + 16 * (pw + kWarps * j));
+  }
+}
+
+// A producer warp's share of key-list rows t .. t + 63 (kKeyTile; its row groups as in
+// producer_groups), at positions `pos` from load_tile_positions, into the K and V tiles at
+// element offsets offset(row, 16-byte chunk). Lane pair (2i, 2i + 1) copies row i of each
+// group, the even / odd chunks: each cp.async instruction moves 16 rows x 32 contiguous bytes
+// (whole sectors). Rows past k_end are zero-filled (P = 0 there, and 0 * V must stay finite).
+template <typename T, int D, bool kSparse, int kWarps = 1, typename Offset>
 MAGE_DEVICE void copy_kv_tile(const KeyList<T, kSparse>& keys, int t, int k_end, int lane,
-                              const int (&pos)[4], T* dk, T* dv, Offset offset, bool& bad) {
+                              const int (&pos)[4], T* dk, T* dv, Offset offset, bool& bad,
+                              int pw = 0) {
   static_assert(kKeyTile == 64, "the lane mapping covers 64-row tiles");
   constexpr int kChunks = D / 8;
-  const T* ksrc[4];
-  const T* vsrc[4];
-  bool valid[4];
+  constexpr int kGroups = producer_groups<kWarps>();
+  const T* ksrc[kGroups];
+  const T* vsrc[kGroups];
+  bool valid[kGroups];
 #pragma unroll
-  for (int g = 0; g < 4; ++g) {
-    const int v = t + (lane >> 1) + 16 * g;
+  for (int g = 0; g < kGroups; ++g) {
+    const int v = t + (lane >> 1) + 16 * (pw + kWarps * g);
     valid[g] = v < k_end;
     bool in_block = true;
     const int64_t off = valid[g] ? keys.row_offset(v, pos[g], in_block, bad) : 0;
@@ -98,8 +110,8 @@ MAGE_DEVICE void copy_kv_tile(const KeyList<T, kSparse>& keys, int t, int k_end,
     vsrc[g] = (in_block ? keys.v_block : keys.v_cache) + off;
   }
 #pragma unroll
-  for (int g = 0; g < 4; ++g) {
-    const int r = (lane >> 1) + 16 * g;
+  for (int g = 0; g < kGroups; ++g) {
+    const int r = (lane >> 1) + 16 * (pw + kWarps * g);
 #pragma unroll
     for (int j = 0; j < kChunks / 2; ++j) {
       const int ch = 2 * j + (lane & 1);
@@ -131,18 +143,23 @@ struct TmaCache {
 // latency per tile on its index loads (Nsight Compute, sparse step at batch 32: the top stall,
 // 36%); 4 made those steps 5% faster (H200, median) but the 224-row mma.sync CTAs (7B, batch 8)
 // 7-9% slower, so that kernel keeps 1.
-template <typename T, int D, bool kSparse, int kStages, int kAhead, typename Offset>
+//
+// kWarps producer warps (this one is pw) share each tile's rows (see producer_groups): one warp
+// issuing a whole gathered tile's cp.async was the sparse step's bound at batch 32 (its loads
+// alone took 43 of the 50 us, SDAR, H200).
+template <typename T, int D, bool kSparse, int kStages, int kAhead, int kWarps = 1,
+          typename Offset>
 MAGE_DEVICE bool produce_kv_tiles(const KeyList<T, kSparse>& keys, int k_begin, int k_end,
                                   int lane, const int (&first_pos)[4], T* s_k, T* s_v,
                                   int tile_elems, Offset offset, uint64_t* full_bar,
-                                  uint64_t* empty_bar, TmaCache tma = {}) {
+                                  uint64_t* empty_bar, TmaCache tma = {}, int pw = 0) {
   int pos[kAhead][4];  // indexed by compile-time constants only (fully unrolled)
 #pragma unroll
   for (int g = 0; g < 4; ++g) pos[0][g] = first_pos[g];
 #pragma unroll
   for (int j = 1; j < kAhead; ++j) {
     const int t = k_begin + j * kKeyTile;
-    if (t < k_end) load_tile_positions(keys, t, lane, pos[j]);
+    if (t < k_end) load_tile_positions<T, kSparse, kWarps>(keys, t, lane, pos[j], pw);
   }
   bool bad = false;
   for (int it0 = 0;; it0 += kAhead) {
@@ -154,7 +171,7 @@ MAGE_DEVICE bool produce_kv_tiles(const KeyList<T, kSparse>& keys, int k_begin, 
       const int buf = it % kStages;
       if (it >= kStages) mbar_wait(&empty_bar[buf], ((it / kStages) - 1) & 1);
       if (!kSparse && tma.k_map != nullptr && t + kKeyTile <= keys.n_cache) {
-        if (lane == 0) {
+        if (lane == 0 && pw == 0) {
           mbar_arrive_expect_tx(&full_bar[buf], 2 * tile_elems * sizeof(T));
 #pragma unroll
           for (int half = 0; half < D / 64; ++half) {
@@ -166,12 +183,14 @@ MAGE_DEVICE bool produce_kv_tiles(const KeyList<T, kSparse>& keys, int k_begin, 
           mbar_arrive(&full_bar[buf]);
         }
       } else {
-        copy_kv_tile<T, D, kSparse>(keys, t, k_end, lane, pos[j], s_k + buf * tile_elems,
-                                    s_v + buf * tile_elems, offset, bad);
+        copy_kv_tile<T, D, kSparse, kWarps>(keys, t, k_end, lane, pos[j], s_k + buf * tile_elems,
+                                            s_v + buf * tile_elems, offset, bad, pw);
         mbar_arrive_on_copies(&full_bar[buf]);
       }
       const int t_ahead = t + kAhead * kKeyTile;
-      if (t_ahead < k_end) load_tile_positions(keys, t_ahead, lane, pos[j]);
+      if (t_ahead < k_end) {
+        load_tile_positions<T, kSparse, kWarps>(keys, t_ahead, lane, pos[j], pw);
+      }
     }
   }
 }

@@ -3,12 +3,13 @@
 // split of its key list; flash-decoding partials merged by merge.cuh), with the matrix products
 // on wgmma instead of mma.sync.
 //
-// kWG consumer warpgroups of 64 rows each (Q in shared memory) + one producer warp that streams
-// 64-key K/V tiles through a kStages ring (cp.async into the 128-byte-swizzled layout wgmma
-// reads; per-stage mbarriers). Per tile a warpgroup issues S = Q K^T (D/16 async MMAs, both
-// operands in shared memory), runs the online softmax on S in registers (the accumulator layout
-// of S is the A-fragment layout of P), then O += P V (4 async MMAs, P from registers, V from
-// shared memory). The warpgroups drift apart, so one's softmax overlaps another's MMAs.
+// kWG consumer warpgroups of 64 rows each (Q in shared memory) + producer warps that stream
+// 64-key K/V tiles through a kStages ring in the 128-byte-swizzled layout wgmma reads (whole
+// dense cache tiles by TMA, the rest by cp.async; per-stage mbarriers). Per tile a warpgroup
+// issues S = Q K^T (D/16 async MMAs, both operands in shared memory), runs the online softmax
+// on S in registers (the accumulator layout of S is the A-fragment layout of P), then
+// O += P V (4 async MMAs, P from registers, V from shared memory). The warpgroups drift apart,
+// so one's softmax overlaps another's MMAs.
 #pragma once
 
 #include <cmath>
@@ -129,20 +130,29 @@ MAGE_DEVICE void softmax_pv(float (&s)[32], float (&o)[D / 8][4], float (&m)[2],
   wgmma_commit();
 }
 
+// Producer warps: the dense cache comes mostly through TMA (one lane issues a tile), the
+// sparse step's gathered rows through cp.async, a share of each tile per warp (2 for the narrow
+// CTAs, two of which share an SM's registers).
+template <int kWG, bool kSparse>
+constexpr int wgmma_producer_warps() {
+  return kSparse ? (kWG == 1 ? 2 : 4) : 1;
+}
+
 // Threads per CTA: kWG consumer warpgroups (1 for narrow CTAs, else 2 or 3: at 4 the 64 fp32
-// output accumulators per thread no longer fit the register file next to S) + the producer warp.
-template <int kWG>
+// output accumulators per thread no longer fit the register file next to S) + the producers.
+template <int kWG, bool kSparse>
 constexpr int wgmma_threads() {
-  return kWG * 128 + 32;
+  return kWG * 128 + 32 * wgmma_producer_warps<kWG, kSparse>();
 }
 
 template <typename T, int D, bool kSparse, int kWG>
-__global__ void __launch_bounds__(wgmma_threads<kWG>(), wgmma_ctas_per_sm<kWG>())
+__global__ void __launch_bounds__(wgmma_threads<kWG, kSparse>(), wgmma_ctas_per_sm<kWG>())
     attention_wgmma_kernel(const __grid_constant__ AttentionArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kWgStages = wgmma_stages<kWG>();
   constexpr int kRows = kWG * 64;
-  constexpr int kThreads = wgmma_threads<kWG>();
+  constexpr int kThreads = wgmma_threads<kWG, kSparse>();
+  constexpr int kProducers = wgmma_producer_warps<kWG, kSparse>();
   constexpr int kTileBytes = kKeyTile * D * 2;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* s_q = reinterpret_cast<unsigned char*>(
@@ -163,8 +173,9 @@ __global__ void __launch_bounds__(wgmma_threads<kWG>(), wgmma_ctas_per_sm<kWG>()
   // Warpgroup index, made warp-uniform for the compiler (a per-thread value would put the
   // wgmma loop on a "divergent path", where ptxas serialises the async MMAs).
   const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
+  const int pw = warp - 4 * kWG;  // producer warp index (wg == kWG)
   int pos[4];
-  if (wg == kWG) load_tile_positions(keys, k_begin, lane, pos);
+  if (wg == kWG) load_tile_positions<T, kSparse, kProducers>(keys, k_begin, lane, pos, pw);
 
   if (k_begin >= k_end) {  // this sequence's keys end before this split (num_splits > 1)
     mark_empty_split(a, split, head_row0, row0, kRows, tid, kThreads);
@@ -176,7 +187,7 @@ __global__ void __launch_bounds__(wgmma_threads<kWG>(), wgmma_ctas_per_sm<kWG>()
   __shared__ int s_bad;
   const int n_wg = min(kWG, (a.rows - row0 + 63) / 64);  // warpgroups with rows
   if (tid == 0) {
-    init_ring(full_bar, empty_bar, 4 * n_wg);
+    init_ring(full_bar, empty_bar, 4 * n_wg, 32 * kProducers);
     s_bad = 0;
   }
   cp_async_wait<0>();
@@ -184,14 +195,14 @@ __global__ void __launch_bounds__(wgmma_threads<kWG>(), wgmma_ctas_per_sm<kWG>()
   __syncthreads();      // Q in shared memory, barriers initialised
 
   const bool active = wg < n_wg;  // (the producer warp has wg == kWG)
-  if (wg == kWG) {  // the producer warp: K/V tiles into the ring
+  if (wg == kWG) {  // the producer warps: K/V tiles into the ring
     TmaCache tma;
     if (!kSparse && a.use_tma) tma = {&a.k_map, &a.v_map, work.b, work.h};
-    if (produce_kv_tiles<T, D, kSparse, kWgStages, /*kAhead=*/4>(
+    if (produce_kv_tiles<T, D, kSparse, kWgStages, /*kAhead=*/4, kProducers>(
             keys, k_begin, k_end, lane, pos, reinterpret_cast<T*>(s_k),
             reinterpret_cast<T*>(s_v), kKeyTile * D,
             [](int r, int ch) { return sw128_offset(r, ch, kKeyTile) / 2; }, full_bar,
-            empty_bar, tma)) {
+            empty_bar, tma, pw)) {
       s_bad = 1;
     }
   }

@@ -34,7 +34,7 @@ cudaError_t launch_wgmma_attention(const AttentionArgs& a, cudaStream_t stream) 
   static const cudaError_t attr = allow_smem(kernel, smem);
   if (attr != cudaSuccess) return attr;
   const dim3 grid((a.rows + kWG * 64 - 1) / (kWG * 64), a.num_splits, a.batch * a.hkv);
-  kernel<<<grid, wgmma_threads<kWG>(), smem, stream>>>(a);
+  kernel<<<grid, wgmma_threads<kWG, kSparse>(), smem, stream>>>(a);
   return cudaGetLastError();
 }
 
