@@ -10,15 +10,16 @@ int64_t key_tiles_of(int64_t max_keys) {
   return std::max<int64_t>(1, (max_keys + kKeyTile - 1) / kKeyTile);
 }
 
-// 64-row warpgroups per CTA for `rows` (> 64) query rows per KV head, or 0 for the mma.sync
-// kernel; row_units = batch * Hkv, key_tiles = the longest key list in tiles.
+// 64-row warpgroups per CTA for `rows` (> 64) query rows per KV head; row_units = batch * Hkv,
+// key_tiles = the longest key list in tiles.
 // 2 or 3 groups (a fourth does not fit the registers). Up to 192 rows one CTA holds them all;
 // more (224 for the 7B shape) take two 2-group CTAs per key split, the second reading the K/V
 // tiles mostly from L2. Measured on the H200 (7B shape, both kernels in one process:
-// benchmarks/results/wgmma_loop_probe_h200.json): the two 2-group CTAs beat the 224-row mma.sync
-// CTA on the dense step at every batch (batch 1 128K: 169 vs 220 us; batch 8 32K: 333 vs 449;
-// batch 32 32K: 1315 vs 1869) and on the sparse step at batch 8 (k = 512: 22.3 vs 26.6 us), not
-// on the sparse step once the (sequence, head) units alone fill the GPU (batch 32: 45 vs 42 us).
+// benchmarks/results/wgmma_loop_probe_h200.json, sparse_7b_probe_h200.json): the two 2-group
+// CTAs beat the 224-row mma.sync CTA on the dense step at every batch (batch 1 128K: 169 vs
+// 220 us; batch 8 32K: 333 vs 449; batch 32 32K: 1315 vs 1869) and, since the sparse gathers
+// have 4 producer warps, on the sparse step at batch 32 too (k = 512: 41.4 vs 42.3 us, 2048:
+// 103 vs 114, 4096: 195 vs 214; k = 256 alone is slower, 31.4 vs 29.8).
 // A short sparse key list whose units do not fill the GPU spreads 129-192 rows over two CTAs
 // (2 + 1 groups) instead of splitting the keys further (fewer partials to merge): 1.5B shape,
 // batch 32: k = 256 24.8 -> 17.8 us, k = 512 28.0 -> 25.2; with k = 2048 (33 tiles) the key
@@ -26,8 +27,7 @@ int64_t key_tiles_of(int64_t max_keys) {
 int wgmma_groups_for(int rows, int64_t row_units, bool sparse, int64_t key_tiles, int sm_count) {
   const int need = (rows + 63) / 64;
   if (need == 3 && sparse && key_tiles <= kShortKeyTiles && row_units < sm_count) return 2;
-  if (need <= 3) return std::max(need, 2);
-  return sparse && row_units * ((rows + 127) / 128) >= sm_count ? 0 : 2;
+  return need <= 3 ? std::max(need, 2) : 2;
 }
 
 }  // namespace
