@@ -75,9 +75,8 @@ def test_long_cache_with_splits(dtype, dim, hq, hkv, block, kernel_path, gen):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dim", [64, 128])
 def test_many_rows_per_head_at_large_batch(dtype, dim, kernel_path, gen):
-    # 7 x 32 = 224 rows per KV head and 17 x 4 heads: enough (sequence, head) units on an H200
-    # for the sparse step to take the 224-row mma.sync CTA (the dense passes two 2-group
-    # warpgroup CTAs per head); lengths differ per sequence.
+    # 7 x 32 = 224 rows per KV head, 17 x 4 heads: two 2-group warpgroup CTAs per head (the
+    # 224-row mma.sync CTA on the mma_sync path); lengths differ per sequence.
     lens = torch.randint(1, 400, (17,), generator=gen).tolist()
     inp = make_inputs(17, 28, 4, 32, dim, lens, dtype, "cuda", capacity=400, generator=gen)
     check_first_and_sparse_steps(inp, lens, 4, (300,), dtype, gen)
