@@ -57,12 +57,28 @@ MAGE_DEVICE void wgmma_qk(float (&s)[32], const unsigned char* q_wg, const unsig
 // (see softmax_pv): exponentials stay below 2^8 = 256, representable in bf16 / fp16 P.
 constexpr float kRescaleSlack = 8.f;
 
+// The consumer warpgroups' turns at issuing one kind of MMA (ping-pong, see
+// wgmma_ping_pong): group g waits on named barrier `mine` (its 128 threads + the 128 of the
+// group before it, which arrive there when done) and passes the turn on by arriving at `next`.
+// mine < 0: no turns.
+struct MmaTurn {
+  int mine = -1, next = -1;
+  bool pass = false;  // false on the ring's very last turn: every arrival then has its wait
+  MAGE_DEVICE void take() const {
+    if (mine >= 0) named_bar_sync(mine, 256);
+  }
+  MAGE_DEVICE void hand_on() const {
+    if (mine >= 0 && pass) named_bar_arrive(next, 256);
+  }
+};
+
 // Online softmax of one tile's S (keys t .. t + 63; those >= k_end masked) into the running
-// max m / sum l / output o, then O += P V issued asynchronously (the caller waits).
+// max m / sum l / output o, then O += P V issued asynchronously (the caller waits) in this
+// group's turn `pv`.
 template <typename T, int D>
 MAGE_DEVICE void softmax_pv(float (&s)[32], float (&o)[D / 8][4], float (&m)[2], float (&l)[2],
                             int t, int k_end, float scale_log2, const unsigned char* vt,
-                            int tig) {
+                            int tig, const MmaTurn& pv) {
   // Keys past the list only occur in a split's last tile (a warp-uniform branch). The scale is
   // positive (checked on the host), so the max is taken on the raw logits and the scaling folds
   // into the exponent's FMA.
@@ -119,6 +135,7 @@ MAGE_DEVICE void softmax_pv(float (&s)[32], float (&o)[D / 8][4], float (&m)[2],
   for (int j = 0; j < 4; ++j)
 #pragma unroll
     for (int r = 0; r < 4; ++r) pa[j][r] = pack2<T>(s[8 * j + 2 * r], s[8 * j + 2 * r + 1]);
+  pv.take();
   wgmma_fence();
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -128,6 +145,7 @@ MAGE_DEVICE void softmax_pv(float (&s)[32], float (&o)[D / 8][4], float (&m)[2],
                    wgmma_desc(vt + j * 16 * 128, kKeyTile * 128, 1024));
   }
   wgmma_commit();
+  pv.hand_on();
 }
 
 // Producer warps: the dense cache comes mostly through TMA (one lane issues a tile), the
@@ -136,6 +154,17 @@ MAGE_DEVICE void softmax_pv(float (&s)[32], float (&o)[D / 8][4], float (&m)[2],
 template <int kWG, bool kSparse>
 constexpr int wgmma_producer_warps() {
   return kSparse ? (kWG == 1 ? 2 : 4) : 1;
+}
+
+// Ping-pong (FlashAttention-3's warpgroup scheduler barriers): the consumer warpgroups issue
+// their Q K^T MMAs in turn and their P V MMAs in turn (two token rings of named barriers), so
+// one group's softmax overlaps the others' MMAs instead of the groups drifting into step.
+// Measured on the H200 (benchmarks/results/pingpong_probe_h200.json): 3 groups 2-6% faster
+// (1.5B dense and sparse), the sparse step's 2 groups within -3% .. +1%; the dense step's 2
+// groups 5-14% slower, so they issue freely. Q K^T alone in turn: within 1%.
+template <int kWG, bool kSparse>
+constexpr bool wgmma_ping_pong() {
+  return kWG == 3 || (kSparse && kWG == 2);
 }
 
 // Threads per CTA: kWG consumer warpgroups (1 for narrow CTAs, else 2 or 3: at 4 the 64 fp32
@@ -217,18 +246,34 @@ __global__ void __launch_bounds__(wgmma_threads<kWG, kSparse>(), wgmma_ctas_per_
   const int g = lane >> 2, tig = lane & 3;
 
   const int n_tiles = active ? (k_end - k_begin + kKeyTile - 1) / kKeyTile : 0;
+  // Ping-pong turns: named barriers 1 + group (Q K^T) and 1 + kWG + group (P V); group 0 starts
+  // (the last group hands it both first turns).
+  const bool ping_pong = wgmma_ping_pong<kWG, kSparse>() && n_wg > 1;
+  const int next_wg = wg + 1 == n_wg ? 0 : wg + 1;
+  MmaTurn qk_turn, pv_turn;
+  if (ping_pong) {
+    qk_turn = {1 + wg, 1 + next_wg, true};
+    pv_turn = {1 + kWG + wg, 1 + kWG + next_wg, true};
+    if (n_tiles > 0 && wg == n_wg - 1) {
+      named_bar_arrive(1, 256);
+      named_bar_arrive(1 + kWG, 256);
+    }
+  }
   for (int it = 0; it < n_tiles; ++it) {
+    if (wg == n_wg - 1 && it == n_tiles - 1) qk_turn.pass = pv_turn.pass = false;
     const int buf = it % kWgStages;
     mbar_wait(&full_bar[buf], (it / kWgStages) & 1);
     fence_proxy_async();  // the producer's cp.async writes, acquired above, for wgmma
     // (Issuing the next tile's Q K^T before this softmax, FlashAttention-3 style, needs a
     // second S accumulator: past the registers of 2-3 groups, ptxas then serialises the MMAs.)
     float s[32];
+    qk_turn.take();
     wgmma_qk<T, D, kRows>(s, q_wg, s_k + buf * kTileBytes);
+    qk_turn.hand_on();
     wgmma_wait<0>();
     wgmma_fence_operands(s);
     softmax_pv<T, D>(s, o, m, l, k_begin + it * kKeyTile, k_end, a.scale_log2,
-                     s_v + buf * kTileBytes, tig);
+                     s_v + buf * kTileBytes, tig, pv_turn);
     wgmma_wait<0>();
     wgmma_fence_operands(reinterpret_cast<float(&)[D / 2]>(o));
     __syncwarp();

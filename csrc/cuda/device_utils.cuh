@@ -90,6 +90,14 @@ MAGE_DEVICE void tma_load_4d(void* dst, const CUtensorMap* map, int c0, int c1, 
       : "memory");
 #endif
 }
+// Named barriers (bar.sync / bar.arrive; id 0 is __syncthreads): `threads` of the CTA meet,
+// some waiting (sync), some only signalling (arrive).
+MAGE_DEVICE void named_bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+MAGE_DEVICE void named_bar_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 MAGE_DEVICE void mbar_wait(uint64_t* bar, int parity) {
   const uint32_t addr = smem_addr(bar);
   uint32_t done = 0;
