@@ -129,7 +129,7 @@ struct TmaCache {
   int b = 0, h = 0;
 };
 
-// The producer warp's loop: key-list tiles k_begin, k_begin + 64, ... < k_end into a kStages
+// A producer warp's loop: key-list tiles k_begin, k_begin + 64, ... < k_end into a kStages
 // ring of K / V tiles (tile_elems elements apart from s_k / s_v; element offsets offset(row,
 // 16-byte chunk)), `full` arrived on by each tile's copies, `empty` waited on before a stage is
 // reused. first_pos: tile 0's positions (load_tile_positions, issued in the prologue). Returns

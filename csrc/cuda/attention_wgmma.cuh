@@ -8,8 +8,8 @@
 // dense cache tiles by TMA, the rest by cp.async; per-stage mbarriers). Per tile a warpgroup
 // issues S = Q K^T (D/16 async MMAs, both operands in shared memory), runs the online softmax
 // on S in registers (the accumulator layout of S is the A-fragment layout of P), then
-// O += P V (4 async MMAs, P from registers, V from shared memory). The warpgroups drift apart,
-// so one's softmax overlaps another's MMAs.
+// O += P V (4 async MMAs, P from registers, V from shared memory). One group's softmax overlaps
+// another's MMAs: the groups drift apart, or take turns at issuing them (wgmma_ping_pong).
 #pragma once
 
 #include <cmath>
@@ -223,7 +223,7 @@ __global__ void __launch_bounds__(wgmma_threads<kWG, kSparse>(), wgmma_ctas_per_
   fence_proxy_async();  // Q is read by wgmma (async proxy)
   __syncthreads();      // Q in shared memory, barriers initialised
 
-  const bool active = wg < n_wg;  // (the producer warp has wg == kWG)
+  const bool active = wg < n_wg;  // (the producer warps have wg == kWG)
   if (wg == kWG) {  // the producer warps: K/V tiles into the ring
     TmaCache tma;
     if (!kSparse && a.use_tma) tma = {&a.k_map, &a.v_map, work.b, work.h};
@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(wgmma_threads<kWG, kSparse>(), wgmma_ctas_per_
   const int n_tiles = active ? (k_end - k_begin + kKeyTile - 1) / kKeyTile : 0;
   // Ping-pong turns: named barriers 1 + group (Q K^T) and 1 + kWG + group (P V); group 0 starts
   // (the last group hands it both first turns).
-  const bool ping_pong = wgmma_ping_pong<kWG, kSparse>() && n_wg > 1;
+  const bool ping_pong = wgmma_ping_pong<kWG, kSparse>() && n_wg > 1 && active;
   const int next_wg = wg + 1 == n_wg ? 0 : wg + 1;
   MmaTurn qk_turn, pv_turn;
   if (ping_pong) {
