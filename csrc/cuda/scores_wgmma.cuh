@@ -3,9 +3,9 @@
 // exp(q_r . k_j * scale - lse_r).
 //
 // One CTA per (split of the cache, KV head, sequence): all G*B rows (<= kScoreWgRows) of Q and
-// their lse in shared memory; a producer warp streams 64-key K tiles (TMA, cp.async for a
-// split's partial last tile) through a ring; each of the
-// kScoreWg consumer warpgroups takes every kScoreWg-th tile and computes S^T = K Q^T for it
+// their lse in shared memory; a producer warp streams 64-key K tiles through a ring (TMA;
+// cp.async for a split's partial last tile); each of the kScoreWg consumer warpgroups takes
+// every kScoreWg-th tile and computes S^T = K Q^T for it
 // (keys as the 64-row M side, query rows as N in chunks of 64), so a thread holds 2 keys x 16
 // rows per chunk: the row sum is 16 adds in registers and 2 shuffles across the 4 lanes of a
 // key, no cross-warp reduction, and a fixed summation order (deterministic).

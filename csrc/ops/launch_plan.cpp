@@ -27,7 +27,7 @@ int64_t key_tiles_of(int64_t max_keys) {
 int wgmma_groups_for(int rows, int64_t row_units, bool sparse, int64_t key_tiles, int sm_count) {
   const int need = (rows + 63) / 64;
   if (need == 3 && sparse && key_tiles <= kShortKeyTiles && row_units < sm_count) return 2;
-  return need <= 3 ? std::max(need, 2) : 2;
+  return need == 3 ? 3 : 2;  // (rows > 64: need >= 2)
 }
 
 }  // namespace
