@@ -1,5 +1,6 @@
 #include "cuda/tma_maps.h"
 
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
 #include <cuda_runtime_api.h>
 
 #include "ops/launch_plan.h"  // kKeyTile
@@ -7,10 +8,7 @@
 namespace mage::cuda {
 namespace {
 
-using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
-                                 const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
-                                 const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
-                                 CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+using EncodeTiled = PFN_cuTensorMapEncodeTiled_v12000;
 
 // The driver's cuTensorMapEncodeTiled through the runtime (no link against libcuda); null
 // when the driver predates it.
