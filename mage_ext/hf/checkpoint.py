@@ -56,7 +56,8 @@ def load_model(path: str, *, dtype: torch.dtype = torch.float32, device="cpu",
     config = cls.config_class(**{k: v for k, v in raw.items() if k not in _CONFIG_DROP})
     config._attn_implementation = "sdpa"
     with torch.device(device):  # build where it will run: no host copy of a large model
-        model = cls(config).to(dtype=dtype)
+        model = cls(config)
+    to_dtype_keeping_rope_fp32(model, dtype)
     _load_weights(model, path)
     model.eval()
 
@@ -69,6 +70,25 @@ def load_model(path: str, *, dtype: torch.dtype = torch.float32, device="cpu",
         mask_id = _mask_from_tokenizer(tok, path)
     block = raw.get("bd_size") or raw.get("block_size") or raw.get("block_length") or default_block
     return LoadedModel(model, tok, int(mask_id), _stop_ids(path, raw), int(block), family)
+
+
+def to_dtype_keeping_rope_fp32(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Casts ``model`` to ``dtype`` except the rotary embeddings' inverse frequencies.
+
+    ``model.to(bfloat16)`` would round them too (0.6978 -> 0.6992): the rotation angle
+    ``position * inv_freq`` then drifts by up to ~0.4% of the position, radians off at 128K.
+    transformers computes cos/sin from them in float32, so float32 tables keep the trained
+    angles; only cos/sin are rounded to the activation dtype, as in training.
+    """
+    kept = {}
+    for mod_name, module in model.named_modules():
+        for buf_name, buf in module.named_buffers(recurse=False):
+            if "inv_freq" in buf_name and buf.is_floating_point():
+                kept[(mod_name, buf_name)] = buf.float().clone()
+    model.to(dtype=dtype)
+    modules = dict(model.named_modules())
+    for (mod_name, buf_name), buf in kept.items():
+        setattr(modules[mod_name], buf_name, buf.to(getattr(modules[mod_name], buf_name).device))
 
 
 def _read_json(file: str, what: str) -> dict:

@@ -166,3 +166,29 @@ def test_command_line(tmp_path, capsys):
     cap = capsys.readouterr()
     assert cap.out.count("-" * 40) == 1
     assert "steps: first" in cap.err and "KV read" in cap.err
+
+
+@pytest.mark.parametrize("family,model_type", [("qwen2", "Fast_dLLM_Qwen"), ("qwen3", "sdar")])
+def test_bf16_load_keeps_rope_fp32_at_long_positions(tmp_path, family, model_type):
+    """bf16 loading must not round RoPE's inverse frequencies: at positions near 128K a bf16
+    inv_freq (0.6978 -> 0.6992) rotates by radians-wrong angles."""
+    write_checkpoint(str(tmp_path), family=family, model_type=model_type,
+                     config_extra={"max_position_embeddings": 140000})
+    lm = load_model(str(tmp_path), dtype=torch.bfloat16)
+    rotary = lm.model.model.rotary_emb
+    assert rotary.inv_freq.dtype == torch.float32
+    cfg = lm.model.config
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    theta = cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") else cfg.rope_theta
+    inv64 = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    pos = torch.arange(131072 - 64, 131072 + 64).view(1, -1)
+    x = torch.zeros(1, pos.shape[1], dim, dtype=torch.bfloat16)
+    cos, sin = rotary(x, pos)
+    ang = pos[0].double().unsqueeze(-1) * inv64
+    ref_cos = torch.cat([ang.cos(), ang.cos()], -1)
+    ref_sin = torch.cat([ang.sin(), ang.sin()], -1)
+    # fp32 angles at 131K carry ~0.008 rad of rounding; bf16 cos/sin another 2^-8
+    assert (cos[0].double() - ref_cos).abs().max() < 0.02
+    assert (sin[0].double() - ref_sin).abs().max() < 0.02
+    # the weights themselves are bf16
+    assert next(lm.model.parameters()).dtype == torch.bfloat16
