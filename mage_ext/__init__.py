@@ -1,7 +1,12 @@
 """MAGE: [MASK]-guided sparse attention for long-context block-diffusion LLMs.
 
-Importing this package loads the compiled library, which registers torch.ops.mage.*.
+Importing this package loads the compiled library, which registers torch.ops.mage.*. The ops and
+``PolicyConfig`` load eagerly; the generation API (``generate``, ``load_model``, ``MageCache``,
+``enable_mage`` ...) loads transformers on first use, so ``import mage_ext`` for the ops alone
+does not import transformers.
 """
+import importlib
+
 import torch  # noqa: F401  (the library links against torch's shared libraries)
 
 from . import _C  # noqa: F401  (loads the library: registers torch.ops.mage.*)
@@ -14,16 +19,21 @@ from .ops import (
     sparse_attention,
     topk_select,
 )
-
-from .policy import PolicyConfig
-# The function generate shadows its module (python -m mage_ext.generate still works); importing
-# it here, once, keeps mage_ext.generate the function however the module was first imported.
-from .generate import GenerationResult, generate
-from .hf.cache import MageCache
-from .hf.checkpoint import LoadedModel, load_model
-from .hf.enable import disable_mage, enable_mage
+from .core.policy import PolicyConfig
 
 __version__ = "0.1.0"
+
+# name -> module that defines it, imported on first access
+_LAZY = {
+    "generate": "generation",
+    "GenerationResult": "generation",
+    "Prefix": "generation",
+    "MageCache": "hf.cache",
+    "LoadedModel": "hf.checkpoint",
+    "load_model": "hf.checkpoint",
+    "enable_mage": "hf.enable",
+    "disable_mage": "hf.enable",
+}
 
 __all__ = [
     "ops",
@@ -35,14 +45,16 @@ __all__ = [
     "check_selection",
     "cuda_kernels_built",
     "PolicyConfig",
-    "generate",
-    "GenerationResult",
-    "MageCache",
-    "LoadedModel",
-    "load_model",
-    "enable_mage",
-    "disable_mage",
+    *_LAZY,
 ]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mage_ext' has no attribute '{name}'")
 
 
 def cuda_kernels_built() -> bool:

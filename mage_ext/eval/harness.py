@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..policy import PolicyConfig
+from ..core.policy import PolicyConfig
 from . import tasks as T
 from .meters import MeterGroup, NeedleMassMeter, needle_positions
 from .recall import RecallMeter
@@ -122,7 +122,7 @@ def evaluate(model, cfg: Optional[EvalConfig] = None, *, device=None, dtype=None
              on_record=None) -> dict:
     """Runs the grid; ``model`` is a checkpoint directory or a ``LoadedModel``.
     ``on_record(record)`` is called as each record is finished (for incremental output)."""
-    from ..generate import generate as run_generation
+    from ..generation import generate as run_generation
     from ..hf.checkpoint import LoadedModel, load_model
 
     cfg = cfg or EvalConfig()

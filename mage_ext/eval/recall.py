@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..selectors.base import LayerKV, Selection, StepContext
+from ..core.selectors.base import LayerKV, Selection, StepContext
 
 
 @dataclass

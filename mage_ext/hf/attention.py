@@ -3,18 +3,13 @@
 transformers calls it from every attention layer with q [b, Hq, s, d] and the k/v the cache's
 ``update()`` returned (the block's own keys/values, RoPE applied). It finds the generation's
 ``MageCache`` in the ``mage_cache`` forward kwarg (transformers 4.56 ... 5.x pass extra forward
-kwargs down to the attention function unchanged), then:
-
-* prefill: dense attention of the chunk over the cache + itself (block-causal, spec section 5);
-* denoise / commit: the selector decides what to read (``selector.attend``);
-* prefill and commit also write the chunk's k/v into the cache.
+kwargs down to the attention function unchanged); ``cache.attend`` does the rest (prefill:
+dense and block-causal; denoise / commit: what the policy's selector decides; prefill and commit
+write the chunk's k/v into the cache).
 
 Returns ([b, s, Hq, d], None), the layout transformers expects.
 """
 from __future__ import annotations
-
-from .. import ops
-from ..selectors import StepContext
 
 
 def mage_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
@@ -30,22 +25,9 @@ def mage_attention(module, query, key, value, attention_mask=None, scaling=None,
                                   f"(layer {module.layer_idx}); use a config without them")
     if dropout:
         raise NotImplementedError("mage attention: dropout is not supported (inference only)")
-    layer = module.layer_idx
     q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
     scale = float(scaling) if scaling is not None else q.shape[-1] ** -0.5
-    kv = cache.layer(layer)
-    if cache.phase == "prefill":
-        out, _ = ops.dense_attention(q, kv.k, kv.v, kv.lens, k, v, scale)
-    else:
-        ctx = StepContext(layer=layer, n_layers=cache.n_layers, step=cache.step,
-                          phase=cache.phase, scale=scale, steps_hint=cache.steps_hint)
-        out, selection = cache.selector.attend(ctx, q, k, v, kv)
-        cache.count_read(selection)
-        meter = getattr(cache, "recall_meter", None)
-        if meter is not None and ctx.phase == "denoise" and ctx.step >= 1:
-            meter.record(ctx, q, k, v, kv, selection)
-    if cache.phase != "denoise":
-        cache.write(layer, k, v)
+    out = cache.attend(module.layer_idx, q, k, v, scale)
     return out.transpose(1, 2), None
 
 

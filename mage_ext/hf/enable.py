@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from typing import Optional
 
-from ..policy import PolicyConfig
+from ..core.policy import PolicyConfig
 from .attention import mage_attention, no_mask
 
 NAME = "mage"

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from mage_ext import ops
-from mage_ext.policy import PolicyConfig
-from mage_ext.selectors import LayerKV, StepContext, make_selector
-from mage_ext.selectors.quest import QuestSelector, quest_page_scores
-from mage_ext.selectors.sparsed import SparseDSelector
-from mage_ext.selectors.tidal import TidalSelector
+from mage_ext.core.policy import PolicyConfig
+from mage_ext.core.selectors import LayerKV, StepContext, make_selector
+from mage_ext.core.selectors.quest import QuestSelector, quest_page_scores
+from mage_ext.core.selectors.sparsed import SparseDSelector
+from mage_ext.core.selectors.tidal import TidalSelector
 from reference import AttentionInputs, reference_attention
 
 
@@ -333,6 +333,6 @@ def test_quest_on_append_rejects_bad_arguments():
 
 
 def test_sparsed_pooling_sums_each_kv_block_partial_last_included():
-    from mage_ext.selectors.sparsed import pooled_block_scores
+    from mage_ext.core.selectors.sparsed import pooled_block_scores
     scores = torch.arange(10, dtype=torch.float32).view(1, 1, 10)
     assert pooled_block_scores(scores, 4).tolist() == [[[6.0, 22.0, 17.0]]]

@@ -158,7 +158,7 @@ def test_loaded_model_generates_text(tmp_path):
 
 
 def test_command_line(tmp_path, capsys):
-    from mage_ext.generate import main
+    from mage_ext.cli import generate_main as main
 
     write_checkpoint(tmp_path, config_extra={"bd_size": 8})
     main(["--model", str(tmp_path), "--prompt", "w1 w2 w3", "--policy", "mage", "--k", "4",

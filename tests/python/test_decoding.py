@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mage_ext.decoding import low_confidence_unmask, sample, threshold_unmask, transfer_schedule
+from mage_ext.core.decoding import low_confidence_unmask, sample, threshold_unmask, transfer_schedule
 from tiny_models import MASK_ID, one_thread, tiny_model  # noqa: F401
 
 

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from mage_ext.policy import PolicyConfig, adaptive_budgets, dispersion_score
-from mage_ext.selectors import LayerKV, StepContext, make_selector
-from mage_ext.selectors import mage as mage_mod
+from mage_ext.core.policy import PolicyConfig, adaptive_budgets, dispersion_score
+from mage_ext.core.selectors import LayerKV, StepContext, make_selector
+from mage_ext.core.selectors import mage as mage_mod
 from reference import make_inputs, reference_attention
 
 SCALE = 0.3

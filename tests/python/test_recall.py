@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from mage_ext.eval.recall import RecallMeter, oracle_recall
-from mage_ext.eval.traffic import kv_bytes, kv_fraction
-from mage_ext.selectors import LayerKV, Selection, StepContext
+from mage_ext.core.traffic import kv_bytes, kv_fraction
+from mage_ext.core.selectors import LayerKV, Selection, StepContext
 from reference import make_inputs, random_selection, reference_attention
 
 

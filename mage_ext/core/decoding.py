@@ -49,17 +49,35 @@ def transfer_schedule(block_size: int, steps: int) -> list:
     return [base + (1 if i < extra else 0) for i in range(steps)]
 
 
-def low_confidence_unmask(probs: Tensor, masked: Tensor, n: int, dynamic: bool,
+def fill_most_confident(probs: Tensor, masked: Tensor, n: Tensor) -> Tensor:
+    """The n[row] most confident masked positions of each row (fewer where fewer are masked).
+    probs/masked [batch, m], n int [batch] -> bool [batch, m]. No host synchronisation."""
+    conf = probs.masked_fill(~masked, float("-inf"))
+    rank = conf.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+    return (rank < n.unsqueeze(-1)) & masked
+
+
+def low_confidence_unmask(probs: Tensor, masked: Tensor, n, dynamic: bool,
                           threshold: float) -> Tensor:
     """SDAR rules. static: the n most confident masked positions per row. dynamic: all masked
-    positions with p > threshold when there are at least n of them, else the n most confident."""
-    conf = probs.masked_fill(~masked, float("-inf"))
-    pick = torch.zeros_like(masked)
-    for row in range(conf.shape[0]):
-        k = min(n, int(masked[row].sum()))
-        high = conf[row] > threshold
-        if dynamic and int(high.sum()) >= max(n, 1):
-            pick[row] = high
-        elif k > 0:
-            pick[row, conf[row].topk(k).indices] = True
-    return pick & masked
+    positions with p > threshold when there are at least n of them, else the n most confident.
+    ``n`` is an int or an int tensor [batch] (no host synchronisation either way)."""
+    if not isinstance(n, Tensor):
+        n = torch.full(masked.shape[:1], int(n), dtype=torch.long, device=masked.device)
+    pick = fill_most_confident(probs, masked, n)
+    if dynamic:
+        high = (probs > threshold) & masked
+        enough = high.sum(-1) >= n.clamp(min=1)
+        pick = torch.where(enough.unsqueeze(-1), high, pick)
+    return pick
+
+
+def fast_dllm_unmask(probs: Tensor, masked: Tensor, sub_block: int, threshold: float) -> Tensor:
+    """Fast-dLLM v2 step: the threshold rule inside each row's first sub-block that still holds
+    a [MASK] (rows advance through their sub-blocks independently, so a row's tokens do not
+    depend on its batch mates). probs/masked [batch, B] -> bool [batch, B]."""
+    batch, block = masked.shape
+    has = masked.view(batch, block // sub_block, sub_block).any(-1)
+    active = has.int().argmax(-1)                       # first sub-block with a [MASK]
+    sub = torch.arange(block, device=masked.device) // sub_block
+    return threshold_unmask(probs, masked & (sub.unsqueeze(0) == active.unsqueeze(-1)), threshold)

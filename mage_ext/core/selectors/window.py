@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import LayerKV, Selection, Selector, StepContext
-from .common import dense, sparse
+from .base import LayerKV, Selection, Selector, StepContext, dense, sparse
 
 
 def last_window(lens: torch.Tensor, n_kv_heads: int, window: int) -> Selection:

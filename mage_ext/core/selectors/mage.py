@@ -21,10 +21,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import ops
+from ... import ops
 from ..policy import adaptive_budgets, dispersion_score
-from .base import LayerKV, Selection, Selector, StepContext
-from .common import dense, reads_whole_cache, sparse
+from .base import LayerKV, Selection, Selector, StepContext, dense, sparse
+from .common import reads_whole_cache
 
 _CHUNK = 4096  # cache entries per chunk of the plain-torch adaptive statistics
 

@@ -1,4 +1,4 @@
-"""Pieces the baseline selectors share: the dense/sparse calls and page-granular selection.
+"""Pieces the baseline selectors share: config checks and page-granular selection.
 
 Quest pages and SparseD KV blocks are the same idea: score fixed-size runs of the cache, keep
 the best runs, read every token in them. ``top_pages`` does that with ``ops.topk_select`` on the
@@ -6,18 +6,16 @@ page scores, so the choice of pages runs on the same kernel as MAGE's token top-
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
-from .. import ops
-from .base import LayerKV, Selection, StepContext
+from ... import ops
+from ..policy import PolicyConfig
+from .base import Selection, StepContext
 
 
 def check_config(config, method: str) -> None:
     """Raises unless ``config`` is a PolicyConfig for ``method`` (selectors are built per method)."""
-    from ..policy import PolicyConfig
     if not isinstance(config, PolicyConfig):
         raise TypeError(f"config: expected a mage_ext.policy.PolicyConfig, got {type(config).__name__}")
     if config.method != method:
@@ -28,19 +26,6 @@ def reads_whole_cache(config, ctx: StepContext) -> bool:
     """Dense layers, and the commit forward when it is configured exact, read the whole cache."""
     return config.is_dense_layer(ctx.layer) or (ctx.phase == "commit"
                                                 and config.commit_attention == "exact")
-
-
-def dense(ctx: StepContext, q: Tensor, k_block: Tensor, v_block: Tensor,
-          kv: LayerKV) -> tuple[Tensor, Optional[Selection]]:
-    out, _ = ops.dense_attention(q, kv.k, kv.v, kv.lens, k_block, v_block, ctx.scale)
-    return out, None
-
-
-def sparse(ctx: StepContext, q: Tensor, k_block: Tensor, v_block: Tensor, kv: LayerKV,
-           sel: Selection) -> tuple[Tensor, Selection]:
-    out, _ = ops.sparse_attention(q, kv.k, kv.v, sel.indices, sel.counts, k_block, v_block,
-                                  ctx.scale)
-    return out, sel
 
 
 def n_pages(lens: Tensor, page: int) -> Tensor:

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import LayerKV, Selector, StepContext
-from .common import check_config, dense, n_pages, reads_whole_cache, sparse, top_pages
+from .base import LayerKV, Selector, StepContext, dense, sparse
+from .common import check_config, n_pages, reads_whole_cache, top_pages
 
 
 def quest_page_scores(q: Tensor, page_min: Tensor, page_max: Tensor) -> Tensor:

@@ -21,9 +21,9 @@ import math
 import torch
 from torch import Tensor
 
-from .. import ops
-from .base import LayerKV, Selection, Selector, StepContext
-from .common import check_config, dense, reads_whole_cache, sparse, top_pages
+from ... import ops
+from .base import LayerKV, Selection, Selector, StepContext, dense, sparse
+from .common import check_config, reads_whole_cache, top_pages
 
 
 def pooled_block_scores(scores: Tensor, kv_block: int) -> Tensor:

@@ -17,9 +17,9 @@ from typing import Optional
 
 from torch import Tensor
 
-from .. import ops
-from .base import LayerKV, Selection, Selector, StepContext
-from .common import check_config, dense, reads_whole_cache, sparse
+from ... import ops
+from .base import LayerKV, Selection, Selector, StepContext, dense, sparse
+from .common import check_config, reads_whole_cache
 
 
 class TidalSelector(Selector):

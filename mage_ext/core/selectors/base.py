@@ -28,6 +28,8 @@ from typing import Optional
 
 from torch import Tensor
 
+from ... import ops
+
 
 @dataclass
 class LayerKV:
@@ -88,5 +90,19 @@ class Selector:
 
         Returns (out [batch, Hq, B, d], the Selection this call read or None if dense).
         """
-        from .common import dense  # common imports this module
         return dense(ctx, q, k_block, v_block, kv)
+
+
+# The two attention calls every selector ends in (the selection decides which).
+
+def dense(ctx: StepContext, q: Tensor, k_block: Tensor, v_block: Tensor,
+          kv: LayerKV) -> tuple[Tensor, Optional[Selection]]:
+    out, _ = ops.dense_attention(q, kv.k, kv.v, kv.lens, k_block, v_block, ctx.scale)
+    return out, None
+
+
+def sparse(ctx: StepContext, q: Tensor, k_block: Tensor, v_block: Tensor, kv: LayerKV,
+           sel: Selection) -> tuple[Tensor, Selection]:
+    out, _ = ops.sparse_attention(q, kv.k, kv.v, sel.indices, sel.counts, k_block, v_block,
+                                  ctx.scale)
+    return out, sel

@@ -9,7 +9,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..selectors.base import Selection
+from .selectors.base import Selection
 
 
 def _check(selection: Optional[Selection], lens: Tensor) -> None:

@@ -1,0 +1,202 @@
+"""GenerationCache: everything one generation keeps between forwards, in one object.
+
+It holds per-layer preallocated KV ``[batch, Hkv, capacity, d]``, one ``cache_lens`` int32
+[batch] shared by all layers, the phase of the current forward, the step within the block and
+the selector (the attention policy). Every attention layer of a forward calls ``attend``, which
+does what the policy says for the phase:
+
+* prefill: dense attention of the chunk over the cache + itself (block-causal), then the chunk's
+  k/v are written to the cache;
+* denoise: the selector decides what to read (``selector.attend``); the cache is read-only;
+* commit: like denoise, then the finished block's k/v are written.
+
+``cache_lens`` advances after the whole forward (``end_forward``), so every layer of one forward
+sees the same lengths. Nothing here synchronises with the device: the host keeps an upper bound
+of the lengths (``max_len``) and the KV-read accounting is folded into device totals once per
+block (``end_block``), not per layer, so a forward captured in a CUDA graph replays unchanged.
+
+This module does not import transformers: ``mage_ext.hf.cache.MageCache`` adds the transformers
+Cache interface, the fast forward (``mage_ext.hf.fast_forward``) calls ``attend`` directly.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from .policy import PolicyConfig
+from .selectors import LayerKV, Selection, StepContext, make_selector
+
+PHASES = ("prefill", "denoise", "commit")
+
+
+class GenerationCache:
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, capacity: int,
+                 *, dtype=torch.float32, device="cpu", policy: Optional[PolicyConfig] = None):
+        for name, value in (("n_layers", n_layers), ("batch", batch), ("n_kv_heads", n_kv_heads),
+                            ("head_dim", head_dim), ("capacity", capacity)):
+            if int(value) <= 0:
+                raise ValueError(f"{type(self).__name__}: {name} must be > 0, got {value}")
+        self.n_layers, self.batch, self.capacity = n_layers, batch, capacity
+        shape = (batch, n_kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.cache_lens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.policy = policy or PolicyConfig(method="exact")
+        self.selector = make_selector(self.policy)
+        self.selector.reset(batch, n_layers)
+        self.phase = "prefill"
+        self.step = 0
+        self.steps_hint: Optional[int] = None
+        self.recall_meter = None
+        self.max_len = 0  # upper bound of cache_lens, kept on the host (no device reads)
+        self._advance: Optional[Tensor] = None
+        # KV-read accounting: what each layer of the current forward read (a Selection, or None
+        # for the whole cache), the last such list per kind of forward (a graph replay runs no
+        # Python, so it repeats the list its capture recorded), and the forwards of the block.
+        self._reads_now: list = []
+        self._reads_of_kind: dict = {}
+        self._block_forwards: dict = {}
+        self._read = torch.zeros((), dtype=torch.float64, device=device)
+        self._full = torch.zeros((), dtype=torch.float64, device=device)
+        self._block_full = self._full
+
+    # -- the attention of one layer ----------------------------------------------------------
+    def layer(self, layer: int) -> LayerKV:
+        return LayerKV(self.keys[layer], self.values[layer], self.cache_lens)
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        """One attention layer: q [batch, Hq, n, d], k/v [batch, Hkv, n, d] (RoPE applied).
+        Returns [batch, Hq, n, d]."""
+        kv = self.layer(layer)
+        if self.phase == "prefill":
+            out, _ = ops.dense_attention(q, kv.k, kv.v, kv.lens, k, v, scale)
+        else:
+            ctx = StepContext(layer=layer, n_layers=self.n_layers, step=self.step,
+                              phase=self.phase, scale=scale, steps_hint=self.steps_hint)
+            out, selection = self.selector.attend(ctx, q, k, v, kv)
+            self._reads_now.append(selection)
+            meter = self.recall_meter
+            if meter is not None and ctx.phase == "denoise" and ctx.step >= 1:
+                meter.record(ctx, q, k, v, kv, selection)
+        if self.phase != "denoise":
+            self.write(layer, k, v)
+        return out
+
+    def write(self, layer: int, k_block: Tensor, v_block: Tensor) -> None:
+        """Writes the block's k/v at [cache_lens, cache_lens + n) and tells the selector."""
+        if self.max_len + k_block.shape[2] > self.capacity:  # host-side bound: no device sync
+            raise RuntimeError(f"{type(self).__name__}: writing {k_block.shape[2]} entries past "
+                               f"the capacity {self.capacity} (longest sequence holds "
+                               f"{self.max_len})")
+        kv = self.layer(layer)
+        ops.append_kv(kv.k, kv.v, kv.lens, k_block, v_block)
+        self.selector.on_append(layer, kv, kv.lens.clone(), k_block.shape[2])
+
+    # -- phases, called by the generation loop -----------------------------------------------
+    def begin_prefill(self, advance: Optional[Tensor] = None) -> None:
+        """Next forward writes a prompt chunk; only rows with ``advance`` True keep it.
+
+        Rows with ``advance`` False are scratch: written past cache_lens (never read) and
+        rewritten by that sequence's next real write.
+        """
+        self.phase, self._advance = "prefill", advance
+
+    def begin_block(self) -> None:
+        self.end_block()
+        self.selector.begin_block()
+        self.step = 0
+        self._block_full = self.cache_lens.double().sum()  # lengths hold until the commit's end
+
+    def begin_step(self, commit: bool = False) -> None:
+        """Next forward is denoising step ``self.step`` of the block, or its commit forward."""
+        self.phase, self._advance = ("commit" if commit else "denoise"), None
+        self.selector.begin_step(self.step)
+        self._reads_now = []
+
+    def forward_kind(self) -> str:
+        """'prefill', 'first' (a block's all-[MASK] step), 'later' or 'commit'."""
+        if self.phase == "denoise":
+            return "first" if self.step == 0 else "later"
+        return self.phase
+
+    def end_forward(self, n_tokens: int) -> None:
+        """After a forward of ``n_tokens`` per sequence (graph replays included): cross-layer
+        selector work, then the lengths of writes advance."""
+        self.advance_device(n_tokens)
+        self.advance_host(n_tokens)
+
+    def advance_device(self, n_tokens: int) -> None:
+        """The device half of ``end_forward``: capturable in a CUDA graph."""
+        if self.phase != "prefill":
+            self.selector.end_step(self.step)
+        if self.phase != "denoise":
+            add = torch.full_like(self.cache_lens, n_tokens)
+            if self._advance is not None:
+                add = add * self._advance.to(add.device, torch.int32)
+            self.cache_lens += add
+
+    def advance_host(self, n_tokens: int) -> None:
+        """The host half of ``end_forward``: runs after every forward, replayed or not."""
+        if self.phase != "prefill":
+            kind = self.forward_kind()
+            if self._reads_now:
+                self._reads_of_kind[kind] = self._reads_now
+            self._block_forwards[kind] = self._block_forwards.get(kind, 0) + 1
+            self._reads_now = []
+            self.step += 1
+        if self.phase != "denoise":
+            self.max_len += n_tokens
+
+    # -- KV-read accounting ------------------------------------------------------------------
+    def end_block(self) -> None:
+        """Folds the finished block's reads into the totals: a few device ops per block (the
+        next ``begin_block`` and ``kv_fraction`` call it), none per layer or forward."""
+        full_layer = self._block_full
+        for kind, n in self._block_forwards.items():
+            reads = self._reads_of_kind.get(kind, [])
+            dense = sum(1 for s in reads if s is None)
+            sels = [s for s in reads if s is not None]
+            read = full_layer * dense
+            if sels:
+                counts = [s.counts for s in sels]
+                if all(c.shape == counts[0].shape for c in counts):
+                    read = read + torch.stack(counts).double().mean(dim=2).sum()
+                else:
+                    read = read + sum(c.double().mean(dim=1).sum() for c in counts)
+            self._read += read * n
+            self._full += full_layer * len(reads) * n
+        self._block_forwards = {}
+
+    def kv_fraction(self) -> float:
+        """Share of the cache read by denoise/commit forwards (1.0 = dense). Reads the device."""
+        if self._block_forwards:
+            self.end_block()
+        full = float(self._full)
+        return float(self._read) / full if full > 0 else 1.0
+
+    # -- reuse of a prefilled prompt ---------------------------------------------------------
+    def copy_filled(self) -> tuple:
+        """(keys, values, cache_lens) of the filled part, copied: per layer [batch, Hkv, n, d]
+        with n the longest sequence. ``load_filled`` puts them into a fresh cache."""
+        n = self.max_len
+        return ([k[:, :, :n].clone() for k in self.keys], [v[:, :, :n].clone() for v in self.values],
+                self.cache_lens.clone())
+
+    def load_filled(self, keys: list, values: list, cache_lens: Tensor) -> None:
+        """Fills a fresh cache from ``copy_filled``'s tensors; selectors fold the entries when
+        they first read them (e.g. Quest's page bounds)."""
+        n = keys[0].shape[2]
+        if n > self.capacity:
+            raise ValueError(f"{type(self).__name__}.load_filled: {n} entries exceed the "
+                             f"capacity {self.capacity}")
+        for layer in range(self.n_layers):
+            self.keys[layer][:, :, :n].copy_(keys[layer])
+            self.values[layer][:, :, :n].copy_(values[layer])
+        self.cache_lens.copy_(cache_lens)
+        self.max_len = n
+
+
+__all__ = ["GenerationCache", "PHASES", "Selection"]
