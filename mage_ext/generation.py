@@ -29,6 +29,7 @@ from .core.loop import BlockLoop, DecodeConfig, StepRecord, n_blocks_needed
 from .core.policy import PolicyConfig
 from .hf.cache import MageCache
 from .hf.enable import disable_mage, enable_mage, is_enabled
+from .hf import fast_forward
 from .hf.forward import HFForward
 
 STYLES = ("fast_dllm", "sdar")
@@ -77,7 +78,8 @@ def generate(model_or_loaded, tokenizer=None, prompts=None, *, input_ids=None,
              fixed_steps: Optional[int] = None,
              on_block: Optional[Callable] = None, recall_meter=None, progress: bool = False,
              generator: Optional[torch.Generator] = None, prefix: Optional[Prefix] = None,
-             keep_prefix: bool = False, cuda_graphs: Optional[bool] = None) -> GenerationResult:
+             keep_prefix: bool = False, cuda_graphs: Optional[bool] = None,
+             fused: Optional[bool] = None) -> GenerationResult:
     """Generates continuations of ``prompts`` (str or list of str, needs a tokenizer) or
     ``input_ids`` (list of id lists, or a [batch, n] tensor). See the module docstring.
 
@@ -93,6 +95,9 @@ def generate(model_or_loaded, tokenizer=None, prompts=None, *, input_ids=None,
     ``cuda_graphs``: None (default) replays the forwards of a block as CUDA graphs where the
     model is on a GPU and nothing needs eager forwards (else eager, with a warning on a GPU);
     True insists (an error names the obstacle); False runs eagerly. Same tokens either way.
+    ``fused``: None (default) runs Qwen2 / Qwen3 models through the lean fused forward
+    (mage_ext/hf/fast_forward.py) on a GPU and the stock transformers forward on the CPU; True /
+    False force one (True errors for a model the fused forward does not cover).
     """
     model, tokenizer, mask_id, stop_ids, block_size, style = _resolve(
         model_or_loaded, tokenizer, mask_id, stop_ids, block_size, style)
@@ -120,7 +125,8 @@ def generate(model_or_loaded, tokenizer=None, prompts=None, *, input_ids=None,
             cache = MageCache.for_model(model, len(seqs), capacity, policy)
             cache.recall_meter = recall_meter
             cache.steps_hint = steps if style == "sdar" else None
-            loop = BlockLoop(HFForward(model, cache), cache, seqs, cfg, policy=policy,
+            forward = _forward(model, cache, fused, device)
+            loop = BlockLoop(forward, cache, seqs, cfg, policy=policy,
                              on_block=on_block, progress=progress, use_graphs=use_graphs)
             if prefix is None:
                 loop.prefill()
@@ -146,6 +152,16 @@ def _use_graphs(cuda_graphs, policy, device, recall_meter, temperature, generato
         warnings.warn(f"generate: running eager forwards (no CUDA graphs): the graphed path {why}",
                       stacklevel=3)
     return why is None and cuda_graphs is not False
+
+
+def _forward(model, cache, fused, device):
+    why = fast_forward.unsupported(model)
+    if fused and why is not None:
+        raise ValueError(f"generate: fused=True but the fused forward does not cover this model: "
+                         f"{why}")
+    if fused or (fused is None and why is None and device.type == "cuda"):
+        return fast_forward.FastForward(model, cache)
+    return HFForward(model, cache)
 
 
 def _snapshot(loop: BlockLoop) -> Prefix:

@@ -12,10 +12,18 @@ def test_bench_e2e_smoke(tmp_path, capsys):
     import bench_e2e
 
     out = tmp_path / "e2e.json"
-    bench_e2e.main(["--smoke", "--context", "70", "--blocks", "2", "--k", "8", "--out", str(out)])
+    bench_e2e.main(["--smoke", "--out", str(out)])
     data = json.loads(out.read_text())
-    assert {"device", "torch", "commit", "date", "records"} <= set(data)
-    exact, mage = data["records"]
-    assert exact["policy"] == "exact" and exact["kv_fraction"] == 1.0
-    assert mage["kv_fraction"] < 1.0 and mage["n_later"] > 0
-    assert "later ms" in capsys.readouterr().out
+    assert {"device", "torch", "cuda", "commit", "date", "copy_bw_tbps", "records"} <= set(data)
+    keys = {"shape", "context", "batch", "policy", "k", "graphs", "prefill_s", "first_ms",
+            "later_ms", "commit_ms", "block_ms", "tokens_per_s", "floor_first_ms",
+            "floor_later_ms", "floor_commit_ms", "peers"}
+    recs = data["records"]
+    assert recs and all(keys <= set(r) for r in recs)
+    fixed = [r for r in recs if r["mode"] == "fixed"]
+    assert {r["policy"] for r in fixed} == {"exact", "mage"}
+    assert all(r["steps_per_block"] == 8 for r in fixed)
+    assert all(r["floor_later_ms"] <= r["floor_first_ms"] for r in recs)
+    one = [r for r in recs if r["batch"] == 1]
+    assert one[0]["prefill_s"] > 0 and "stock_denoise_forward_ms" in one[0]["peers"]
+    assert "block" in capsys.readouterr().out
