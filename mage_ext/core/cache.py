@@ -53,6 +53,7 @@ class GenerationCache:
         self.recall_meter = None
         self.max_len = 0  # upper bound of cache_lens, kept on the host (no device reads)
         self._advance: Optional[Tensor] = None
+        self._block: Optional[int] = None
         # KV-read accounting: what each layer of the current forward read (a Selection, or None
         # for the whole cache), the last such list per kind of forward (a graph replay runs no
         # Python, so it repeats the list its capture recorded), and the forwards of the block.
@@ -72,7 +73,8 @@ class GenerationCache:
         Returns [batch, Hq, n, d]."""
         kv = self.layer(layer)
         if self.phase == "prefill":
-            out, _ = ops.dense_attention(q, kv.k, kv.v, kv.lens, k, v, scale)
+            self.write(layer, k, v)  # first: later blocks of the chunk read earlier ones
+            return self._prefill_attention(q, k, v, kv, scale)
         else:
             ctx = StepContext(layer=layer, n_layers=self.n_layers, step=self.step,
                               phase=self.phase, scale=scale, steps_hint=self.steps_hint)
@@ -85,6 +87,22 @@ class GenerationCache:
             self.write(layer, k, v)
         return out
 
+    def _prefill_attention(self, q: Tensor, k: Tensor, v: Tensor, kv: LayerKV,
+                           scale: float) -> Tensor:
+        """Block-causal attention of a prefill chunk whose k/v were just appended: block j of
+        the chunk reads the cache before the chunk, the chunk's blocks before j and itself."""
+        n = q.shape[2]
+        B = self._block or n
+        if n == B:
+            return ops.dense_attention(q, kv.k, kv.v, kv.lens, k, v, scale)[0]
+        outs = []
+        for j in range(n // B):
+            blk = slice(j * B, (j + 1) * B)
+            lens = kv.lens + j * B
+            outs.append(ops.dense_attention(q[:, :, blk], kv.k, kv.v, lens, k[:, :, blk],
+                                            v[:, :, blk], scale)[0])
+        return torch.cat(outs, dim=2)
+
     def write(self, layer: int, k_block: Tensor, v_block: Tensor) -> None:
         """Writes the block's k/v at [cache_lens, cache_lens + n) and tells the selector."""
         if self.max_len + k_block.shape[2] > self.capacity:  # host-side bound: no device sync
@@ -96,13 +114,13 @@ class GenerationCache:
         self.selector.on_append(layer, kv, kv.lens.clone(), k_block.shape[2])
 
     # -- phases, called by the generation loop -----------------------------------------------
-    def begin_prefill(self, advance: Optional[Tensor] = None) -> None:
-        """Next forward writes a prompt chunk; only rows with ``advance`` True keep it.
-
-        Rows with ``advance`` False are scratch: written past cache_lens (never read) and
-        rewritten by that sequence's next real write.
-        """
-        self.phase, self._advance = "prefill", advance
+    def begin_prefill(self, advance: Optional[Tensor] = None, block_size: Optional[int] = None
+                      ) -> None:
+        """Next forward writes a prompt chunk of whole blocks of ``block_size`` (default: the
+        chunk is one block); sequence b keeps its first ``advance[b]`` tokens (int tensor
+        [batch]; default all). The rest of a row is scratch: written past cache_lens (never
+        read) and rewritten by that sequence's next real write."""
+        self.phase, self._advance, self._block = "prefill", advance, block_size
 
     def begin_block(self) -> None:
         self.end_block()
@@ -133,10 +151,10 @@ class GenerationCache:
         if self.phase != "prefill":
             self.selector.end_step(self.step)
         if self.phase != "denoise":
-            add = torch.full_like(self.cache_lens, n_tokens)
             if self._advance is not None:
-                add = add * self._advance.to(add.device, torch.int32)
-            self.cache_lens += add
+                self.cache_lens += self._advance.to(self.cache_lens.device, torch.int32)
+            else:
+                self.cache_lens += n_tokens
 
     def advance_host(self, n_tokens: int) -> None:
         """The host half of ``end_forward``: runs after every forward, replayed or not."""

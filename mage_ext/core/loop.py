@@ -1,10 +1,12 @@
 """The block-diffusion loop (Fast-dLLM v2 and SDAR styles) over a model ``forward`` callable.
 
-``forward(ids [batch, n], last_only) -> logits [batch, n or 1, V]`` runs the model with the
-``GenerationCache`` (positions follow ``cache.cache_lens``; the adapters live in mage_ext/hf).
-The loop (spec section 5): the prompt's full blocks are prefilled; the prompt remainder heads the
-first generation block; each denoising step forwards the whole block with the cache read-only;
-when the block has no [MASK] left one commit forward writes its KV.
+``forward(ids [batch, n], keep) -> logits`` runs the model with the ``GenerationCache``
+(positions follow ``cache.cache_lens``; the adapters live in mage_ext/hf): keep None gives every
+position's logits [batch, n, V], a LongTensor [batch] one position per sequence [batch, 1, V].
+The loop (spec section 5): the prompt's full blocks are prefilled, many blocks per forward
+(``prefill_chunk`` tokens, block-causal inside the chunk); the prompt remainder heads the first
+generation block; each denoising step forwards the whole block with the cache read-only; when
+the block has no [MASK] left one commit forward writes its KV.
 
 Everything inside a block runs on the device: the decoding rule of a step (sampling, which
 [MASK] positions to fill) updates the block's tokens in place, so a step is the same work every
@@ -65,13 +67,14 @@ class BlockLoop:
 
     def __init__(self, forward: Callable, cache, seqs: list, cfg: DecodeConfig, *,
                  policy=None, on_block: Optional[Callable] = None, progress: bool = False,
-                 use_graphs: bool = False):
+                 use_graphs: bool = False, prefill_chunk: int = 4096):
         self.forward, self.cache, self.seqs, self.cfg = forward, cache, seqs, cfg
         self.policy, self.on_block, self.progress = policy, on_block, progress
         self.device = cache.cache_lens.device
         self.cuda = self.device.type == "cuda"
         batch, B = len(seqs), cfg.block_size
         self.B = B
+        self.chunk = max(B, prefill_chunk // B * B)  # prefill tokens per forward
         self.full = [len(s) // B for s in seqs]
         self.rem = [len(s) % B for s in seqs]
         self.out = [[] for _ in seqs]
@@ -87,21 +90,22 @@ class BlockLoop:
         self.left_host = torch.zeros((), dtype=torch.long, pin_memory=self.cuda)
         self.fill_n = torch.zeros((), dtype=torch.long, device=self.device)
         self.next_tok = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.last_pos = torch.full((batch,), B - 1, dtype=torch.long, device=self.device)
         self.graphs = {} if use_graphs else None
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
 
     # -- the work of one forward (all on the device) ------------------------------------------
-    def _logits(self, ids: Tensor, last_only: bool) -> Tensor:
-        logits = self.forward(ids, last_only)
+    def _logits(self, ids: Tensor, keep: Optional[Tensor]) -> Tensor:
+        logits = self.forward(ids, keep)
         logits[..., self.cfg.mask_id] = float("-inf")  # [MASK] is never an output token
         return logits
 
     def _denoise(self) -> None:
         cfg = self.cfg
-        logits = self._logits(self.x, False)
+        tok, p = sample(self._logits(self.x, None), cfg.temperature, cfg.top_p, cfg.generator)
         if cfg.style == "fast_dllm":  # token shift: position i is predicted from hidden i-1
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        tok, p = sample(logits, cfg.temperature, cfg.top_p, cfg.generator)
+            tok = torch.cat([tok[:, :1], tok[:, :-1]], dim=1)  # (position 0 is never masked)
+            p = torch.cat([p[:, :1], p[:, :-1]], dim=1)
         masked = self.x == cfg.mask_id
         if cfg.style == "sdar":
             pick = low_confidence_unmask(p, masked, self.fill_n.expand(masked.shape[0]),
@@ -115,7 +119,7 @@ class BlockLoop:
         self.left.copy_((masked & ~pick).sum())
 
     def _commit(self) -> None:
-        logits = self._logits(self.x, True)
+        logits = self._logits(self.x, self.last_pos)
         if self.cfg.style == "fast_dllm":  # the commit forward yields the next block's first token
             tok, _ = sample(logits[:, -1], self.cfg.temperature, self.cfg.top_p,
                             self.cfg.generator)
@@ -156,30 +160,37 @@ class BlockLoop:
 
     # -- phases ---------------------------------------------------------------------------------
     def prefill(self) -> None:
-        B, n = self.B, max(self.full)
-        for i in range(n):
-            advance = torch.tensor([f > i for f in self.full], device=self.device)
-            ids = self.x.new_full((len(self.seqs), B), self.cfg.mask_id)  # scratch rows: never kept
+        """The prompts' full blocks, ``self.chunk`` tokens per forward. A sequence whose full
+        blocks end inside a chunk keeps only those tokens (the rest of its row is scratch,
+        written past its length and overwritten later); Fast-dLLM v2 takes the token after a
+        block-aligned prompt from its last position's logits."""
+        B, C, batch = self.B, self.chunk, len(self.seqs)
+        total = max(self.full) * B
+        for i, c0 in enumerate(range(0, total, C)):
+            n = min(C, total - c0)
+            ids = self.x.new_full((batch, n), self.cfg.mask_id)
+            kept = [max(0, min(n, f * B - c0)) for f in self.full]
             for b, s in enumerate(self.seqs):
-                if self.full[b] > i:
-                    ids[b] = torch.tensor(s[i * B:(i + 1) * B], device=self.device)
-            self.cache.begin_prefill(advance)
+                if kept[b]:
+                    ids[b, :kept[b]] = torch.tensor(s[c0:c0 + kept[b]], device=self.device)
+            ends = [b for b in range(batch) if self.rem[b] == 0 and 0 < self.full[b] * B - c0 <= n]
+            keep = torch.tensor([max(kept[b], 1) - 1 for b in range(batch)], device=self.device)
+            self.cache.begin_prefill(torch.tensor(kept, dtype=torch.int32, device=self.device), B)
             holder = {}
 
             def chunk():
-                holder["logits"] = self._logits(ids, True)
-                self.cache.end_forward(B)
+                holder["logits"] = self._logits(ids, keep)
+                self.cache.end_forward(n)
             self._run("prefill", chunk, StepRecord(-1, i, "prefill", False))
             if self.progress:
-                print(f"\rprefill {(i + 1) * B}/{n * B} tokens", end="", file=sys.stderr)
+                print(f"\rprefill {c0 + n}/{total} tokens", end="", file=sys.stderr)
             if self.cfg.style == "fast_dllm":  # the token after a block-aligned prompt
                 tok, _ = sample(holder["logits"][:, -1], self.cfg.temperature, self.cfg.top_p,
                                 self.cfg.generator)
-                ends = [b for b in range(len(self.seqs)) if self.rem[b] == 0 and self.full[b] == i + 1]
                 if ends:
                     rows = torch.tensor(ends, device=self.device)
                     self.x[rows, 0] = tok[rows]
-        if self.progress and n:
+        if self.progress and total:
             print(file=sys.stderr)
 
     def blocks(self) -> None:

@@ -138,7 +138,9 @@ class FastForward:
                     attn.o_proj.weight, layer.post_attention_layernorm.weight, gate_up_w,
                     mlp.down_proj.weight))
 
-    def __call__(self, ids: Tensor, last_only: bool) -> Tensor:
+    def __call__(self, ids: Tensor, keep: Optional[Tensor] = None) -> Tensor:
+        """Logits of every position [batch, n, V] (keep None) or of position keep[b] of each
+        sequence [batch, 1, V]."""
         batch, n = ids.shape
         pos = self.cache.cache_lens.long().unsqueeze(1) + torch.arange(n, device=ids.device)
         x = F.embedding(ids, self.embed)
@@ -152,7 +154,8 @@ class FastForward:
             x = F.linear(a.transpose(1, 2).reshape(batch, n, self.hq * self.d), w.o_w)
             h, residual = ops.rms_norm(x, w.post_norm, self.eps, residual)
             x = F.linear(ops.silu_mul(F.linear(h, w.gate_up_w)), w.down_w)
+        if keep is not None:  # the final norm is per position: keep only what is needed
+            rows = torch.arange(batch, device=ids.device)
+            x, residual = x[rows, keep].unsqueeze(1), residual[rows, keep].unsqueeze(1)
         h, _ = ops.rms_norm(x, self.final_norm, self.eps, residual)
-        if last_only:
-            h = h[:, -1:]
         return F.linear(h, self.lm_head)

@@ -27,7 +27,7 @@ def test_fused_forward_logits_equal_the_stock_forward(family):
     cache = MageCache.for_model(model, 2, 64, PolicyConfig(method="exact"))
     cache.begin_prefill()  # one chunk of 16 = one bidirectional block over an empty cache
     with torch.no_grad():
-        fused = fast_forward.FastForward(model, cache)(torch.tensor(seqs), last_only=False)
+        fused = fast_forward.FastForward(model, cache)(torch.tensor(seqs))
     for b, tokens in enumerate(seqs):
         stock = block_causal_logits(model, tokens, block=16)
         got = fused[b].float()
