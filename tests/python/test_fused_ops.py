@@ -372,7 +372,7 @@ def test_cuda_qkv_rope_is_transformers_on_the_gpu(dtype, config, qwen3, gen):
     qk_norm = ((randn(d, gen=gen, dtype=dtype, device="cuda"),
                 randn(d, gen=gen, dtype=dtype, device="cuda")) if qwen3 else None)
     want_q, want_k, want_v, inv_freq = hf_qkv_rope(qkv, positions, hq, hkv, d, qk_norm)
-    got = (torch.empty_like(want_q), torch.empty_like(want_k), torch.empty_like(want_v))
+    got = tuple(torch.empty(w.shape, dtype=dtype, device="cuda") for w in (want_q, want_k, want_v))
     poison(*got)
     ops.qkv_rope_out(qkv, positions, inv_freq, hq, hkv, d,
                      *(qk_norm if qwen3 else (None, None)), EPS, *got)
@@ -424,9 +424,11 @@ def test_cuda_out_forms_replay_in_a_cuda_graph(gen):
         pos.copy_(near_128k_positions(batch, block, gen, dev))
 
     fill()
-    before = torch.cuda.memory_allocated()
+    allocations = torch.cuda.memory_stats()["allocation.all.allocated"]
+    step()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == allocations, \
+        "the *_out forms allocated"
     graph = capture(step)
-    assert torch.cuda.memory_allocated() == before, "the *_out forms allocated"
     for _ in range(2):
         fill()
         res0 = res.clone()
