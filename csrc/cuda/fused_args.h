@@ -24,8 +24,10 @@ struct RmsNormArgs {
   float eps = 0.f;
   float mean_factor = 0.f;  // torch_mean_factor(rows, n)
   SumOrder order;           // torch_mean_order(rows, n)
-  int rows_per_cta = 1;     // one warp per row
 };
+
+// Most threads of the RMSNorm kernel's CTA (one CTA per row).
+constexpr int kMaxRmsThreads = 512;
 
 struct QkvRopeArgs {
   const void* qkv;           // [tokens, (hq + 2 hkv) * d], tokens = batch * block

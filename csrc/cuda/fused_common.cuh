@@ -75,6 +75,7 @@ template <typename T>
 MAGE_DEVICE float torch_thread_sum_sq(const T* row, int n, const SumOrder& o, int t) {
   float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
   if (o.vec == 4) {
+#pragma unroll 4
     for (int e = 4 * t; e + 3 < n; e += 4 * o.threads) {
       const Quad<T> q = *reinterpret_cast<const Quad<T>*>(row + e);  // row is 16-byte aligned
       a0 = __fadd_rn(a0, square(to_float(q.v[0])));

@@ -53,14 +53,6 @@ void rms_norm_out(T x_in, T weight_in, double eps, OptT residual_in, T out, T re
   a.n = static_cast<int>(d.hidden);
   a.eps = static_cast<float>(eps);
   set_sum_order(d.rows, d.hidden, &a.order, &a.mean_factor);
-  // One warp per row; four rows per CTA once there are rows enough to fill the GPU that way,
-  // while the rows (kept in shared memory) fit 48 KB.
-  const int64_t row_bytes = d.hidden * x.element_size() + (a.order.threads > 32 ? a.order.threads * 4 : 0);
-  a.rows_per_cta = 1;
-  while (a.rows_per_cta < 4 && d.rows >= 1024 * a.rows_per_cta &&
-         2 * a.rows_per_cta * row_bytes <= 48 * 1024) {
-    a.rows_per_cta *= 2;
-  }
   C10_CUDA_CHECK(launch_rms_norm(dtype_of(x), a, at::cuda::getCurrentCUDAStream()));
 }
 

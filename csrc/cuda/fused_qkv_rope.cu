@@ -13,10 +13,12 @@
 namespace mage::cuda {
 namespace {
 
-constexpr int kThreads = 128;
+constexpr int kThreads = 256;
+constexpr int kUnroll = 4;
 
 template <typename T, bool kNorm>
-__global__ void __launch_bounds__(kThreads) qkv_rope_kernel(const __grid_constant__ QkvRopeArgs a) {
+__global__ void __launch_bounds__(kThreads)
+    qkv_rope_kernel(const __grid_constant__ QkvRopeArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int E = kVec<T>;
   const int token = blockIdx.x;
@@ -27,17 +29,45 @@ __global__ void __launch_bounds__(kThreads) qkv_rope_kernel(const __grid_constan
   float* cos_sin = reinterpret_cast<float*>(qk + qk_heads * d);  // cos [half], sin [half]
   float* inv = cos_sin + d;                                      // [qk_heads]
   float* scratch = inv + qk_heads;  // per warp, when torch sums a head's row with > 32 threads
-  const T* src = static_cast<const T*>(a.qkv) + static_cast<int64_t>(token) * (qk_heads + a.hkv) * d;
+  const T* src =
+      static_cast<const T*>(a.qkv) + static_cast<int64_t>(token) * (qk_heads + a.hkv) * d;
 
-  // q and k heads to shared memory, v heads straight to their layout.
-  for (int c = threadIdx.x; c < qk_heads * d / E; c += kThreads) {
-    store_vec(qk + c * E, load_vec(src + c * E));
-  }
+  // q and k heads to shared memory, v heads straight to their layout; kUnroll chunks a thread
+  // at a time, loads first (the stores could alias later loads for all the compiler knows).
   const int chunks_per_head = d / E;
-  for (int c = threadIdx.x; c < a.hkv * chunks_per_head; c += kThreads) {
-    const int h = c / chunks_per_head, e = (c % chunks_per_head) * E;
-    T* dst = static_cast<T*>(a.v) + ((static_cast<int64_t>(b) * a.hkv + h) * a.block + s) * d;
-    store_vec(dst + e, load_vec(src + (qk_heads + h) * d + e));
+  const int qk_chunks = qk_heads * chunks_per_head;
+  const int all_chunks = qk_chunks + a.hkv * chunks_per_head;
+  for (int base = threadIdx.x; base < all_chunks; base += kUnroll * kThreads) {
+    Vec<T> buf[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = base + u * kThreads;
+      if (c < all_chunks) buf[u] = load_vec(src + c * E);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = base + u * kThreads;
+      if (c >= all_chunks) break;
+      if (c < qk_chunks) {
+        store_vec(qk + c * E, buf[u]);
+      } else {
+        const int h = (c - qk_chunks) / chunks_per_head, e = (c % chunks_per_head) * E;
+        store_vec(static_cast<T*>(a.v) +
+                      ((static_cast<int64_t>(b) * a.hkv + h) * a.block + s) * d + e,
+                  buf[u]);
+      }
+    }
+  }
+  // The norm weights of this thread's first rotation item, loaded with the row.
+  const int items_per_head = half / E;
+  Vec<T> w1_first, w2_first;
+  if constexpr (kNorm) {
+    const int h = threadIdx.x / items_per_head, i0 = (threadIdx.x % items_per_head) * E;
+    if (h < qk_heads) {
+      const T* w = static_cast<const T*>(h < a.hq ? a.q_norm_weight : a.k_norm_weight);
+      w1_first = load_vec(w + i0);
+      w2_first = load_vec(w + half + i0);
+    }
   }
   const float position = __ll2float_rn(a.positions[token]);
   for (int i = threadIdx.x; i < half; i += kThreads) {
@@ -62,7 +92,6 @@ __global__ void __launch_bounds__(kThreads) qkv_rope_kernel(const __grid_constan
   }
 
   // Rotation: each item is E pairs (i, i + d/2) of one head.
-  const int items_per_head = half / E;
   for (int it = threadIdx.x; it < qk_heads * items_per_head; it += kThreads) {
     const int h = it / items_per_head, i0 = (it % items_per_head) * E;
     const bool is_q = h < a.hq;
@@ -75,8 +104,12 @@ __global__ void __launch_bounds__(kThreads) qkv_rope_kernel(const __grid_constan
       f2[j] = to_float(x2.v[j]);
     }
     if constexpr (kNorm) {
-      const T* w = static_cast<const T*>(is_q ? a.q_norm_weight : a.k_norm_weight);
-      const Vec<T> w1 = load_vec(w + i0), w2 = load_vec(w + half + i0);
+      Vec<T> w1 = w1_first, w2 = w2_first;
+      if (it != threadIdx.x) {
+        const T* w = static_cast<const T*>(is_q ? a.q_norm_weight : a.k_norm_weight);
+        w1 = load_vec(w + i0);
+        w2 = load_vec(w + half + i0);
+      }
 #pragma unroll
       for (int j = 0; j < E; ++j) {
         f1[j] = rms_apply<T>(f1[j], inv[h], to_float(w1.v[j]));

@@ -8,7 +8,7 @@
 namespace mage::cuda {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 64;  // small CTAs: a few rows spread over many SMs
 
 template <typename T>
 MAGE_DEVICE T silu_mul(T gate, T up) {
@@ -19,7 +19,8 @@ MAGE_DEVICE T silu_mul(T gate, T up) {
 
 // kE elements per thread: a 16-byte vector, or 1 where rows or pointers are not 16-byte aligned.
 template <typename T, int kE>
-__global__ void __launch_bounds__(kThreads) silu_mul_kernel(const __grid_constant__ SiluMulArgs a) {
+__global__ void __launch_bounds__(kThreads)
+    silu_mul_kernel(const __grid_constant__ SiluMulArgs a) {
   const int64_t per_row = a.inter / kE;
   const int64_t items = a.rows * per_row;
   for (int64_t it = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; it < items;

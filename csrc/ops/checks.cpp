@@ -299,6 +299,7 @@ RmsNormDims check_rms_norm_inputs(const char* op, const at::Tensor& x, const at:
     TORCH_CHECK(d.hidden % 8 == 0 && d.hidden >= 32 && d.hidden <= 16384, op,
                 ": the CUDA kernel takes rows of 32 to 16384 elements, a multiple of 8; got "
                 "hidden = ", d.hidden);
+    TORCH_CHECK(d.rows <= INT32_MAX, op, ": too many rows for one call: ", d.rows);
   }
   return d;
 }
@@ -333,9 +334,9 @@ QkvRopeDims check_qkv_rope_inputs(const char* op, const at::Tensor& qkv,
   d.hkv = n_kv_heads;
   d.dim = head_dim;
   TORCH_CHECK(d.batch >= 1 && d.block >= 1, op, ": qkv has no tokens, shape ", qkv.sizes());
-  TORCH_CHECK(qkv.size(2) == (d.hq + 2 * d.hkv) * d.dim, op, ": qkv.size(2) must be (Hq + 2 * Hkv) * d = (",
-              d.hq, " + 2 * ", d.hkv, ") * ", d.dim, " = ", (d.hq + 2 * d.hkv) * d.dim, ", got ",
-              qkv.size(2));
+  TORCH_CHECK(qkv.size(2) == (d.hq + 2 * d.hkv) * d.dim, op,
+              ": qkv.size(2) must be (Hq + 2 * Hkv) * d = (", d.hq, " + 2 * ", d.hkv, ") * ",
+              d.dim, " = ", (d.hq + 2 * d.hkv) * d.dim, ", got ", qkv.size(2));
   check_rank(op, "positions", positions, 2, "[batch, B]");
   check_dtype(op, "positions", positions, at::kLong);
   check_same_device(op, "positions", positions, qkv.device(), "qkv");

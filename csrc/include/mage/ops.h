@@ -86,9 +86,9 @@ void topk_select_out(const at::Tensor& scores, const at::Tensor& cache_lens, int
 // new_residual = h; without a residual h = x and new_residual is a copy of x.
 //   x [..., hidden], weight [hidden] and residual [..., hidden] of x's dtype.
 //   CUDA: hidden a multiple of 8, 32 <= hidden <= 16384.
-std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight,
-                                            double eps,
-                                            const std::optional<at::Tensor>& residual = std::nullopt);
+std::tuple<at::Tensor, at::Tensor> rms_norm(
+    const at::Tensor& x, const at::Tensor& weight, double eps,
+    const std::optional<at::Tensor>& residual = std::nullopt);
 
 // The QKV GEMM's output [batch, B, (Hq + 2 * Hkv) * d] (q heads, k heads, v heads) to the
 // attention ops' layout, with Qwen3's per-head q_norm / k_norm (RMSNorm over d, before the
