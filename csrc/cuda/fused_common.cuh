@@ -24,6 +24,14 @@ cudaError_t with_element_type(Dtype dtype, Fn&& fn) {
   }
 }
 
+// Opts `kernel` in to `bytes` of dynamic shared memory where that is more than the default 48 KB.
+template <typename Kernel>
+cudaError_t allow_dynamic_smem(Kernel kernel, int64_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(bytes));
+}
+
 // Elements of one 16-byte vector, and the vector itself.
 template <typename T>
 constexpr int kVec = 16 / static_cast<int>(sizeof(T));

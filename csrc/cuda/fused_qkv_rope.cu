@@ -143,11 +143,8 @@ cudaError_t launch_typed(const QkvRopeArgs& a, cudaStream_t stream) {
                        (a.dim + qk_heads) * sizeof(float) +
                        (norm && max_threads > 32 ? (kThreads / 32) * max_threads * 4 : 0);
   const auto kernel = norm ? qkv_rope_kernel<T, true> : qkv_rope_kernel<T, false>;
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t err = allow_dynamic_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
   kernel<<<a.batch * a.block, kThreads, smem, stream>>>(a);
   return cudaGetLastError();
 }

@@ -107,11 +107,8 @@ cudaError_t launch_typed(const RmsNormArgs& a, cudaStream_t stream) {
   const int64_t smem = static_cast<int64_t>(a.n) * sizeof(T) +
                        (a.order.threads > 32 ? a.order.threads * 4 : 0);
   const auto kernel = a.residual != nullptr ? rms_norm_kernel<T, true> : rms_norm_kernel<T, false>;
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t err = allow_dynamic_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
   // Threads for about kUnroll chunks each: every load of a row in flight at once up to
   // kMaxRmsThreads * kUnroll chunks (16384 bf16 elements).
   const int chunks = a.n / kVec<T>;
