@@ -12,6 +12,9 @@ Shapes (see csrc/include/mage/ops.h for the full contract):
   scores      [batch, Hkv, capacity] fp32
   indices     [batch, Hkv, k] int32      ascending, -1 past counts
   counts      [batch, Hkv] int32
+
+Fused layer ops (rms_norm, qkv_rope, silu_mul): the values of the transformers Qwen2 / Qwen3
+modules they replace, bit for bit on the same device (csrc/include/mage/ops.h).
 """
 from __future__ import annotations
 
@@ -31,6 +34,12 @@ __all__ = [
     "sparse_attention_out",
     "topk_select_out",
     "check_selection",
+    "rms_norm",
+    "qkv_rope",
+    "silu_mul",
+    "rms_norm_out",
+    "qkv_rope_out",
+    "silu_mul_out",
 ]
 
 _ops = torch.ops.mage
@@ -127,6 +136,56 @@ def check_selection(indices: Tensor, counts: Tensor, capacity: int) -> None:
                          f"cache (expected 0 <= index < capacity={capacity})")
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float,
+             residual: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Residual add + RMSNorm of a decoder layer. Returns (out, new_residual).
+
+    h = residual + x (x alone without a residual), rounded to x's dtype as torch's add;
+    out = weight * (h.float() * rsqrt(h.float().pow(2).mean(-1) + eps)).to(x.dtype), exactly
+    Qwen2RMSNorm(h); new_residual = h (a copy of x without a residual).
+    x [..., hidden]; weight [hidden] and residual [..., hidden] of x's dtype.
+    """
+    return _ops.rms_norm.default(x, weight, eps, residual)
+
+
+def qkv_rope(qkv: Tensor, positions: Tensor, inv_freq: Tensor, n_q_heads: int, n_kv_heads: int,
+             head_dim: int, q_norm_weight: Optional[Tensor] = None,
+             k_norm_weight: Optional[Tensor] = None,
+             eps: float = 1e-6) -> Tuple[Tensor, Tensor, Tensor]:
+    """The QKV GEMM's output [batch, B, (Hq + 2 * Hkv) * d] to (q, k, v) in the attention ops'
+    layout: q [batch, Hq, B, d], k and v [batch, Hkv, B, d], contiguous, qkv's dtype.
+
+    q and k are rotated by RoPE as transformers' Qwen2 (apply_rotary_pos_emb with the cos / sin
+    of Qwen2RotaryEmbedding for positions [batch, B] int64 and inv_freq [d / 2] fp32); with
+    q_norm_weight and k_norm_weight (Qwen3) each head is RMSNorm'ed over d first.
+    """
+    return _ops.qkv_rope.default(qkv, positions, inv_freq, n_q_heads, n_kv_heads, head_dim,
+                                 q_norm_weight, k_norm_weight, eps)
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """silu(gate) * up for gate_up [..., 2 * I] (gate first): Qwen2MLP's act_fn(gate) * up."""
+    return _ops.silu_mul.default(gate_up)
+
+
+def rms_norm_out(x, weight, eps, residual, out, residual_out) -> None:
+    """rms_norm into preallocated out / residual_out (CUDA-graph safe). residual_out may be
+    residual itself (in-place update) and out may be x; out and residual_out must differ."""
+    _ops.rms_norm_out.default(x, weight, eps, residual, out, residual_out)
+
+
+def qkv_rope_out(qkv, positions, inv_freq, n_q_heads, n_kv_heads, head_dim, q_norm_weight,
+                 k_norm_weight, eps, q, k, v) -> None:
+    """qkv_rope into preallocated q / k / v (CUDA-graph safe)."""
+    _ops.qkv_rope_out.default(qkv, positions, inv_freq, n_q_heads, n_kv_heads, head_dim,
+                              q_norm_weight, k_norm_weight, eps, q, k, v)
+
+
+def silu_mul_out(gate_up, out) -> None:
+    """silu_mul into a preallocated out (CUDA-graph safe)."""
+    _ops.silu_mul_out.default(gate_up, out)
+
+
 # ---------------------------------------------------------------------------------------------
 # Fake kernels: output shapes for torch.compile / export. Shape rules mirror ops/checks.cpp.
 
@@ -197,4 +256,45 @@ def _topk_select_out_fake(scores, cache_lens, k, n_sink, n_recent, indices, coun
 
 @torch.library.register_fake("mage::append_kv")
 def _append_kv_fake(k_cache, v_cache, cache_lens, k_block, v_block):
+    return None
+
+
+@torch.library.register_fake("mage::rms_norm")
+def _rms_norm_fake(x, weight, eps, residual=None):
+    torch._check(weight.shape == (x.shape[-1],), lambda: "weight must be [hidden]")
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+@torch.library.register_fake("mage::qkv_rope")
+def _qkv_rope_fake(qkv, positions, inv_freq, n_q_heads, n_kv_heads, head_dim,
+                   q_norm_weight=None, k_norm_weight=None, eps=1e-6):
+    torch._check(qkv.dim() == 3, lambda: "qkv must be [batch, B, (Hq + 2 * Hkv) * d]")
+    batch, block, width = qkv.shape
+    torch._check(width == (n_q_heads + 2 * n_kv_heads) * head_dim,
+                 lambda: "qkv.size(2) must be (Hq + 2 * Hkv) * d")
+    return (qkv.new_empty((batch, n_q_heads, block, head_dim)),
+            qkv.new_empty((batch, n_kv_heads, block, head_dim)),
+            qkv.new_empty((batch, n_kv_heads, block, head_dim)))
+
+
+@torch.library.register_fake("mage::silu_mul")
+def _silu_mul_fake(gate_up):
+    torch._check(gate_up.shape[-1] % 2 == 0, lambda: "gate_up must be [..., 2 * I]")
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
+@torch.library.register_fake("mage::rms_norm_out")
+def _rms_norm_out_fake(x, weight, eps, residual, out, residual_out):
+    return None
+
+
+@torch.library.register_fake("mage::qkv_rope_out")
+def _qkv_rope_out_fake(qkv, positions, inv_freq, n_q_heads, n_kv_heads, head_dim,
+                       q_norm_weight, k_norm_weight, eps, q, k, v):
+    return None
+
+
+@torch.library.register_fake("mage::silu_mul_out")
+def _silu_mul_out_fake(gate_up, out):
     return None

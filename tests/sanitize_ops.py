@@ -7,7 +7,9 @@ Shapes cover: lengths not multiple of the tiles, a split cache (merge kernel), b
 unequal lengths, GQA, d 64 and 128, fp16 / bf16 / fp32, sparse with counts < k, top-k with
 sinks and recents (1, 2 or 4, and 16 CTAs per row; re-read tiles), append; and a case with
 enough rows and key tiles for the wide CTAs (the sm_90a warpgroup kernels on an sm_90a
-build), with a part-filled warpgroup.
+build), with a part-filled warpgroup. Then the fused layer ops (fused_ops): RMSNorm rows that
+torch sums with 32, 128 and 512 threads (the shared-memory tree), in place; qkv_rope with and
+without q/k norms, d 64 / 128 / 256; silu_mul vectorised and at an odd offset.
 """
 import torch
 
@@ -51,8 +53,30 @@ def main():
         scores = torch.randn(1, 2, cap, device=dev)
         lens = torch.tensor([n], dtype=torch.int32, device=dev)
         mage_ext.topk_select(scores, lens, 512, n_sink=4, n_recent=64)
+    fused_ops()
     torch.cuda.synchronize()
     print("sanitize_ops: all ops ran")
+
+
+def fused_ops():
+    dev = "cuda"
+    ops = mage_ext.ops
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        r = lambda *s: torch.randn(*s, device=dev, dtype=dtype)  # noqa: E731
+        for rows, n in ((32, 1536), (4, 1536), (1, 8192), (64, 8192), (3, 200), (5, 96)):
+            x, res, w = r(rows, n), r(rows, n), r(n)
+            ops.rms_norm(x, w, 1e-6, res)
+            ops.rms_norm_out(x, w, 1e-6, res, x, res)  # in place
+            ops.rms_norm(x, w, 1e-6)
+        for batch, block, hq, hkv, d in ((2, 5, 6, 2, 64), (1, 32, 12, 2, 128), (2, 3, 4, 1, 256)):
+            qkv = r(batch, block, (hq + 2 * hkv) * d)
+            pos = torch.randint(0, 131072, (batch, block), device=dev)
+            inv_freq = 1.0 / (1e6 ** (torch.arange(0, d, 2, device=dev, dtype=torch.float32) / d))
+            ops.qkv_rope(qkv, pos, inv_freq, hq, hkv, d)
+            ops.qkv_rope(qkv, pos, inv_freq, hq, hkv, d, r(d), r(d), 1e-6)
+        gate_up = r(3 * 7 * 2 * 136 + 1)
+        ops.silu_mul(gate_up[:-1].view(3, 7, 272))
+        ops.silu_mul(gate_up[1:].view(3, 7, 272))  # odd offset: the element-wise kernel
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdlib>
 
+#include "cuda/host_utils.h"
 #include "cuda/kernel_args.h"
 #include "cuda/tma_maps.h"
 #include "ops/checks.h"
@@ -17,20 +18,6 @@
 
 namespace mage::cuda {
 namespace {
-
-Dtype dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kHalf: return Dtype::kFloat16;
-    case at::kBFloat16: return Dtype::kBFloat16;
-    default: return Dtype::kFloat32;
-  }
-}
-
-void check_aligned(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name,
-              " must start at a 16-byte aligned address for the CUDA kernels (a view with an "
-              "odd storage offset?); call .contiguous() or clone() it");
-}
 
 int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 

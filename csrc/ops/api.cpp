@@ -14,6 +14,7 @@ c10::TypedOperatorHandle<Fn> op_handle(const char* name) {
 
 using T = const at::Tensor&;
 using Scale = std::optional<double>;
+using OptT = const std::optional<at::Tensor>&;
 
 }  // namespace
 
@@ -79,6 +80,46 @@ void topk_select_out(T scores, T cache_lens, int64_t k, int64_t n_sink, int64_t 
   static auto op =
       op_handle<void(T, T, int64_t, int64_t, int64_t, T, T)>("mage::topk_select_out");
   op.call(scores, cache_lens, k, n_sink, n_recent, indices, counts);
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm(T x, T weight, double eps, OptT residual) {
+  static auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(T, T, double, OptT)>(
+      "mage::rms_norm");
+  return op.call(x, weight, eps, residual);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(T qkv, T positions, T inv_freq,
+                                                        int64_t n_q_heads, int64_t n_kv_heads,
+                                                        int64_t head_dim, OptT q_norm_weight,
+                                                        OptT k_norm_weight, double eps) {
+  static auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      T, T, T, int64_t, int64_t, int64_t, OptT, OptT, double)>("mage::qkv_rope");
+  return op.call(qkv, positions, inv_freq, n_q_heads, n_kv_heads, head_dim, q_norm_weight,
+                 k_norm_weight, eps);
+}
+
+at::Tensor silu_mul(T gate_up) {
+  static auto op = op_handle<at::Tensor(T)>("mage::silu_mul");
+  return op.call(gate_up);
+}
+
+void rms_norm_out(T x, T weight, double eps, OptT residual, T out, T residual_out) {
+  static auto op = op_handle<void(T, T, double, OptT, T, T)>("mage::rms_norm_out");
+  op.call(x, weight, eps, residual, out, residual_out);
+}
+
+void qkv_rope_out(T qkv, T positions, T inv_freq, int64_t n_q_heads, int64_t n_kv_heads,
+                  int64_t head_dim, OptT q_norm_weight, OptT k_norm_weight, double eps, T q, T k,
+                  T v) {
+  static auto op = op_handle<void(T, T, T, int64_t, int64_t, int64_t, OptT, OptT, double, T, T,
+                                  T)>("mage::qkv_rope_out");
+  op.call(qkv, positions, inv_freq, n_q_heads, n_kv_heads, head_dim, q_norm_weight,
+          k_norm_weight, eps, q, k, v);
+}
+
+void silu_mul_out(T gate_up, T out) {
+  static auto op = op_handle<void(T, T)>("mage::silu_mul_out");
+  op.call(gate_up, out);
 }
 
 }  // namespace mage

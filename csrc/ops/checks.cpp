@@ -1,6 +1,8 @@
 #include "ops/checks.h"
 
 #include <cmath>
+#include <cstdint>
+#include <utility>
 
 namespace mage {
 namespace {
@@ -38,6 +40,31 @@ void check_cache_layout(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.stride(3) == 1 && (t.size(2) <= 1 || t.stride(2) == t.size(3)), op, ": ", name,
               " must have contiguous rows (stride(3) == 1 and stride(2) == d); got strides ",
               t.strides(), ". Call .contiguous() on the cache once, not per step");
+}
+
+void check_activation_dtype(const char* op, const char* name, const at::Tensor& t) {
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat, op, ": ",
+              name, " must be float16, bfloat16 or float32, got ", dtype);
+}
+
+// `t` (named `name`) has the dtype and device of `ref` (named `ref_name`).
+void check_like(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                const at::Tensor& ref) {
+  check_defined(op, name, t);
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
+              t.scalar_type(), " but ", ref_name, " has ", ref.scalar_type(),
+              "; they must share one dtype");
+  check_same_device(op, name, t, ref.device(), ref_name);
+}
+
+void check_contiguous_output(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (a preallocated output)");
+}
+
+void check_eps(const char* op, double eps) {
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be a finite number >= 0, got ",
+              eps);
 }
 
 }  // namespace
@@ -249,6 +276,138 @@ AttentionDims check_append_inputs(const char* op, const at::Tensor& k_cache,
   }
   check_cache_lens(op, cache_lens, d, k_cache.device(), d.block, "k_cache");
   return d;
+}
+
+RmsNormDims check_rms_norm_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& residual, double eps) {
+  check_defined(op, "x", x);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) >= 1, op,
+              ": x must be a tensor [..., hidden] with hidden >= 1, got shape ", x.sizes());
+  check_activation_dtype(op, "x", x);
+  RmsNormDims d;
+  d.hidden = x.size(-1);
+  d.rows = x.numel() / d.hidden;
+  check_rank(op, "weight", weight, 1, "[hidden]");
+  check_like(op, "weight", weight, "x", x);
+  check_shape(op, "weight", weight, {d.hidden}, "[hidden] (hidden = x.size(-1))");
+  if (residual.has_value()) {
+    check_like(op, "residual", *residual, "x", x);
+    check_shape(op, "residual", *residual, x.sizes(), "(the shape of x)");
+  }
+  check_eps(op, eps);
+  if (x.is_cuda()) {
+    TORCH_CHECK(d.hidden % 8 == 0 && d.hidden >= 32 && d.hidden <= 16384, op,
+                ": the CUDA kernel takes rows of 32 to 16384 elements, a multiple of 8; got "
+                "hidden = ", d.hidden);
+    TORCH_CHECK(d.rows <= INT32_MAX, op, ": too many rows for one call: ", d.rows);
+  }
+  return d;
+}
+
+void check_rms_norm_outputs(const char* op, const at::Tensor& x, const at::Tensor& out,
+                            const at::Tensor& residual_out) {
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"out", &out},
+                         {"residual_out", &residual_out}}) {
+    check_like(op, name, *t, "x", x);
+    check_shape(op, name, *t, x.sizes(), "(the shape of x)");
+    check_contiguous_output(op, name, *t);
+  }
+  TORCH_CHECK(!out.is_same(residual_out) && out.data_ptr() != residual_out.data_ptr(), op,
+              ": out and residual_out must be different tensors");
+}
+
+QkvRopeDims check_qkv_rope_inputs(const char* op, const at::Tensor& qkv,
+                                  const at::Tensor& positions, const at::Tensor& inv_freq,
+                                  int64_t n_q_heads, int64_t n_kv_heads, int64_t head_dim,
+                                  const std::optional<at::Tensor>& q_norm_weight,
+                                  const std::optional<at::Tensor>& k_norm_weight, double eps) {
+  TORCH_CHECK(n_q_heads >= 1 && n_kv_heads >= 1, op,
+              ": n_q_heads and n_kv_heads must be >= 1, got ", n_q_heads, " and ", n_kv_heads);
+  TORCH_CHECK(head_dim >= 2 && head_dim % 2 == 0, op,
+              ": head_dim must be even and >= 2 (RoPE rotates pairs), got ", head_dim);
+  check_rank(op, "qkv", qkv, 3, "[batch, B, (Hq + 2 * Hkv) * d]");
+  check_activation_dtype(op, "qkv", qkv);
+  QkvRopeDims d;
+  d.batch = qkv.size(0);
+  d.block = qkv.size(1);
+  d.hq = n_q_heads;
+  d.hkv = n_kv_heads;
+  d.dim = head_dim;
+  TORCH_CHECK(d.batch >= 1 && d.block >= 1, op, ": qkv has no tokens, shape ", qkv.sizes());
+  TORCH_CHECK(qkv.size(2) == (d.hq + 2 * d.hkv) * d.dim, op,
+              ": qkv.size(2) must be (Hq + 2 * Hkv) * d = (", d.hq, " + 2 * ", d.hkv, ") * ",
+              d.dim, " = ", (d.hq + 2 * d.hkv) * d.dim, ", got ", qkv.size(2));
+  check_rank(op, "positions", positions, 2, "[batch, B]");
+  check_dtype(op, "positions", positions, at::kLong);
+  check_same_device(op, "positions", positions, qkv.device(), "qkv");
+  check_shape(op, "positions", positions, {d.batch, d.block}, "[batch, B] (those of qkv)");
+  check_rank(op, "inv_freq", inv_freq, 1, "[d / 2]");
+  check_dtype(op, "inv_freq", inv_freq, at::kFloat);
+  check_same_device(op, "inv_freq", inv_freq, qkv.device(), "qkv");
+  check_shape(op, "inv_freq", inv_freq, {d.dim / 2}, "[d / 2]");
+  TORCH_CHECK(q_norm_weight.has_value() == k_norm_weight.has_value(), op,
+              ": pass both q_norm_weight and k_norm_weight (Qwen3) or neither (Qwen2), got only ",
+              q_norm_weight.has_value() ? "q_norm_weight" : "k_norm_weight");
+  d.qk_norm = q_norm_weight.has_value();
+  if (d.qk_norm) {
+    for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"q_norm_weight",
+                                                                      &*q_norm_weight},
+                           {"k_norm_weight", &*k_norm_weight}}) {
+      check_rank(op, name, *t, 1, "[d]");
+      check_like(op, name, *t, "qkv", qkv);
+      check_shape(op, name, *t, {d.dim}, "[d]");
+    }
+  }
+  check_eps(op, eps);
+  if (qkv.is_cuda()) {
+    TORCH_CHECK(d.dim % 16 == 0 && d.dim >= 32 && d.dim <= 512, op,
+                ": the CUDA kernel takes head dims of 32 to 512, a multiple of 16; got d = ",
+                d.dim);
+    const int64_t bytes = (d.hq + d.hkv) * d.dim * static_cast<int64_t>(qkv.element_size());
+    TORCH_CHECK(bytes <= 160 * 1024, op, ": the CUDA kernel holds a token's q and k heads in "
+                "shared memory, at most 160 KB; (Hq + Hkv) * d = ", (d.hq + d.hkv) * d.dim,
+                " elements need ", bytes, " bytes");
+    TORCH_CHECK(d.batch * d.block <= INT32_MAX, op, ": too many tokens for one call: ",
+                d.batch * d.block);
+  }
+  return d;
+}
+
+void check_qkv_rope_outputs(const char* op, const QkvRopeDims& dims, const at::Tensor& qkv,
+                            const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_like(op, "q", q, "qkv", qkv);
+  check_shape(op, "q", q, {dims.batch, dims.hq, dims.block, dims.dim}, "[batch, Hq, B, d]");
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"k", &k}, {"v", &v}}) {
+    check_like(op, name, *t, "qkv", qkv);
+    check_shape(op, name, *t, {dims.batch, dims.hkv, dims.block, dims.dim}, "[batch, Hkv, B, d]");
+  }
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k},
+                         {"v", &v}}) {
+    check_contiguous_output(op, name, *t);
+  }
+}
+
+SiluMulDims check_silu_mul_inputs(const char* op, const at::Tensor& gate_up) {
+  check_defined(op, "gate_up", gate_up);
+  TORCH_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) >= 2 && gate_up.size(-1) % 2 == 0, op,
+              ": gate_up must be [..., 2 * I] (gate, then up) with an even last dim >= 2, got "
+              "shape ", gate_up.sizes());
+  check_activation_dtype(op, "gate_up", gate_up);
+  SiluMulDims d;
+  d.inter = gate_up.size(-1) / 2;
+  d.rows = gate_up.numel() / gate_up.size(-1);
+  if (gate_up.is_cuda()) {
+    TORCH_CHECK(d.inter <= INT32_MAX, op, ": I = ", d.inter, " is too large for the CUDA kernel");
+  }
+  return d;
+}
+
+void check_silu_mul_outputs(const char* op, const at::Tensor& gate_up, const at::Tensor& out) {
+  check_like(op, "out", out, "gate_up", gate_up);
+  auto shape = gate_up.sizes().vec();
+  shape.back() /= 2;
+  check_shape(op, "out", out, shape, "[..., I] (gate_up's shape with the last dim halved)");
+  check_contiguous_output(op, "out", out);
 }
 
 }  // namespace mage

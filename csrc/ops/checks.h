@@ -62,4 +62,50 @@ AttentionDims check_append_inputs(const char* op, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& cache_lens,
                                   const at::Tensor& k_block, const at::Tensor& v_block);
 
+// ---- The fused elementwise ops of a transformer layer (rms_norm, qkv_rope, silu_mul). ----
+
+struct RmsNormDims {
+  int64_t rows = 0;    // x.numel() / hidden
+  int64_t hidden = 0;  // x.size(-1)
+};
+
+// x [..., hidden] fp16/bf16/fp32; weight [hidden] and residual (optional, x's shape) of x's
+// dtype and device; eps >= 0. On CUDA also: hidden a multiple of 8 in [32, 16384].
+RmsNormDims check_rms_norm_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& residual, double eps);
+// out and residual_out: x's shape, dtype and device, contiguous, not the same tensor.
+void check_rms_norm_outputs(const char* op, const at::Tensor& x, const at::Tensor& out,
+                            const at::Tensor& residual_out);
+
+struct QkvRopeDims {
+  int64_t batch = 0;
+  int64_t block = 0;  // B, tokens per sequence
+  int64_t hq = 0;
+  int64_t hkv = 0;
+  int64_t dim = 0;
+  bool qk_norm = false;
+};
+
+// qkv [batch, B, (Hq + 2 Hkv) * d] fp16/bf16/fp32, positions [batch, B] int64, inv_freq [d/2]
+// fp32, q_norm_weight / k_norm_weight both or neither, [d] of qkv's dtype. On CUDA also: d a
+// multiple of 16 (of 8 for fp32) in [32, 1024] (the heads of one token fit shared memory).
+QkvRopeDims check_qkv_rope_inputs(const char* op, const at::Tensor& qkv,
+                                  const at::Tensor& positions, const at::Tensor& inv_freq,
+                                  int64_t n_q_heads, int64_t n_kv_heads, int64_t head_dim,
+                                  const std::optional<at::Tensor>& q_norm_weight,
+                                  const std::optional<at::Tensor>& k_norm_weight, double eps);
+// q [batch, Hq, B, d], k and v [batch, Hkv, B, d]: qkv's dtype and device, contiguous.
+void check_qkv_rope_outputs(const char* op, const QkvRopeDims& dims, const at::Tensor& qkv,
+                            const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+
+struct SiluMulDims {
+  int64_t rows = 0;
+  int64_t inter = 0;  // I: gate_up.size(-1) / 2
+};
+
+// gate_up [..., 2I] fp16/bf16/fp32 with I >= 1.
+SiluMulDims check_silu_mul_inputs(const char* op, const at::Tensor& gate_up);
+// out [..., I] of gate_up's dtype and device, contiguous.
+void check_silu_mul_outputs(const char* op, const at::Tensor& gate_up, const at::Tensor& out);
+
 }  // namespace mage

@@ -55,11 +55,52 @@ std::tuple<at::Tensor, at::Tensor> topk_select_impl(T scores, T cache_lens, int6
   return {indices, counts};
 }
 
+using OptT = const std::optional<at::Tensor>&;
+
+at::Tensor empty_contiguous(at::IntArrayRef shape, T like) {
+  return at::empty(shape, like.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_impl(T x, T weight, double eps, OptT residual) {
+  check_rms_norm_inputs("mage.rms_norm", x, weight, residual, eps);
+  auto out = empty_contiguous(x.sizes(), x);
+  auto new_residual = empty_contiguous(x.sizes(), x);
+  rms_norm_out(x, weight, eps, residual, out, new_residual);
+  return {out, new_residual};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope_impl(T qkv, T positions, T inv_freq,
+                                                             int64_t n_q_heads,
+                                                             int64_t n_kv_heads, int64_t head_dim,
+                                                             OptT q_norm_weight,
+                                                             OptT k_norm_weight, double eps) {
+  const auto d = check_qkv_rope_inputs("mage.qkv_rope", qkv, positions, inv_freq, n_q_heads,
+                                       n_kv_heads, head_dim, q_norm_weight, k_norm_weight, eps);
+  auto q = empty_contiguous({d.batch, d.hq, d.block, d.dim}, qkv);
+  auto k = empty_contiguous({d.batch, d.hkv, d.block, d.dim}, qkv);
+  auto v = empty_contiguous({d.batch, d.hkv, d.block, d.dim}, qkv);
+  qkv_rope_out(qkv, positions, inv_freq, n_q_heads, n_kv_heads, head_dim, q_norm_weight,
+               k_norm_weight, eps, q, k, v);
+  return {q, k, v};
+}
+
+at::Tensor silu_mul_impl(T gate_up) {
+  const auto d = check_silu_mul_inputs("mage.silu_mul", gate_up);
+  auto shape = gate_up.sizes().vec();
+  shape.back() = d.inter;
+  auto out = empty_contiguous(shape, gate_up);
+  silu_mul_out(gate_up, out);
+  return out;
+}
+
 void register_functional(torch::Library& m) {
   m.impl("attention_with_scores", &attention_with_scores_impl);
   m.impl("dense_attention", &dense_attention_impl);
   m.impl("sparse_attention", &sparse_attention_impl);
   m.impl("topk_select", &topk_select_impl);
+  m.impl("rms_norm", &rms_norm_impl);
+  m.impl("qkv_rope", &qkv_rope_impl);
+  m.impl("silu_mul", &silu_mul_impl);
 }
 
 }  // namespace

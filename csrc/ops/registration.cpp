@@ -36,4 +36,23 @@ TORCH_LIBRARY(mage, m) {
   m.def(
       "append_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_lens, Tensor k_block, "
       "Tensor v_block) -> ()");
+
+  // Fused elementwise ops of a Qwen2/Qwen3 layer, the values of the transformers modules they
+  // replace (include/mage/ops.h).
+  m.def(
+      "rms_norm(Tensor x, Tensor weight, float eps, Tensor? residual=None) -> (Tensor out, "
+      "Tensor new_residual)");
+  m.def(
+      "rms_norm_out(Tensor x, Tensor weight, float eps, Tensor? residual, Tensor(a!) out, "
+      "Tensor(b!) residual_out) -> ()");
+  m.def(
+      "qkv_rope(Tensor qkv, Tensor positions, Tensor inv_freq, int n_q_heads, int n_kv_heads, "
+      "int head_dim, Tensor? q_norm_weight=None, Tensor? k_norm_weight=None, float eps=1e-06) "
+      "-> (Tensor q, Tensor k, Tensor v)");
+  m.def(
+      "qkv_rope_out(Tensor qkv, Tensor positions, Tensor inv_freq, int n_q_heads, "
+      "int n_kv_heads, int head_dim, Tensor? q_norm_weight, Tensor? k_norm_weight, float eps, "
+      "Tensor(a!) q, Tensor(b!) k, Tensor(c!) v) -> ()");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("silu_mul_out(Tensor gate_up, Tensor(a!) out) -> ()");
 }

@@ -76,4 +76,50 @@ void sparse_attention_out(const at::Tensor& q, const at::Tensor& k_cache,
 void topk_select_out(const at::Tensor& scores, const at::Tensor& cache_lens, int64_t k,
                      int64_t n_sink, int64_t n_recent, const at::Tensor& indices, const at::Tensor& counts);
 
+// ---- Fused elementwise ops of a Qwen2 / Qwen3 layer ----
+// Each gives bit for bit the values of the transformers module sequence it replaces, run on the
+// same device: the CPU kernels are that ATen sequence; the CUDA kernels reproduce every rounding
+// step of it (README, "Fused layer ops"). bf16 / fp16 / fp32; every tensor on one device.
+
+// Residual add + RMSNorm: h = x + residual (rounded to x's dtype, as `residual + hidden_states`),
+// out = weight * (h.float() * rsqrt(mean(h.float()^2, -1) + eps)).to(x.dtype) (Qwen2RMSNorm).
+// new_residual = h; without a residual h = x and new_residual is a copy of x.
+//   x [..., hidden], weight [hidden] and residual [..., hidden] of x's dtype.
+//   CUDA: hidden a multiple of 8, 32 <= hidden <= 16384.
+std::tuple<at::Tensor, at::Tensor> rms_norm(
+    const at::Tensor& x, const at::Tensor& weight, double eps,
+    const std::optional<at::Tensor>& residual = std::nullopt);
+
+// The QKV GEMM's output [batch, B, (Hq + 2 * Hkv) * d] (q heads, k heads, v heads) to the
+// attention ops' layout, with Qwen3's per-head q_norm / k_norm (RMSNorm over d, before the
+// rotation) when both weights are given, and RoPE on q and k as transformers' Qwen2 / Qwen3:
+// cos, sin = cat(f, f).cos() / .sin() cast to qkv's dtype, f = positions.float() * inv_freq;
+// x * cos + rotate_half(x) * sin. Returns q [batch, Hq, B, d], k and v [batch, Hkv, B, d]
+// (contiguous, qkv's dtype).
+//   positions [batch, B] int64; inv_freq [d / 2] fp32 (the rotary module's inv_freq).
+//   CUDA: d a multiple of 16, 32 <= d <= 512.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(
+    const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& inv_freq,
+    int64_t n_q_heads, int64_t n_kv_heads, int64_t head_dim,
+    const std::optional<at::Tensor>& q_norm_weight = std::nullopt,
+    const std::optional<at::Tensor>& k_norm_weight = std::nullopt, double eps = 1e-6);
+
+// SwiGLU's elementwise part: gate_up [..., 2 * I] (gate first, as the concatenated
+// [gate_proj; up_proj] weight gives) -> out [..., I] = silu(gate) * up (Qwen2MLP's act_fn(gate)
+// * up: silu in fp32 rounded to the dtype, then the product rounded).
+at::Tensor silu_mul(const at::Tensor& gate_up);
+
+// Preallocated-output forms (contiguous outputs, nothing allocated: usable under CUDA graph
+// capture). residual_out may be the residual tensor itself (an in-place update) and out may be x;
+// out and residual_out must differ.
+void rms_norm_out(const at::Tensor& x, const at::Tensor& weight, double eps,
+                  const std::optional<at::Tensor>& residual, const at::Tensor& out,
+                  const at::Tensor& residual_out);
+void qkv_rope_out(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& inv_freq,
+                  int64_t n_q_heads, int64_t n_kv_heads, int64_t head_dim,
+                  const std::optional<at::Tensor>& q_norm_weight,
+                  const std::optional<at::Tensor>& k_norm_weight, double eps, const at::Tensor& q,
+                  const at::Tensor& k, const at::Tensor& v);
+void silu_mul_out(const at::Tensor& gate_up, const at::Tensor& out);
+
 }  // namespace mage
