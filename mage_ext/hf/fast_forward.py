@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import fused_reference as ops  # until the fused C++/CUDA ops land
+from .. import ops
 
 _SUPPORTED = ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
