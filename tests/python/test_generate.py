@@ -177,7 +177,8 @@ def test_on_block_and_step_records():
                    on_block=lambda i, ids: seen.append((i, ids.shape)))
     assert seen == [(0, (1, 8)), (1, (1, 8))]
     phases = [r.phase for r in res.steps]
-    assert phases[:2] == ["prefill", "prefill"] and "commit" in phases
+    # the two full prompt blocks are prefilled in one chunk (block-causal inside it)
+    assert phases[:2] == ["prefill", "denoise"] and "commit" in phases
     assert sum(r.first for r in res.steps) == 2
 
 
