@@ -9,6 +9,7 @@ from . import ops
 from .ops import (
     append_kv,
     attention_with_scores,
+    block_sparse_attention,
     check_selection,
     dense_attention,
     sparse_attention,
@@ -30,6 +31,7 @@ __all__ = [
     "attention_with_scores",
     "dense_attention",
     "sparse_attention",
+    "block_sparse_attention",
     "topk_select",
     "append_kv",
     "check_selection",

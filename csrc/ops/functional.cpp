@@ -13,7 +13,7 @@ using Scale = std::optional<double>;
 
 std::tuple<at::Tensor, at::Tensor> allocate_out_lse(const AttentionDims& d, T q) {
   return {at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous)),
-          at::empty({d.batch, d.hq, d.block}, q.options().dtype(at::kFloat))};
+          at::empty({d.batch, d.hq, d.block}, q.options().dtype(lse_dtype(q.scalar_type())))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_scores_impl(
