@@ -44,7 +44,8 @@ class ExactAttention : public torch::autograd::Function<ExactAttention> {
       std::tie(out, lse, scores) =
           attention_with_scores(q, k_cache, v_cache, cache_lens, k_block, v_block, scale);
     } else {
-      std::tie(out, lse) = dense_attention(q, k_cache, v_cache, cache_lens, k_block, v_block, scale);
+      std::tie(out, lse) =
+          dense_attention(q, k_cache, v_cache, cache_lens, k_block, v_block, scale);
     }
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({q, k_cache, v_cache, cache_lens, k_block, v_block, out, lse});

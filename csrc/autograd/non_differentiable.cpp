@@ -48,7 +48,8 @@ void backward_op(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mage, Autograd, m) {
-  for (const char* name : {"attention_with_scores_out", "dense_attention_out", "sparse_attention_out"}) {
+  for (const char* name :
+       {"attention_with_scores_out", "dense_attention_out", "sparse_attention_out"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&out_form>());
   }
   for (const char* name : {"dense_attention_backward", "sparse_attention_backward",

@@ -1,7 +1,7 @@
 // CPU kernels of the three attention ops. All math in fp32 (fp64 for fp64 inputs: lse_dtype)
 // through ATen (BLAS matmuls over chunks of the cache, intra-op parallel), with an online
-// softmax so memory stays bounded by one chunk whatever the cache length. Per sequence: its G*B query rows per KV head attend to
-// cache chunks, then to the block's own keys.
+// softmax so memory stays bounded by one chunk whatever the cache length. Per sequence: its G*B
+// query rows per KV head attend to cache chunks, then to the block's own keys.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

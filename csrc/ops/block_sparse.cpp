@@ -32,7 +32,8 @@ at::Tensor from_units(T t, int64_t batch) {
   return t.unflatten(0, {batch, t.size(0) / batch}).transpose(1, 2).flatten(2, 3);
 }
 
-// Query-side units [U, Hkv, G * block_size, ...] (the rows of each KV head) from [batch, Hq, T, ...].
+// Query-side units [U, Hkv, G * block_size, ...] (the rows of each KV head) from
+// [batch, Hq, T, ...].
 at::Tensor to_unit_rows(T t, const BlockSparseDims& bd) {
   return to_units(t, bd.n_blocks).unflatten(1, {bd.dims.hkv, bd.dims.group}).flatten(2, 3);
 }
@@ -85,7 +86,8 @@ AttentionGrads block_sparse_attention_backward_generic(
   const auto lse_rows = to_unit_rows(lse.to(acc), bd);
   const auto delta = to_unit_rows(softmax_delta(dout, out, dlse.value_or(at::Tensor()), acc), bd);
   const auto k_u = to_units(k_own, nb), v_u = to_units(v_own, nb);
-  const auto idx_u = indices.flatten(0, 1).to(at::kLong), cnt_u = counts.flatten(0, 1).to(at::kLong);
+  const auto idx_u = indices.flatten(0, 1).to(at::kLong);
+  const auto cnt_u = counts.flatten(0, 1).to(at::kLong);
 
   const auto fp = q.options().dtype(acc).memory_format(at::MemoryFormat::Contiguous);
   auto dq_rows = at::empty(q_rows.sizes(), fp);

@@ -53,7 +53,8 @@ def sparse_ref(lens, idx, cnt):
 
 
 def block_call(idx, cnt, bs):
-    return lambda q, kc, vc, ko, vo: mage_ext.block_sparse_attention(q, kc, vc, idx, cnt, ko, vo, bs)
+    return lambda q, kc, vc, ko, vo: mage_ext.block_sparse_attention(q, kc, vc, idx, cnt, ko, vo,
+                                                                     bs)
 
 
 def block_ref(idx, cnt, bs):
@@ -84,37 +85,47 @@ def check_grads_fa(call, ref, tensors64, dtype, gen, what):
 # ---------------------------------------------------------------------------------------------
 # gradcheck in float64: odd lengths, GQA, unequal lengths, empty caches, k > cache.
 
-GRADCHECK_SHAPES = [  # batch, hq, hkv, block, dim, lens, capacity
-    (2, 4, 2, 3, 8, [5, 0], 7),    # GQA 2, unequal lengths, an empty cache, slack capacity
-    (1, 3, 1, 5, 16, [9], 9),      # MQA (G = 3), odd block and length
+# Each shape is checked with fast gradcheck (random projections of the Jacobian), and the tiny
+# one with the full Jacobian too (slow mode: one backward per output element).
+GRADCHECK_SHAPES = [  # batch, hq, hkv, block, dim, lens, capacity, full Jacobian
+    (2, 4, 2, 3, 8, [5, 0], 7, False),   # GQA 2, unequal lengths, an empty cache, slack capacity
+    (1, 3, 1, 5, 16, [9], 9, False),     # MQA (G = 3), odd block and length
+    (2, 2, 1, 2, 4, [3, 0], 4, True),    # tiny: GQA 2, an empty cache
 ]
+
+
+def gradcheck(call, tensors, full):
+    tensors = [t.requires_grad_() for t in tensors]
+    return torch.autograd.gradcheck(call, tensors, fast_mode=not full)
 
 
 @pytest.mark.parametrize("shape", GRADCHECK_SHAPES)
 @pytest.mark.parametrize("op", [mage_ext.dense_attention, mage_ext.attention_with_scores])
 def test_gradcheck_exact(shape, op, gen):
-    batch, hq, hkv, block, dim, lens, cap = shape
+    batch, hq, hkv, block, dim, lens, cap, full = shape
     inp = make_inputs(batch, hq, hkv, block, dim, lens, torch.float64, capacity=cap, generator=gen)
-    tensors = [t.requires_grad_() for t in diff_tensors(inp)]
     call = lambda *t: op(t[0], t[1], t[2], inp.cache_lens, t[3], t[4])  # noqa: E731
-    assert torch.autograd.gradcheck(call, tensors)
+    assert gradcheck(call, diff_tensors(inp), full)
 
 
-@pytest.mark.parametrize("shape,k", [(GRADCHECK_SHAPES[0], 4), (GRADCHECK_SHAPES[1], 12)])
+@pytest.mark.parametrize("shape,k", [(GRADCHECK_SHAPES[0], 4), (GRADCHECK_SHAPES[1], 12),
+                                     (GRADCHECK_SHAPES[2], 2)])
 def test_gradcheck_sparse(shape, k, gen):
-    # k = 4: a part of the cache (and counts 0 for the empty one); k = 12 > cache: counts < k.
-    batch, hq, hkv, block, dim, lens, cap = shape
+    # k = 4 and 2: a part of the cache (counts 0 for the empty one); k = 12 > cache: counts < k.
+    batch, hq, hkv, block, dim, lens, cap, full = shape
     inp = make_inputs(batch, hq, hkv, block, dim, lens, torch.float64, capacity=cap, generator=gen)
     idx, cnt = random_selection(lens, hkv, k, generator=gen)
-    tensors = [t.requires_grad_() for t in diff_tensors(inp)]
-    assert torch.autograd.gradcheck(sparse_call(idx, cnt), tensors)
+    assert gradcheck(sparse_call(idx, cnt), diff_tensors(inp), full)
 
 
-@pytest.mark.parametrize("hq,hkv,n_blocks,bs,n_ctx,k", [(4, 2, 3, 4, 9, 5), (3, 1, 2, 3, 7, 8)])
-def test_gradcheck_block_sparse(hq, hkv, n_blocks, bs, n_ctx, k, gen):
-    tensors, idx, cnt = make_block_sparse(2, hq, hkv, n_blocks, bs, 8, n_ctx, k, gen)
-    tensors = [t.requires_grad_() for t in tensors]
-    assert torch.autograd.gradcheck(block_call(idx, cnt, bs), tensors)
+@pytest.mark.parametrize("batch,hq,hkv,n_blocks,bs,dim,n_ctx,k,full", [
+    (2, 4, 2, 3, 4, 8, 9, 5, False),   # GQA 2, block 0 selects nothing, k < prefix later
+    (2, 3, 1, 2, 3, 8, 7, 8, False),   # MQA, k > every prefix
+    (1, 2, 1, 3, 2, 4, 4, 2, True),    # tiny, full Jacobian
+])
+def test_gradcheck_block_sparse(batch, hq, hkv, n_blocks, bs, dim, n_ctx, k, full, gen):
+    tensors, idx, cnt = make_block_sparse(batch, hq, hkv, n_blocks, bs, dim, n_ctx, k, gen)
+    assert gradcheck(block_call(idx, cnt, bs), tensors, full)
 
 
 # ---------------------------------------------------------------------------------------------
