@@ -16,19 +16,30 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// What every backward needs: the forward's tensor inputs, then out and lse, and the scale.
 // Gradients are not materialised (set_materialize_grads(false)): dout is undefined when the
 // loss used lse alone, dlse when it used out alone (the common case, which then costs nothing).
-Tensor dout_or_zeros(const Tensor& dout, const Tensor& out) {
-  return dout.defined() ? dout : at::zeros_like(out);
+void save_forward(AutogradContext* ctx, variable_list inputs, const Tensor& out,
+                  const Tensor& lse, std::optional<double> scale) {
+  ctx->set_materialize_grads(false);
+  inputs.push_back(out);
+  inputs.push_back(lse);
+  ctx->save_for_backward(inputs);
+  ctx->saved_data["scale"] = scale;
 }
 
-std::optional<Tensor> dlse_if_any(const Tensor& dlse) {
-  return dlse.defined() ? std::optional<Tensor>(dlse) : std::nullopt;
-}
+struct Saved {
+  variable_list t;  // the forward's tensor inputs, out, lse
+  Tensor dout;      // zeros where the loss did not use out
+  std::optional<Tensor> dlse;
+  std::optional<double> scale;
 
-std::optional<double> saved_scale(AutogradContext* ctx) {
-  return ctx->saved_data["scale"].toOptional<double>();
-}
+  Saved(AutogradContext* ctx, const variable_list& grads)
+      : t(ctx->get_saved_variables()),
+        dout(grads[0].defined() ? grads[0] : at::zeros_like(t[t.size() - 2])),
+        dlse(grads[1].defined() ? std::optional<Tensor>(grads[1]) : std::nullopt),
+        scale(ctx->saved_data["scale"].toOptional<double>()) {}
+};
 
 // dense_attention and attention_with_scores (the same exact attention; with_scores adds the
 // non-differentiable scores output).
@@ -47,19 +58,16 @@ class ExactAttention : public torch::autograd::Function<ExactAttention> {
       std::tie(out, lse) =
           dense_attention(q, k_cache, v_cache, cache_lens, k_block, v_block, scale);
     }
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({q, k_cache, v_cache, cache_lens, k_block, v_block, out, lse});
-    ctx->saved_data["scale"] = scale;
+    save_forward(ctx, {q, k_cache, v_cache, cache_lens, k_block, v_block}, out, lse, scale);
     if (!with_scores) return {out, lse};
     ctx->mark_non_differentiable({scores});
     return {out, lse, scores};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto s = ctx->get_saved_variables();
-    auto [dq, dk_cache, dv_cache, dk_block, dv_block] =
-        dense_attention_backward(dout_or_zeros(grads[0], s[6]), dlse_if_any(grads[1]), s[0], s[1],
-                                 s[2], s[3], s[4], s[5], s[6], s[7], saved_scale(ctx));
+    const Saved s(ctx, grads);
+    auto [dq, dk_cache, dv_cache, dk_block, dv_block] = dense_attention_backward(
+        s.dout, s.dlse, s.t[0], s.t[1], s.t[2], s.t[3], s.t[4], s.t[5], s.t[6], s.t[7], s.scale);
     return {dq, dk_cache, dv_cache, Tensor(), dk_block, dv_block, Tensor(), Tensor()};
   }
 };
@@ -73,17 +81,15 @@ class SparseAttention : public torch::autograd::Function<SparseAttention> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [out, lse] =
         sparse_attention(q, k_cache, v_cache, indices, counts, k_block, v_block, scale);
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({q, k_cache, v_cache, indices, counts, k_block, v_block, out, lse});
-    ctx->saved_data["scale"] = scale;
+    save_forward(ctx, {q, k_cache, v_cache, indices, counts, k_block, v_block}, out, lse, scale);
     return {out, lse};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto s = ctx->get_saved_variables();
-    auto [dq, dk_cache, dv_cache, dk_block, dv_block] = sparse_attention_backward(
-        dout_or_zeros(grads[0], s[7]), dlse_if_any(grads[1]), s[0], s[1], s[2], s[3], s[4],
-        s[5], s[6], s[7], s[8], saved_scale(ctx));
+    const Saved s(ctx, grads);
+    auto [dq, dk_cache, dv_cache, dk_block, dv_block] =
+        sparse_attention_backward(s.dout, s.dlse, s.t[0], s.t[1], s.t[2], s.t[3], s.t[4],
+                                  s.t[5], s.t[6], s.t[7], s.t[8], s.scale);
     return {dq, dk_cache, dv_cache, Tensor(), Tensor(), dk_block, dv_block, Tensor()};
   }
 };
@@ -97,18 +103,16 @@ class BlockSparseAttention : public torch::autograd::Function<BlockSparseAttenti
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [out, lse] = block_sparse_attention(q, k_ctx, v_ctx, indices, counts, k_own, v_own,
                                              block_size, scale);
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({q, k_ctx, v_ctx, indices, counts, k_own, v_own, out, lse});
-    ctx->saved_data["scale"] = scale;
+    save_forward(ctx, {q, k_ctx, v_ctx, indices, counts, k_own, v_own}, out, lse, scale);
     ctx->saved_data["block_size"] = block_size;
     return {out, lse};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto s = ctx->get_saved_variables();
+    const Saved s(ctx, grads);
     auto [dq, dk_ctx, dv_ctx, dk_own, dv_own] = block_sparse_attention_backward(
-        dout_or_zeros(grads[0], s[7]), dlse_if_any(grads[1]), s[0], s[1], s[2], s[3], s[4],
-        s[5], s[6], s[7], s[8], ctx->saved_data["block_size"].toInt(), saved_scale(ctx));
+        s.dout, s.dlse, s.t[0], s.t[1], s.t[2], s.t[3], s.t[4], s.t[5], s.t[6], s.t[7], s.t[8],
+        ctx->saved_data["block_size"].toInt(), s.scale);
     return {dq, dk_ctx, dv_ctx, Tensor(), Tensor(), dk_own, dv_own, Tensor(), Tensor()};
   }
 };

@@ -9,8 +9,6 @@
 // cache's batch/head strides and so take the stride-0 batch as it is), one call per sequence.
 // The backward is the chunked recompute of ops/backward_core.h over the same units; as many
 // blocks select the same context rows, their gradients are accumulated (accumulate_rows).
-#include <torch/library.h>
-
 #include "mage/ops.h"
 #include "ops/attention_backward.h"
 #include "ops/backward_core.h"
@@ -43,10 +41,12 @@ at::Tensor ctx_for_units(T ctx, int64_t b, int64_t n) {
   return ctx[b].unsqueeze(0).expand({n, ctx.size(1), ctx.size(2), ctx.size(3)});
 }
 
-std::tuple<at::Tensor, at::Tensor> block_sparse_attention_impl(T q, T k_ctx, T v_ctx, T indices,
-                                                               T counts, T k_own, T v_own,
-                                                               int64_t block_size,
-                                                               std::optional<double> scale) {
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> block_sparse_attention_generic(T q, T k_ctx, T v_ctx,
+                                                                  T indices, T counts, T k_own,
+                                                                  T v_own, int64_t block_size,
+                                                                  std::optional<double> scale) {
   const char* op = "mage.block_sparse_attention";
   const auto bd = check_block_sparse_inputs(op, q, k_ctx, v_ctx, indices, counts, k_own, v_own,
                                             block_size, scale);
@@ -67,8 +67,6 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_impl(T q, T k_ctx, T v
   }
   return {from_units(out_u, d.batch).contiguous(), from_units(lse_u, d.batch).contiguous()};
 }
-
-}  // namespace
 
 AttentionGrads block_sparse_attention_backward_generic(
     T dout, const std::optional<at::Tensor>& dlse, T q, T k_ctx, T v_ctx, T indices, T counts,
@@ -128,19 +126,5 @@ AttentionGrads block_sparse_attention_backward_generic(
   return {result(dq), result(dk_ctx), result(dv_ctx), result(from_units(dk_u, d.batch)),
           result(from_units(dv_u, d.batch))};
 }
-
-namespace {
-
-void register_block_sparse(torch::Library& m) {
-  m.impl("block_sparse_attention", &block_sparse_attention_impl);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(mage, CPU, m) { register_block_sparse(m); }
-
-#ifdef MAGE_WITH_CUDA
-TORCH_LIBRARY_IMPL(mage, CUDA, m) { register_block_sparse(m); }
-#endif
 
 }  // namespace mage

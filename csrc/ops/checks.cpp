@@ -166,39 +166,49 @@ void check_selection_values(const char* op, const at::Tensor& indices, const at:
   }
 }
 
-}  // namespace
-
-void check_selection(const char* op, const at::Tensor& indices, const at::Tensor& counts,
-                     const AttentionDims& dims, const at::Device& device) {
-  check_rank(op, "indices", indices, 3, "[batch, Hkv, k]");
-  check_rank(op, "counts", counts, 2, "[batch, Hkv]");
+// indices [lead..., k] and counts [lead...] int32 on `device` (lead: named sizes, e.g. batch and
+// Hkv); on the CPU also the values.
+void check_selection_tensors(const char* op, const at::Tensor& indices, const at::Tensor& counts,
+                             const std::vector<std::pair<const char*, int64_t>>& lead,
+                             int64_t capacity, const at::Device& device) {
+  std::string layout = "[", expected = "[";
+  std::vector<int64_t> lead_sizes;
+  for (const auto& [name, size] : lead) {
+    layout += std::string(name) + ", ";
+    expected += std::string(name) + "=" + std::to_string(size) + ", ";
+    lead_sizes.push_back(size);
+  }
+  const std::string counts_layout = layout.substr(0, layout.size() - 2) + "]";
+  layout += "k]";
+  expected += "k]";
+  const auto rank = static_cast<int64_t>(lead.size());
+  check_rank(op, "indices", indices, rank + 1, layout.c_str());
+  check_rank(op, "counts", counts, rank, counts_layout.c_str());
   check_dtype(op, "indices", indices, at::kInt);
   check_dtype(op, "counts", counts, at::kInt);
   check_same_device(op, "indices", indices, device);
   check_same_device(op, "counts", counts, device);
-  TORCH_CHECK(indices.size(0) == dims.batch && indices.size(1) == dims.hkv, op,
-              ": indices must have shape [batch=", dims.batch, ", Hkv=", dims.hkv,
-              ", k], got ", indices.sizes());
-  TORCH_CHECK(indices.size(2) >= 1, op, ": indices must hold at least one slot (k >= 1)");
-  check_shape(op, "counts", counts, {dims.batch, dims.hkv}, "[batch, Hkv]");
-  if (indices.is_cpu()) check_selection_values(op, indices, counts, counts.sizes(), dims.capacity);
+  TORCH_CHECK(indices.sizes().slice(0, rank) == at::IntArrayRef(lead_sizes), op,
+              ": indices must have shape ", expected, ", got ", indices.sizes());
+  TORCH_CHECK(indices.size(rank) >= 1, op, ": indices must hold at least one slot (k >= 1)");
+  check_shape(op, "counts", counts, lead_sizes, counts_layout.c_str());
+  if (indices.is_cpu()) check_selection_values(op, indices, counts, counts.sizes(), capacity);
+}
+
+}  // namespace
+
+void check_selection(const char* op, const at::Tensor& indices, const at::Tensor& counts,
+                     const AttentionDims& dims, const at::Device& device) {
+  check_selection_tensors(op, indices, counts, {{"batch", dims.batch}, {"Hkv", dims.hkv}},
+                          dims.capacity, device);
 }
 
 void check_block_selection(const char* op, const at::Tensor& indices, const at::Tensor& counts,
                            int64_t batch, int64_t n_blocks, int64_t hkv, int64_t ctx_len,
                            const at::Device& device) {
-  check_rank(op, "indices", indices, 4, "[batch, n_blocks, Hkv, k]");
-  check_rank(op, "counts", counts, 3, "[batch, n_blocks, Hkv]");
-  check_dtype(op, "indices", indices, at::kInt);
-  check_dtype(op, "counts", counts, at::kInt);
-  check_same_device(op, "indices", indices, device);
-  check_same_device(op, "counts", counts, device);
-  TORCH_CHECK(indices.size(0) == batch && indices.size(1) == n_blocks && indices.size(2) == hkv,
-              op, ": indices must have shape [batch=", batch, ", n_blocks=", n_blocks,
-              ", Hkv=", hkv, ", k], got ", indices.sizes());
-  TORCH_CHECK(indices.size(3) >= 1, op, ": indices must hold at least one slot (k >= 1)");
-  check_shape(op, "counts", counts, {batch, n_blocks, hkv}, "[batch, n_blocks, Hkv]");
-  if (indices.is_cpu()) check_selection_values(op, indices, counts, counts.sizes(), ctx_len);
+  check_selection_tensors(op, indices, counts,
+                          {{"batch", batch}, {"n_blocks", n_blocks}, {"Hkv", hkv}}, ctx_len,
+                          device);
 }
 
 BlockSparseDims check_block_sparse_inputs(const char* op, const at::Tensor& q,

@@ -1,8 +1,10 @@
 // The allocating forms of the ops: check shapes, allocate the outputs, call the *_out op.
-// One implementation, registered for every backend that has the *_out kernels.
+// One implementation, registered for every backend that has the *_out kernels; with them
+// block_sparse_attention, a composite of sparse_attention_out calls (ops/block_sparse.cpp).
 #include <torch/library.h>
 
 #include "mage/ops.h"
+#include "ops/attention_backward.h"  // block_sparse_attention_generic
 #include "ops/checks.h"
 
 namespace mage {
@@ -60,6 +62,7 @@ void register_functional(torch::Library& m) {
   m.impl("dense_attention", &dense_attention_impl);
   m.impl("sparse_attention", &sparse_attention_impl);
   m.impl("topk_select", &topk_select_impl);
+  m.impl("block_sparse_attention", &block_sparse_attention_generic);
 }
 
 }  // namespace
