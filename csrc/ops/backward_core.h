@@ -8,13 +8,17 @@
 //   D  = rowsum(dout * out) - dlse          (once per row)
 //   per chunk:  P = exp(S - lse), dV = P^T dout, dP = dout V^T, dS = P * (dP - D),
 //               dQ += dS K * scale, dK = dS^T Q * scale
-// Cost per chunk of C keys and R query rows (per KV head): 4 matmuls of 2*R*C*d FLOPs (+ the
-// forward's Q K^T again: 5 in all, 2.5x the forward's 2) and, in this ATen form, several
-// [R x C] fp32 temporaries written and read (S/P, dP, dS): 4 bytes * R * C each, which is what
-// a fused kernel would keep on chip. K and V are read once (gathered once for a selection).
-// The next step for CUDA is a fused kernel (FlashAttention-2/3 backward: one CTA per key tile
-// iterating over the query rows, dK/dV in registers, dQ through a split buffer): it plugs in at
-// the CUDA registration of the *_backward ops (csrc/cuda/backward_cuda.cpp).
+// Cost per key and KV head, R = G*B query rows: 5 matmuls of 2*R*d FLOPs (S again, dV, dP, dQ,
+// dK: 2.5x the forward's 2). Bytes: K and V read once (gathered once for a selection), dK and dV
+// written once, but in this ATen form also ~10 passes over [R x C] fp32 temporaries (S/P, dP,
+// dS written and read by the elementwise steps and the matmuls), ~40*R bytes per key: at R = 192
+// and d = 128 that is ~8x the bf16 floor (read K, V, write dK, dV: 8*d bytes), so this path is
+// memory-bound where a fused kernel, keeping P and dS on chip, would be compute-bound.
+// The next step for CUDA is that fused kernel (FlashAttention-2/3 backward turned to the decode
+// shape: few query rows, many keys, so one CTA per key tile looping over the G*B rows, dK/dV in
+// registers, written once (scattered to the selected rows), dQ through a per-split fp32 buffer
+// reduced in a fixed order). It plugs in at the CUDA registration of the *_backward ops
+// (csrc/cuda/backward_cuda.cpp), the generic path staying as the fallback.
 #pragma once
 
 #include <ATen/ATen.h>
