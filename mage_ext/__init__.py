@@ -14,6 +14,7 @@ from . import ops
 from .ops import (
     append_kv,
     attention_with_scores,
+    block_sparse_attention,
     check_selection,
     dense_attention,
     sparse_attention,
@@ -40,6 +41,7 @@ __all__ = [
     "attention_with_scores",
     "dense_attention",
     "sparse_attention",
+    "block_sparse_attention",
     "topk_select",
     "append_kv",
     "check_selection",

@@ -8,13 +8,19 @@ Shapes (see csrc/include/mage/ops.h for the full contract):
   k_block     [batch, Hkv, B, d]         the block's own keys / values (always attended)
   v_block     [batch, Hkv, B, d]
   out         [batch, Hq, B, d]          dtype of q
-  lse         [batch, Hq, B] fp32
+  lse         [batch, Hq, B] fp32 (fp64 for fp64 inputs: the CPU kernels take fp64, for gradcheck)
   scores      [batch, Hkv, capacity] fp32
   indices     [batch, Hkv, k] int32      ascending, -1 past counts
   counts      [batch, Hkv] int32
 
 Fused layer ops (rms_norm, qkv_rope, silu_mul): the values of the transformers Qwen2 / Qwen3
 modules they replace, bit for bit on the same device (csrc/include/mage/ops.h).
+
+Autograd: attention_with_scores, dense_attention, sparse_attention and block_sparse_attention are
+differentiable (registered in C++, csrc/autograd: the same path serves LibTorch callers). out and
+lse carry gradients to q, the caches (through a selection: the selected rows only) and the block;
+scores, cache_lens, indices and counts carry none. The *_out forms and the *_backward ops refuse
+inputs that require grad (no double backward).
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ __all__ = [
     "attention_with_scores",
     "dense_attention",
     "sparse_attention",
+    "block_sparse_attention",
     "topk_select",
     "append_kv",
     "attention_with_scores_out",
@@ -74,6 +81,23 @@ def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, indices: Tenso
     """
     return _ops.sparse_attention.default(q, k_cache, v_cache, indices, counts, k_block, v_block,
                                          scale)
+
+
+def block_sparse_attention(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, indices: Tensor,
+                           counts: Tensor, k_own: Tensor, v_own: Tensor, block_size: int,
+                           scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    """The sparse training attention of MAGE-FT. Returns (out, lse).
+
+    q [batch, Hq, T, d] with T = n_blocks * block_size; k_ctx, v_ctx [batch, Hkv, N, d] (the
+    context, e.g. the clean copy; rows contiguous); indices [batch, n_blocks, Hkv, k] int32
+    (ascending, in [0, N), -1 past counts); counts [batch, n_blocks, Hkv] int32; k_own, v_own
+    [batch, Hkv, T, d]. Query block j attends to ctx rows indices[b, j, h, :counts[b, j, h]] of
+    its KV head plus the keys of its own block j (bidirectionally). Differentiable in q, the
+    context and the own keys/values; many blocks selecting one context row sum their gradients
+    there (in a fixed order: deterministic).
+    """
+    return _ops.block_sparse_attention.default(q, k_ctx, v_ctx, indices, counts, k_own, v_own,
+                                               block_size, scale)
 
 
 def topk_select(scores: Tensor, cache_lens: Tensor, k: int, n_sink: int = 0,
@@ -190,6 +214,10 @@ def silu_mul_out(gate_up, out) -> None:
 # Fake kernels: output shapes for torch.compile / export. Shape rules mirror ops/checks.cpp.
 
 
+def _lse_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 def _attention_dims(q, k_cache, k_block):
     torch._check(q.dim() == 4, lambda: "q must be [batch, Hq, B, d]")
     torch._check(k_cache.dim() == 4, lambda: "k_cache must be [batch, Hkv, capacity, d]")
@@ -205,7 +233,7 @@ def _attention_dims(q, k_cache, k_block):
 def _attention_with_scores_fake(q, k_cache, v_cache, cache_lens, k_block, v_block, scale=None):
     batch, hq, hkv, block, _, capacity = _attention_dims(q, k_cache, k_block)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            q.new_empty((batch, hq, block), dtype=torch.float32),
+            q.new_empty((batch, hq, block), dtype=_lse_dtype(q)),
             q.new_empty((batch, hkv, capacity), dtype=torch.float32))
 
 
@@ -213,14 +241,50 @@ def _attention_with_scores_fake(q, k_cache, v_cache, cache_lens, k_block, v_bloc
 def _dense_attention_fake(q, k_cache, v_cache, cache_lens, k_block, v_block, scale=None):
     batch, hq, _, block, _, _ = _attention_dims(q, k_cache, k_block)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            q.new_empty((batch, hq, block), dtype=torch.float32))
+            q.new_empty((batch, hq, block), dtype=_lse_dtype(q)))
 
 
 @torch.library.register_fake("mage::sparse_attention")
 def _sparse_attention_fake(q, k_cache, v_cache, indices, counts, k_block, v_block, scale=None):
     batch, hq, _, block, _, _ = _attention_dims(q, k_cache, k_block)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            q.new_empty((batch, hq, block), dtype=torch.float32))
+            q.new_empty((batch, hq, block), dtype=_lse_dtype(q)))
+
+
+@torch.library.register_fake("mage::block_sparse_attention")
+def _block_sparse_attention_fake(q, k_ctx, v_ctx, indices, counts, k_own, v_own, block_size,
+                                 scale=None):
+    batch, hq, _, seq, _, _ = _attention_dims(q, k_ctx, k_own)
+    torch._check(seq % block_size == 0, lambda: "T must be a multiple of block_size")
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty((batch, hq, seq), dtype=_lse_dtype(q)))
+
+
+def _attention_grads_fake(q, k_cache, k_block):
+    """(dq, dk_cache, dv_cache, dk_block, dv_block): contiguous, in the inputs' dtype."""
+    return tuple(torch.empty(t.shape, dtype=q.dtype, device=q.device)
+                 for t in (q, k_cache, k_cache, k_block, k_block))
+
+
+@torch.library.register_fake("mage::dense_attention_backward")
+def _dense_attention_backward_fake(dout, dlse, q, k_cache, v_cache, cache_lens, k_block, v_block,
+                                   out, lse, scale):
+    _attention_dims(q, k_cache, k_block)
+    return _attention_grads_fake(q, k_cache, k_block)
+
+
+@torch.library.register_fake("mage::sparse_attention_backward")
+def _sparse_attention_backward_fake(dout, dlse, q, k_cache, v_cache, indices, counts, k_block,
+                                    v_block, out, lse, scale):
+    _attention_dims(q, k_cache, k_block)
+    return _attention_grads_fake(q, k_cache, k_block)
+
+
+@torch.library.register_fake("mage::block_sparse_attention_backward")
+def _block_sparse_attention_backward_fake(dout, dlse, q, k_ctx, v_ctx, indices, counts, k_own,
+                                          v_own, out, lse, block_size, scale):
+    _attention_dims(q, k_ctx, k_own)
+    return _attention_grads_fake(q, k_ctx, k_own)
 
 
 @torch.library.register_fake("mage::topk_select")

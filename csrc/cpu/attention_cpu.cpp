@@ -1,7 +1,7 @@
-// CPU kernels of the three attention ops. All math in fp32 through ATen (BLAS matmuls over
-// chunks of the cache, intra-op parallel), with an online softmax so memory stays bounded by
-// one chunk whatever the cache length. Per sequence: its G*B query rows per KV head attend to
-// cache chunks, then to the block's own keys.
+// CPU kernels of the three attention ops. All math in fp32 (fp64 for fp64 inputs: lse_dtype)
+// through ATen (BLAS matmuls over chunks of the cache, intra-op parallel), with an online
+// softmax so memory stays bounded by one chunk whatever the cache length. Per sequence: its G*B
+// query rows per KV head attend to cache chunks, then to the block's own keys.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -17,14 +17,14 @@ constexpr int64_t kChunk = 2048;  // cache positions per matmul
 // Online (streaming) softmax of the query rows of all KV heads of one sequence.
 class OnlineSoftmax {
  public:
-  OnlineSoftmax(int64_t hkv, int64_t rows, int64_t dim) {
-    auto f = at::TensorOptions().dtype(at::kFloat);
+  OnlineSoftmax(int64_t hkv, int64_t rows, int64_t dim, at::ScalarType dtype) {
+    auto f = at::TensorOptions().dtype(dtype);
     max_ = at::full({hkv, rows, 1}, -std::numeric_limits<float>::infinity(), f);
     sum_ = at::zeros({hkv, rows, 1}, f);
     acc_ = at::zeros({hkv, rows, dim}, f);
   }
 
-  // logits [Hkv, R, C] (-inf where masked), values [Hkv, C, d]; both fp32.
+  // logits [Hkv, R, C] (-inf where masked), values [Hkv, C, d]; both of the accumulation dtype.
   void add(const at::Tensor& logits, const at::Tensor& values) {
     auto new_max = at::maximum(max_, std::get<0>(logits.max(-1, /*keepdim=*/true)));
     // Rows with nothing seen yet keep max -inf; use 0 there so exp() gives 0, not NaN.
@@ -45,7 +45,10 @@ class OnlineSoftmax {
 
 at::Tensor rows_of(const at::Tensor& q, int64_t b, const AttentionDims& d) {
   // q[b] is [Hq, B, d]; query head g*... of KV head h are rows [h, g*B + i] (repeat_kv order).
-  return q[b].to(at::kFloat).mul(d.scale).reshape({d.hkv, d.group * d.block, d.dim});
+  return q[b]
+      .to(lse_dtype(q.scalar_type()))
+      .mul(d.scale)
+      .reshape({d.hkv, d.group * d.block, d.dim});
 }
 
 int32_t len_of(const at::Tensor& cache_lens, int64_t b) {
@@ -73,15 +76,15 @@ void exact_attention(const char* op, const at::Tensor& q_in, const at::Tensor& k
   for (int64_t b = 0; b < d.batch; ++b) {
     const int64_t len = len_of(cache_lens, b);
     const auto rows = rows_of(q, b, d);
-    OnlineSoftmax sm(d.hkv, rows.size(1), d.dim);
+    OnlineSoftmax sm(d.hkv, rows.size(1), d.dim, rows.scalar_type());
     for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
       const int64_t c = std::min(kChunk, len - c0);
-      auto keys = k_cache[b].narrow(1, c0, c).to(at::kFloat);
-      auto values = v_cache[b].narrow(1, c0, c).to(at::kFloat);
+      auto keys = k_cache[b].narrow(1, c0, c).to(rows.scalar_type());
+      auto values = v_cache[b].narrow(1, c0, c).to(rows.scalar_type());
       sm.add(at::matmul(rows, keys.transpose(1, 2)), values);
     }
-    sm.add(at::matmul(rows, k_block[b].to(at::kFloat).transpose(1, 2)),
-           v_block[b].to(at::kFloat));
+    sm.add(at::matmul(rows, k_block[b].to(rows.scalar_type()).transpose(1, 2)),
+           v_block[b].to(rows.scalar_type()));
     write_output(sm, b, d, out, lse);
 
     if (scores != nullptr) {
@@ -91,7 +94,7 @@ void exact_attention(const char* op, const at::Tensor& q_in, const at::Tensor& k
       s.zero_();
       for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
         const int64_t c = std::min(kChunk, len - c0);
-        auto keys = k_cache[b].narrow(1, c0, c).to(at::kFloat);
+        auto keys = k_cache[b].narrow(1, c0, c).to(rows.scalar_type());
         auto p = at::exp(at::matmul(rows, keys.transpose(1, 2)) - row_lse);  // [Hkv, R, C]
         s.narrow(1, c0, c).copy_(p.mean(1));
       }
@@ -133,22 +136,22 @@ void sparse_attention_out(const at::Tensor& q_in, const at::Tensor& k_cache,
 
   for (int64_t b = 0; b < d.batch; ++b) {
     const auto rows = rows_of(q, b, d);
-    OnlineSoftmax sm(d.hkv, rows.size(1), d.dim);
+    OnlineSoftmax sm(d.hkv, rows.size(1), d.dim, rows.scalar_type());
     const auto count = counts[b].unsqueeze(-1);  // [Hkv, 1]
     for (int64_t c0 = 0; c0 < k; c0 += kChunk) {
       const int64_t c = std::min(kChunk, k - c0);
       auto valid = (at::arange(c0, c0 + c, indices.options()).unsqueeze(0) < count);  // [Hkv, C]
       auto idx = at::where(valid, indices[b].narrow(1, c0, c), at::zeros_like(count));
       auto gather_idx = idx.unsqueeze(-1).expand({d.hkv, c, d.dim});
-      auto keys = k_cache[b].gather(1, gather_idx).to(at::kFloat);
-      auto values = v_cache[b].gather(1, gather_idx).to(at::kFloat);
+      auto keys = k_cache[b].gather(1, gather_idx).to(rows.scalar_type());
+      auto values = v_cache[b].gather(1, gather_idx).to(rows.scalar_type());
       auto logits = at::matmul(rows, keys.transpose(1, 2));
       logits.masked_fill_(valid.logical_not().unsqueeze(1),
                           -std::numeric_limits<float>::infinity());
       sm.add(logits, values);
     }
-    sm.add(at::matmul(rows, k_block[b].to(at::kFloat).transpose(1, 2)),
-           v_block[b].to(at::kFloat));
+    sm.add(at::matmul(rows, k_block[b].to(rows.scalar_type()).transpose(1, 2)),
+           v_block[b].to(rows.scalar_type()));
     write_output(sm, b, d, out, lse);
   }
 }

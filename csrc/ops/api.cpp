@@ -13,6 +13,7 @@ c10::TypedOperatorHandle<Fn> op_handle(const char* name) {
 }
 
 using T = const at::Tensor&;
+using OptT = const std::optional<at::Tensor>&;
 using Scale = std::optional<double>;
 using OptT = const std::optional<at::Tensor>&;
 
@@ -40,6 +41,42 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention(T q, T k_cache, T v_cache, T
   static auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(T, T, T, T, T, T, T, Scale)>(
       "mage::sparse_attention");
   return op.call(q, k_cache, v_cache, indices, counts, k_block, v_block, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor> block_sparse_attention(T q, T k_ctx, T v_ctx, T indices,
+                                                          T counts, T k_own, T v_own,
+                                                          int64_t block_size, Scale scale) {
+  static auto op =
+      op_handle<std::tuple<at::Tensor, at::Tensor>(T, T, T, T, T, T, T, int64_t, Scale)>(
+          "mage::block_sparse_attention");
+  return op.call(q, k_ctx, v_ctx, indices, counts, k_own, v_own, block_size, scale);
+}
+
+AttentionGrads dense_attention_backward(T dout, OptT dlse, T q, T k_cache, T v_cache,
+                                        T cache_lens, T k_block, T v_block, T out, T lse,
+                                        Scale scale) {
+  static auto op = op_handle<AttentionGrads(T, OptT, T, T, T, T, T, T, T, T, Scale)>(
+      "mage::dense_attention_backward");
+  return op.call(dout, dlse, q, k_cache, v_cache, cache_lens, k_block, v_block, out, lse, scale);
+}
+
+AttentionGrads sparse_attention_backward(T dout, OptT dlse, T q, T k_cache, T v_cache,
+                                         T indices, T counts, T k_block, T v_block, T out,
+                                         T lse, Scale scale) {
+  static auto op = op_handle<AttentionGrads(T, OptT, T, T, T, T, T, T, T, T, T, Scale)>(
+      "mage::sparse_attention_backward");
+  return op.call(dout, dlse, q, k_cache, v_cache, indices, counts, k_block, v_block, out, lse,
+                 scale);
+}
+
+AttentionGrads block_sparse_attention_backward(T dout, OptT dlse, T q, T k_ctx, T v_ctx,
+                                               T indices, T counts, T k_own, T v_own, T out,
+                                               T lse, int64_t block_size, Scale scale) {
+  static auto op =
+      op_handle<AttentionGrads(T, OptT, T, T, T, T, T, T, T, T, T, int64_t, Scale)>(
+          "mage::block_sparse_attention_backward");
+  return op.call(dout, dlse, q, k_ctx, v_ctx, indices, counts, k_own, v_own, out, lse,
+                 block_size, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_select(T scores, T cache_lens, int64_t k,

@@ -3,6 +3,8 @@
 #include <cmath>
 #include <cstdint>
 #include <utility>
+#include <string>
+#include <vector>
 
 namespace mage {
 namespace {
@@ -72,18 +74,21 @@ void check_eps(const char* op, double eps) {
 AttentionDims check_attention_inputs(const char* op, const at::Tensor& q,
                                      const at::Tensor& k_cache, const at::Tensor& v_cache,
                                      const at::Tensor& k_block, const at::Tensor& v_block,
-                                     std::optional<double> scale) {
+                                     std::optional<double> scale, const AttentionNames& n,
+                                     int64_t cuda_block) {
   check_rank(op, "q", q, 4, "[batch, Hq, B, d]");
-  check_rank(op, "k_cache", k_cache, 4, "[batch, Hkv, capacity, d]");
-  check_rank(op, "v_cache", v_cache, 4, "[batch, Hkv, capacity, d]");
-  check_rank(op, "k_block", k_block, 4, "[batch, Hkv, B, d]");
-  check_rank(op, "v_block", v_block, 4, "[batch, Hkv, B, d]");
+  check_rank(op, n.k_cache, k_cache, 4, n.cache_layout);
+  check_rank(op, n.v_cache, v_cache, 4, n.cache_layout);
+  check_rank(op, n.k_block, k_block, 4, n.block_layout);
+  check_rank(op, n.v_block, v_block, 4, n.block_layout);
 
   const auto dtype = q.scalar_type();
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat, op,
-              ": q must be float16, bfloat16 or float32, got ", dtype);
-  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"k_cache", &k_cache},
-                         {"v_cache", &v_cache}, {"k_block", &k_block}, {"v_block", &v_block}}) {
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
+                  (dtype == at::kDouble && q.is_cpu()),
+              op, ": q must be float16, bfloat16 or float32 (float64 on the CPU only), got ",
+              dtype, " on ", q.device());
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{n.k_cache, &k_cache},
+                         {n.v_cache, &v_cache}, {n.k_block, &k_block}, {n.v_block, &v_block}}) {
     TORCH_CHECK(t->scalar_type() == dtype, op, ": ", name, " has dtype ", t->scalar_type(),
                 " but q has ", dtype, "; q, caches and block keys/values must share one dtype");
     check_same_device(op, name, *t, q.device());
@@ -99,25 +104,25 @@ AttentionDims check_attention_inputs(const char* op, const at::Tensor& q,
   TORCH_CHECK(d.batch >= 1 && d.hq >= 1 && d.block >= 1 && d.dim >= 1, op,
               ": q must have non-zero batch, heads, block size and head dim, got shape ",
               q.sizes());
-  TORCH_CHECK(d.hkv >= 1, op, ": k_cache has no KV heads (shape ", k_cache.sizes(), ")");
+  TORCH_CHECK(d.hkv >= 1, op, ": ", n.k_cache, " has no KV heads (shape ", k_cache.sizes(), ")");
   TORCH_CHECK(d.hq % d.hkv == 0, op, ": q has ", d.hq,
-              " heads, which is not a multiple of the ", d.hkv,
-              " KV heads of k_cache (GQA needs Hq = G * Hkv)");
+              " heads, which is not a multiple of the ", d.hkv, " KV heads of ", n.k_cache,
+              " (GQA needs Hq = G * Hkv)");
   d.group = d.hq / d.hkv;
-  TORCH_CHECK(k_cache.size(0) == d.batch && k_cache.size(3) == d.dim, op,
-              ": k_cache must have shape [batch=", d.batch, ", Hkv, capacity, d=", d.dim,
-              "], got ", k_cache.sizes());
-  TORCH_CHECK(d.capacity >= 1, op,
-              ": k_cache is empty (capacity 0); pass a cache with at least one position "
-              "(sequences with no cached tokens use cache_lens = 0)");
-  check_shape(op, "v_cache", v_cache, k_cache.sizes(), "(the shape of k_cache)");
-  check_cache_layout(op, "k_cache", k_cache);
-  TORCH_CHECK(v_cache.strides() == k_cache.strides(), op,
-              ": v_cache must have the strides of k_cache, got ", v_cache.strides(), " vs ",
+  TORCH_CHECK(k_cache.size(0) == d.batch && k_cache.size(3) == d.dim, op, ": ", n.k_cache,
+              " must have shape ", n.cache_layout, " with batch=", d.batch, " and d=", d.dim,
+              ", got ", k_cache.sizes());
+  TORCH_CHECK(d.capacity >= 1, op, ": ", n.k_cache,
+              " is empty (capacity 0); pass a cache with at least one position "
+              "(sequences with no cached tokens use cache_lens = 0 or counts = 0)");
+  check_shape(op, n.v_cache, v_cache, k_cache.sizes(), "(the shape of the key cache)");
+  check_cache_layout(op, n.k_cache, k_cache);
+  TORCH_CHECK(v_cache.strides() == k_cache.strides(), op, ": ", n.v_cache,
+              " must have the strides of ", n.k_cache, ", got ", v_cache.strides(), " vs ",
               k_cache.strides());
   const std::vector<int64_t> block_shape{d.batch, d.hkv, d.block, d.dim};
-  check_shape(op, "k_block", k_block, block_shape, "[batch, Hkv, B, d]");
-  check_shape(op, "v_block", v_block, block_shape, "[batch, Hkv, B, d]");
+  check_shape(op, n.k_block, k_block, block_shape, n.block_layout);
+  check_shape(op, n.v_block, v_block, block_shape, n.block_layout);
 
   if (scale.has_value()) {
     TORCH_CHECK(std::isfinite(*scale) && *scale > 0, op,
@@ -127,10 +132,11 @@ AttentionDims check_attention_inputs(const char* op, const at::Tensor& q,
     d.scale = 1.0 / std::sqrt(static_cast<double>(d.dim));
   }
   if (q.is_cuda()) {
+    const int64_t block = cuda_block >= 0 ? cuda_block : d.block;
     TORCH_CHECK(d.dim == 64 || d.dim == 128, op,
                 ": the CUDA kernels support head dim 64 or 128, got d = ", d.dim);
-    TORCH_CHECK(d.block <= 64, op, ": the CUDA kernels support block sizes up to 64, got B = ",
-                d.block);
+    TORCH_CHECK(block <= 64, op, ": the CUDA kernels support block sizes up to 64, got B = ",
+                block);
   }
   return d;
 }
@@ -154,36 +160,132 @@ void check_cache_lens(const char* op, const at::Tensor& cache_lens, const Attent
   }
 }
 
-void check_selection(const char* op, const at::Tensor& indices, const at::Tensor& counts,
-                     const AttentionDims& dims, const at::Device& device) {
-  check_rank(op, "indices", indices, 3, "[batch, Hkv, k]");
-  check_rank(op, "counts", counts, 2, "[batch, Hkv]");
+namespace {
+
+// Values of a selection: counts in [0, k], the first counts entries of each row in [0, capacity).
+// indices [rows..., k] and counts [rows...] (contiguous copies are taken); `lead` is the shape of
+// the row dims, for messages that give each bad entry's coordinates.
+void check_selection_values(const char* op, const at::Tensor& indices, const at::Tensor& counts,
+                            at::IntArrayRef lead, int64_t capacity) {
+  const auto idx = indices.contiguous();
+  const auto cnt = counts.contiguous();
+  const int32_t* pi = idx.data_ptr<int32_t>();
+  const int32_t* pc = cnt.data_ptr<int32_t>();
+  const int64_t k = indices.size(-1);
+  auto where = [&](int64_t row) {
+    std::vector<int64_t> at(lead.size());
+    for (int64_t i = static_cast<int64_t>(lead.size()) - 1; i >= 0; --i) {
+      at[i] = row % lead[i];
+      row /= lead[i];
+    }
+    std::string s;
+    for (size_t i = 0; i < at.size(); ++i) s += (i ? ", " : "") + std::to_string(at[i]);
+    return s;
+  };
+  for (int64_t row = 0; row < counts.numel(); ++row) {
+    TORCH_CHECK(pc[row] >= 0 && pc[row] <= k, op, ": counts[", where(row), "] = ", pc[row],
+                " is outside [0, k=", k, "]");
+    for (int64_t i = 0; i < pc[row]; ++i) {
+      const int32_t j = pi[row * k + i];
+      TORCH_CHECK(j >= 0 && j < capacity, op, ": indices[", where(row), ", ", i, "] = ", j,
+                  " is outside the cache (expected 0 <= index < capacity=", capacity, ")");
+    }
+  }
+}
+
+// indices [lead..., k] and counts [lead...] int32 on `device` (lead: named sizes, e.g. batch and
+// Hkv); on the CPU also the values.
+void check_selection_tensors(const char* op, const at::Tensor& indices, const at::Tensor& counts,
+                             const std::vector<std::pair<const char*, int64_t>>& lead,
+                             int64_t capacity, const at::Device& device) {
+  std::string layout = "[", expected = "[";
+  std::vector<int64_t> lead_sizes;
+  for (const auto& [name, size] : lead) {
+    layout += std::string(name) + ", ";
+    expected += std::string(name) + "=" + std::to_string(size) + ", ";
+    lead_sizes.push_back(size);
+  }
+  const std::string counts_layout = layout.substr(0, layout.size() - 2) + "]";
+  layout += "k]";
+  expected += "k]";
+  const auto rank = static_cast<int64_t>(lead.size());
+  check_rank(op, "indices", indices, rank + 1, layout.c_str());
+  check_rank(op, "counts", counts, rank, counts_layout.c_str());
   check_dtype(op, "indices", indices, at::kInt);
   check_dtype(op, "counts", counts, at::kInt);
   check_same_device(op, "indices", indices, device);
   check_same_device(op, "counts", counts, device);
-  TORCH_CHECK(indices.size(0) == dims.batch && indices.size(1) == dims.hkv, op,
-              ": indices must have shape [batch=", dims.batch, ", Hkv=", dims.hkv,
-              ", k], got ", indices.sizes());
-  TORCH_CHECK(indices.size(2) >= 1, op, ": indices must hold at least one slot (k >= 1)");
-  check_shape(op, "counts", counts, {dims.batch, dims.hkv}, "[batch, Hkv]");
-  if (indices.is_cpu()) {
-    const auto idx = indices.contiguous();
-    const auto cnt = counts.contiguous();
-    const int32_t* pi = idx.data_ptr<int32_t>();
-    const int32_t* pc = cnt.data_ptr<int32_t>();
-    const int64_t k = indices.size(2);
-    for (int64_t bh = 0; bh < dims.batch * dims.hkv; ++bh) {
-      const int64_t b = bh / dims.hkv, h = bh % dims.hkv;
-      TORCH_CHECK(pc[bh] >= 0 && pc[bh] <= k, op, ": counts[", b, ", ", h, "] = ", pc[bh],
-                  " is outside [0, k=", k, "]");
-      for (int64_t i = 0; i < pc[bh]; ++i) {
-        const int32_t j = pi[bh * k + i];
-        TORCH_CHECK(j >= 0 && j < dims.capacity, op, ": indices[", b, ", ", h, ", ", i,
-                    "] = ", j, " is outside the cache (expected 0 <= index < capacity=",
-                    dims.capacity, ")");
-      }
-    }
+  TORCH_CHECK(indices.sizes().slice(0, rank) == at::IntArrayRef(lead_sizes), op,
+              ": indices must have shape ", expected, ", got ", indices.sizes());
+  TORCH_CHECK(indices.size(rank) >= 1, op, ": indices must hold at least one slot (k >= 1)");
+  check_shape(op, "counts", counts, lead_sizes, counts_layout.c_str());
+  if (indices.is_cpu()) check_selection_values(op, indices, counts, counts.sizes(), capacity);
+}
+
+}  // namespace
+
+void check_selection(const char* op, const at::Tensor& indices, const at::Tensor& counts,
+                     const AttentionDims& dims, const at::Device& device) {
+  check_selection_tensors(op, indices, counts, {{"batch", dims.batch}, {"Hkv", dims.hkv}},
+                          dims.capacity, device);
+}
+
+void check_block_selection(const char* op, const at::Tensor& indices, const at::Tensor& counts,
+                           int64_t batch, int64_t n_blocks, int64_t hkv, int64_t ctx_len,
+                           const at::Device& device) {
+  check_selection_tensors(op, indices, counts,
+                          {{"batch", batch}, {"n_blocks", n_blocks}, {"Hkv", hkv}}, ctx_len,
+                          device);
+}
+
+BlockSparseDims check_block_sparse_inputs(const char* op, const at::Tensor& q,
+                                          const at::Tensor& k_ctx, const at::Tensor& v_ctx,
+                                          const at::Tensor& indices, const at::Tensor& counts,
+                                          const at::Tensor& k_own, const at::Tensor& v_own,
+                                          int64_t block_size, std::optional<double> scale) {
+  TORCH_CHECK(block_size >= 1, op, ": block_size must be >= 1, got ", block_size);
+  AttentionNames names;
+  names.k_cache = "k_ctx";
+  names.v_cache = "v_ctx";
+  names.k_block = "k_own";
+  names.v_block = "v_own";
+  names.cache_layout = "[batch, Hkv, N, d]";
+  names.block_layout = "[batch, Hkv, T, d]";
+  BlockSparseDims r;
+  r.dims = check_attention_inputs(op, q, k_ctx, v_ctx, k_own, v_own, scale, names, block_size);
+  r.block_size = block_size;
+  TORCH_CHECK(r.dims.block % block_size == 0, op, ": the sequence length T = q.size(2) = ",
+              r.dims.block, " is not a multiple of block_size = ", block_size);
+  r.n_blocks = r.dims.block / block_size;
+  if (q.is_cuda()) {
+    TORCH_CHECK(r.n_blocks * r.dims.hkv <= 65535, op, ": n_blocks * Hkv = ",
+                r.n_blocks * r.dims.hkv,
+                " is more than the CUDA kernels take in one call (65535); split the sequence");
+  }
+  check_block_selection(op, indices, counts, r.dims.batch, r.n_blocks, r.dims.hkv,
+                        r.dims.capacity, q.device());
+  return r;
+}
+
+void check_attention_grads(const char* op, const AttentionDims& dims, const at::Tensor& q,
+                           const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
+                           const at::Tensor& out, const at::Tensor& lse) {
+  const std::vector<int64_t> lse_shape{dims.batch, dims.hq, dims.block};
+  const auto stats = lse_dtype(q.scalar_type());
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"dout", &dout}, {"out", &out}}) {
+    check_defined(op, name, *t);
+    check_shape(op, name, *t, q.sizes(), "(the shape of q)");
+    check_dtype(op, name, *t, q.scalar_type());
+    check_same_device(op, name, *t, q.device());
+  }
+  check_defined(op, "lse", lse);
+  check_shape(op, "lse", lse, lse_shape, "[batch, Hq, B]");
+  check_dtype(op, "lse", lse, stats);
+  check_same_device(op, "lse", lse, q.device());
+  if (dlse.has_value() && dlse->defined()) {
+    check_shape(op, "dlse", *dlse, lse_shape, "[batch, Hq, B]");
+    check_dtype(op, "dlse", *dlse, stats);
+    check_same_device(op, "dlse", *dlse, q.device());
   }
 }
 
@@ -195,7 +297,7 @@ void check_attention_outputs(const char* op, const AttentionDims& dims, const at
   check_shape(op, "out", out, q.sizes(), "(the shape of q)");
   check_dtype(op, "out", out, q.scalar_type());
   check_shape(op, "lse", lse, {dims.batch, dims.hq, dims.block}, "[batch, Hq, B]");
-  check_dtype(op, "lse", lse, at::kFloat);
+  check_dtype(op, "lse", lse, lse_dtype(q.scalar_type()));
   check_same_device(op, "out", out, q.device());
   check_same_device(op, "lse", lse, q.device());
   TORCH_CHECK(out.is_contiguous() && lse.is_contiguous(), op,

@@ -13,6 +13,12 @@
 
 namespace mage {
 
+// The dtype of lse (and of the kernels' internal accumulation): float32, or float64 for float64
+// inputs (the CPU kernels take float64 so that gradients can be checked by finite differences).
+inline at::ScalarType lse_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 struct AttentionDims {
   int64_t batch = 0;
   int64_t hq = 0;        // query heads
@@ -24,11 +30,26 @@ struct AttentionDims {
   double scale = 0.0;
 };
 
-// q, k_cache, v_cache, k_block, v_block: shapes, dtypes, devices, layouts.
+// How the messages name the key/value arguments and their layouts (block_sparse_attention
+// calls its cache "ctx" and its block "own").
+struct AttentionNames {
+  const char* k_cache = "k_cache";
+  const char* v_cache = "v_cache";
+  const char* k_block = "k_block";
+  const char* v_block = "v_block";
+  const char* cache_layout = "[batch, Hkv, capacity, d]";
+  const char* block_layout = "[batch, Hkv, B, d]";
+};
+
+// q, k_cache, v_cache, k_block, v_block: shapes, dtypes, devices, layouts. `cuda_block` is the
+// query block one CUDA kernel CTA sees (default: B = q.size(2)), checked against the kernels'
+// limit.
 AttentionDims check_attention_inputs(const char* op, const at::Tensor& q,
                                      const at::Tensor& k_cache, const at::Tensor& v_cache,
                                      const at::Tensor& k_block, const at::Tensor& v_block,
-                                     std::optional<double> scale);
+                                     std::optional<double> scale,
+                                     const AttentionNames& names = AttentionNames{},
+                                     int64_t cuda_block = -1);
 
 // cache_lens: int32 [batch] on the device of `ref`; on CPU also 0 <= value <= capacity - extra.
 void check_cache_lens(const char* op, const at::Tensor& cache_lens, const AttentionDims& dims,
@@ -38,7 +59,33 @@ void check_cache_lens(const char* op, const at::Tensor& cache_lens, const Attent
 void check_selection(const char* op, const at::Tensor& indices, const at::Tensor& counts,
                      const AttentionDims& dims, const at::Device& device);
 
-// Preallocated outputs: out [batch, Hq, B, d] (dtype of q), lse [batch, Hq, B] fp32,
+// block_sparse_attention's selection: indices [batch, n_blocks, Hkv, k] int32, counts
+// [batch, n_blocks, Hkv] int32; on CPU also the values (entries within [0, ctx_len)).
+void check_block_selection(const char* op, const at::Tensor& indices, const at::Tensor& counts,
+                           int64_t batch, int64_t n_blocks, int64_t hkv, int64_t ctx_len,
+                           const at::Device& device);
+
+// block_sparse_attention: q [batch, Hq, T, d], k_ctx/v_ctx [batch, Hkv, N, d], k_own/v_own
+// [batch, Hkv, T, d], T a multiple of block_size, and the selection. dims.block is T and
+// dims.capacity N.
+struct BlockSparseDims {
+  AttentionDims dims;
+  int64_t block_size = 0;
+  int64_t n_blocks = 0;
+};
+BlockSparseDims check_block_sparse_inputs(const char* op, const at::Tensor& q,
+                                          const at::Tensor& k_ctx, const at::Tensor& v_ctx,
+                                          const at::Tensor& indices, const at::Tensor& counts,
+                                          const at::Tensor& k_own, const at::Tensor& v_own,
+                                          int64_t block_size, std::optional<double> scale);
+
+// The forward's results and the incoming gradients of a backward op: dout and out like q,
+// lse (and dlse, if defined) [batch, Hq, B] of lse_dtype(q).
+void check_attention_grads(const char* op, const AttentionDims& dims, const at::Tensor& q,
+                           const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
+                           const at::Tensor& out, const at::Tensor& lse);
+
+// Preallocated outputs: out [batch, Hq, B, d] (dtype of q), lse [batch, Hq, B] lse_dtype(q),
 // scores [batch, Hkv, capacity] fp32; contiguous, on q's device.
 void check_attention_outputs(const char* op, const AttentionDims& dims, const at::Tensor& q,
                              const at::Tensor& out, const at::Tensor& lse,

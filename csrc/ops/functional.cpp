@@ -1,8 +1,10 @@
 // The allocating forms of the ops: check shapes, allocate the outputs, call the *_out op.
-// One implementation, registered for every backend that has the *_out kernels.
+// One implementation, registered for every backend that has the *_out kernels; with them
+// block_sparse_attention, a composite of sparse_attention_out calls (ops/block_sparse.cpp).
 #include <torch/library.h>
 
 #include "mage/ops.h"
+#include "ops/attention_backward.h"  // block_sparse_attention_generic
 #include "ops/checks.h"
 
 namespace mage {
@@ -13,7 +15,7 @@ using Scale = std::optional<double>;
 
 std::tuple<at::Tensor, at::Tensor> allocate_out_lse(const AttentionDims& d, T q) {
   return {at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous)),
-          at::empty({d.batch, d.hq, d.block}, q.options().dtype(at::kFloat))};
+          at::empty({d.batch, d.hq, d.block}, q.options().dtype(lse_dtype(q.scalar_type())))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_scores_impl(
@@ -101,6 +103,7 @@ void register_functional(torch::Library& m) {
   m.impl("rms_norm", &rms_norm_impl);
   m.impl("qkv_rope", &qkv_rope_impl);
   m.impl("silu_mul", &silu_mul_impl);
+  m.impl("block_sparse_attention", &block_sparse_attention_generic);
 }
 
 }  // namespace

@@ -2,6 +2,10 @@
 // csrc/cpu (CPU), csrc/cuda (CUDA); the allocating forms live in ops/functional.cpp.
 // The *_out forms write into preallocated outputs and allocate nothing, so a decoding step
 // built from them can be captured in a CUDA graph.
+// Autograd (csrc/autograd): attention_with_scores, dense_attention, sparse_attention and
+// block_sparse_attention are differentiable (out and lse; never scores, lengths or selections)
+// through the *_backward ops, whose dlse may be None (lse unused). The *_out forms and the
+// *_backward ops refuse inputs that require grad (not differentiable; no double backward).
 #include <torch/library.h>
 
 TORCH_LIBRARY(mage, m) {
@@ -27,6 +31,25 @@ TORCH_LIBRARY(mage, m) {
       "sparse_attention_out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor indices, "
       "Tensor counts, Tensor k_block, Tensor v_block, float? scale, Tensor(a!) out, "
       "Tensor(b!) lse) -> ()");
+  m.def(
+      "block_sparse_attention(Tensor q, Tensor k_ctx, Tensor v_ctx, Tensor indices, "
+      "Tensor counts, Tensor k_own, Tensor v_own, int block_size, float? scale=None) -> "
+      "(Tensor out, Tensor lse)");
+  m.def(
+      "dense_attention_backward(Tensor dout, Tensor? dlse, Tensor q, Tensor k_cache, "
+      "Tensor v_cache, Tensor cache_lens, Tensor k_block, Tensor v_block, Tensor out, "
+      "Tensor lse, float? scale) -> (Tensor dq, Tensor dk_cache, Tensor dv_cache, "
+      "Tensor dk_block, Tensor dv_block)");
+  m.def(
+      "sparse_attention_backward(Tensor dout, Tensor? dlse, Tensor q, Tensor k_cache, "
+      "Tensor v_cache, Tensor indices, Tensor counts, Tensor k_block, Tensor v_block, "
+      "Tensor out, Tensor lse, float? scale) -> (Tensor dq, Tensor dk_cache, Tensor dv_cache, "
+      "Tensor dk_block, Tensor dv_block)");
+  m.def(
+      "block_sparse_attention_backward(Tensor dout, Tensor? dlse, Tensor q, Tensor k_ctx, "
+      "Tensor v_ctx, Tensor indices, Tensor counts, Tensor k_own, Tensor v_own, Tensor out, "
+      "Tensor lse, int block_size, float? scale) -> (Tensor dq, Tensor dk_ctx, Tensor dv_ctx, "
+      "Tensor dk_own, Tensor dv_own)");
   m.def(
       "topk_select(Tensor scores, Tensor cache_lens, int k, int n_sink=0, int n_recent=0) "
       "-> (Tensor indices, Tensor counts)");

@@ -64,6 +64,42 @@ def random_selection(lens, hkv, k, generator=None, device="cpu"):
     return indices.to(device), counts.to(device)
 
 
+def reference_forward(q, k_cache, v_cache, cache_lens, k_block, v_block, indices=None,
+                      counts=None, scale=None):
+    """(out, lse, scores) of plain PyTorch ops in the inputs' own dtype, differentiable.
+
+    Without indices every position [0, cache_lens[b]) is attended; with them,
+    indices[b, h, :counts[b, h]]. Gradients flow to q, the caches (the attended rows) and the
+    block through ordinary autograd: the ground truth of the backward ops in float64.
+    """
+    batch, hq, block, dim = q.shape
+    hkv, capacity = k_cache.shape[1], k_cache.shape[2]
+    group = hq // hkv
+    scale = dim ** -0.5 if scale is None else scale
+    lens = cache_lens.cpu().tolist()
+    outs, lses, scores = [], [], []
+    for b in range(batch):
+        for h in range(hkv):
+            if indices is None:
+                pos = torch.arange(lens[b])
+            else:
+                pos = indices[b, h, : int(counts[b, h])].cpu().long()
+            pos = pos.to(k_cache.device)
+            keys = torch.cat([k_cache[b, h, pos], k_block[b, h]])
+            values = torch.cat([v_cache[b, h, pos], v_block[b, h]])
+            rows = q[b, h * group:(h + 1) * group].reshape(group * block, dim)
+            logits = (rows @ keys.T) * scale
+            probs = torch.softmax(logits, dim=-1)
+            outs.append((probs @ values).reshape(group, block, dim))
+            lses.append(torch.logsumexp(logits.double(), -1).reshape(group, block))
+            s = torch.zeros(capacity, dtype=torch.float64, device=q.device)
+            s[pos] = probs[:, : len(pos)].detach().double().mean(0)
+            scores.append(s)
+    return (torch.stack(outs).reshape(batch, hq, block, dim),
+            torch.stack(lses).reshape(batch, hq, block),
+            torch.stack(scores).reshape(batch, hkv, capacity))
+
+
 def reference_attention(inp: AttentionInputs, indices: Optional[torch.Tensor] = None,
                         counts: Optional[torch.Tensor] = None, scale: Optional[float] = None,
                         dtype: torch.dtype = torch.float64):
@@ -72,33 +108,28 @@ def reference_attention(inp: AttentionInputs, indices: Optional[torch.Tensor] = 
     out/lse/scores are float64 tensors (values as computed in `dtype`). Without indices every
     position [0, cache_lens[b]) is attended; with them, indices[b, h, :counts[b, h]].
     """
-    q, kc, vc = (t.detach().cpu().to(dtype) for t in (inp.q, inp.k_cache, inp.v_cache))
-    kb, vb = (t.detach().cpu().to(dtype) for t in (inp.k_block, inp.v_block))
-    batch, hq, block, dim = q.shape
-    hkv, capacity = kc.shape[1], kc.shape[2]
-    group = hq // hkv
-    scale = dim ** -0.5 if scale is None else scale
-    out = torch.zeros(batch, hq, block, dim, dtype=torch.float64)
-    lse = torch.zeros(batch, hq, block, dtype=torch.float64)
-    scores = torch.zeros(batch, hkv, capacity, dtype=torch.float64)
-    lens = inp.cache_lens.cpu().tolist()
-    for b in range(batch):
-        for h in range(hkv):
-            if indices is None:
-                pos = torch.arange(lens[b])
-            else:
-                pos = indices[b, h, : int(counts[b, h])].cpu().long()
-            keys = torch.cat([kc[b, h, pos], kb[b, h]])
-            values = torch.cat([vc[b, h, pos], vb[b, h]])
-            rows = q[b, h * group:(h + 1) * group].reshape(group * block, dim)
-            logits = (rows @ keys.T) * scale
-            probs = torch.softmax(logits, dim=-1)
-            o = probs @ values
-            out[b, h * group:(h + 1) * group] = o.reshape(group, block, dim).double()
-            lse[b, h * group:(h + 1) * group] = torch.logsumexp(
-                logits.double(), -1).reshape(group, block)
-            scores[b, h, pos] = probs[:, : len(pos)].double().mean(0)
-    return out, lse, scores
+    args = [t.detach().cpu().to(dtype) for t in inp.args()]
+    args[3] = inp.cache_lens.cpu()
+    with torch.no_grad():
+        out, lse, scores = reference_forward(*args, indices=indices, counts=counts, scale=scale)
+    return out.double(), lse.double(), scores
+
+
+def reference_block_sparse(q, k_ctx, v_ctx, indices, counts, k_own, v_own, block_size,
+                           scale=None):
+    """(out, lse) of block_sparse_attention with plain PyTorch ops (differentiable): block j of
+    the queries is reference_forward over the context's selection indices[:, j] + block j's own
+    keys."""
+    blocks = q.shape[2] // block_size
+    lens = torch.zeros(q.shape[0], dtype=torch.int32)
+    outs, lses = [], []
+    for j in range(blocks):
+        part = slice(j * block_size, (j + 1) * block_size)
+        out, lse, _ = reference_forward(q[:, :, part], k_ctx, v_ctx, lens, k_own[:, :, part],
+                                        v_own[:, :, part], indices[:, j], counts[:, j], scale)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
 def max_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -14,6 +14,33 @@ def sample(device, gen, dtype=torch.float32):
     return inp, idx, cnt
 
 
+def backward_cases(inp, idx, cnt, gen):
+    """block_sparse_attention and the backward ops, on plain (no-grad) samples; the autograd
+    tests (test_autograd.py) opcheck the differentiable ops with requires_grad samples."""
+    ops = torch.ops.mage
+    dev, dtype = inp.q.device, inp.q.dtype
+    out, lse = mage_ext.dense_attention(*inp.args())
+    dout = torch.randn(out.shape, generator=gen).to(dtype).to(dev)
+    dlse = torch.randn(lse.shape, generator=gen).to(dev)
+    sout, slse = mage_ext.sparse_attention(inp.q, inp.k_cache, inp.v_cache, idx, cnt,
+                                           inp.k_block, inp.v_block)
+    # Two blocks of 2 queries over the cache (all sequences: the first 4 positions).
+    bidx = torch.arange(4, dtype=torch.int32, device=dev).expand(2, 2, 2, 4).contiguous()
+    bcnt = torch.full((2, 2, 2), 4, dtype=torch.int32, device=dev)
+    bargs = (inp.q, inp.k_cache, inp.v_cache, bidx, bcnt, inp.k_block, inp.v_block, 2)
+    bout, blse = mage_ext.block_sparse_attention(*bargs)
+    return [
+        (ops.block_sparse_attention.default, bargs + (None,)),
+        (ops.dense_attention_backward.default, (dout, dlse) + inp.args() + (out, lse, None)),
+        (ops.dense_attention_backward.default, (dout, None) + inp.args() + (out, lse, 0.2)),
+        (ops.sparse_attention_backward.default,
+         (dout, dlse, inp.q, inp.k_cache, inp.v_cache, idx, cnt, inp.k_block, inp.v_block, sout,
+          slse, None)),
+        (ops.block_sparse_attention_backward.default,
+         (dout, None) + bargs[:7] + (bout, blse, 2, None)),
+    ]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck_every_op(device, dtype, gen):
@@ -38,7 +65,7 @@ def test_opcheck_every_op(device, dtype, gen):
           torch.empty(2, 2, dtype=torch.int32, device=device))),
         (ops.append_kv.default,
          (inp.k_cache.clone(), inp.v_cache.clone(), inp.cache_lens, inp.k_block, inp.v_block)),
-    ]
+    ] + backward_cases(inp, idx, cnt, gen)
     covered = set()
     for op, args in cases:
         torch.library.opcheck(op, args)

@@ -16,7 +16,15 @@
 //   indices    [batch, Hkv, k] int32    selected cache positions, ascending; -1 past counts
 //   counts     [batch, Hkv] int32       valid entries of indices per (sequence, KV head)
 // Query head hq reads KV head hq / G with G = Hq / Hkv (the transformers repeat_kv grouping).
-// scale defaults to 1/sqrt(d).
+// scale defaults to 1/sqrt(d). On the CPU the attention ops also take float64 (then lse is
+// float64 too), for gradient checks.
+//
+// Autograd: attention_with_scores, dense_attention, sparse_attention and block_sparse_attention
+// are differentiable through torch::autograd (registered for the ops' Autograd key, so LibTorch
+// callers and Python share it): out and lse carry gradients to q, the caches (through a
+// selection: only the selected rows) and the block; scores, cache_lens, indices and counts
+// carry none. The *_out forms are not differentiable (an input that requires grad is an
+// error), nor are the *_backward ops (no double backward).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -44,6 +52,42 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& indices, const at::Tensor& counts, const at::Tensor& k_block,
     const at::Tensor& v_block, std::optional<double> scale = std::nullopt);
+
+// The sparse training attention of MAGE-FT: query block j of each sequence (block_size rows of
+// q) attends to the selected entries of that sequence's context plus its own block.
+//   q              [batch, Hq, T, d]        T = n_blocks * block_size
+//   k_ctx, v_ctx   [batch, Hkv, N, d]       the context (e.g. the clean copy); rows contiguous
+//   indices        [batch, n_blocks, Hkv, k] int32  selected context positions of block j,
+//                                           ascending, in [0, N); -1 past counts
+//   counts         [batch, n_blocks, Hkv] int32
+//   k_own, v_own   [batch, Hkv, T, d]       the blocks' own keys/values (block j: rows of block j)
+// Returns out [batch, Hq, T, d] (dtype of q) and lse [batch, Hq, T].
+std::tuple<at::Tensor, at::Tensor> block_sparse_attention(
+    const at::Tensor& q, const at::Tensor& k_ctx, const at::Tensor& v_ctx,
+    const at::Tensor& indices, const at::Tensor& counts, const at::Tensor& k_own,
+    const at::Tensor& v_own, int64_t block_size, std::optional<double> scale = std::nullopt);
+
+// Backward ops (what autograd calls; usable directly): from the forward's inputs, its out and
+// lse, and the gradients dout (and dlse, or nothing when lse is unused), the gradients of
+// (q, k_cache, v_cache, k_block, v_block) (block_sparse: (q, k_ctx, v_ctx, k_own, v_own)).
+// attention_with_scores shares dense_attention_backward (scores carry no gradient).
+using AttentionGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+AttentionGrads dense_attention_backward(
+    const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+    const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_lens,
+    const at::Tensor& k_block, const at::Tensor& v_block, const at::Tensor& out,
+    const at::Tensor& lse, std::optional<double> scale = std::nullopt);
+AttentionGrads sparse_attention_backward(
+    const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+    const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& indices,
+    const at::Tensor& counts, const at::Tensor& k_block, const at::Tensor& v_block,
+    const at::Tensor& out, const at::Tensor& lse, std::optional<double> scale = std::nullopt);
+AttentionGrads block_sparse_attention_backward(
+    const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+    const at::Tensor& k_ctx, const at::Tensor& v_ctx, const at::Tensor& indices,
+    const at::Tensor& counts, const at::Tensor& k_own, const at::Tensor& v_own,
+    const at::Tensor& out, const at::Tensor& lse, int64_t block_size,
+    std::optional<double> scale = std::nullopt);
 
 // Top-k cache positions per (sequence, KV head). The first n_sink and last n_recent valid
 // positions are always kept and count towards k. Where cache_lens[b] <= k every valid position
