@@ -9,6 +9,7 @@ from . import ops
 from .ops import (
     append_kv,
     attention_with_scores,
+    block_attention,
     check_selection,
     dense_attention,
     sparse_attention,
@@ -32,6 +33,7 @@ __all__ = [
     "sparse_attention",
     "topk_select",
     "append_kv",
+    "block_attention",
     "check_selection",
     "cuda_kernels_built",
     "PolicyConfig",

@@ -81,4 +81,22 @@ void topk_select_out(T scores, T cache_lens, int64_t k, int64_t n_sink, int64_t 
   op.call(scores, cache_lens, k, n_sink, n_recent, indices, counts);
 }
 
+std::tuple<at::Tensor, at::Tensor> block_attention(T q, T k_ctx, T v_ctx, T k_own, T v_own,
+                                                   int64_t block_size, at::IntArrayRef start,
+                                                   Scale scale) {
+  static auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(T, T, T, T, T, int64_t,
+                                                                at::IntArrayRef, Scale)>(
+      "mage::block_attention");
+  return op.call(q, k_ctx, v_ctx, k_own, v_own, block_size, start, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_attention_backward(
+    T dout, T q, T k_ctx, T v_ctx, T k_own, T v_own, T out, T lse, int64_t block_size,
+    at::IntArrayRef start, Scale scale) {
+  using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  static auto op = op_handle<Grads(T, T, T, T, T, T, T, T, int64_t, at::IntArrayRef, Scale)>(
+      "mage::block_attention_backward");
+  return op.call(dout, q, k_ctx, v_ctx, k_own, v_own, out, lse, block_size, start, scale);
+}
+
 }  // namespace mage

@@ -36,4 +36,14 @@ TORCH_LIBRARY(mage, m) {
   m.def(
       "append_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_lens, Tensor k_block, "
       "Tensor v_block) -> ()");
+  // Block-causal attention over a context plus the own block (chunked prefill, block-diffusion
+  // training); lse carries no gradient. See ops/block_attention.h.
+  m.def(
+      "block_attention(Tensor q, Tensor k_ctx, Tensor v_ctx, Tensor k_own, Tensor v_own, "
+      "int block_size, int[] start, float? scale=None) -> (Tensor out, Tensor lse)");
+  m.def(
+      "block_attention_backward(Tensor dout, Tensor q, Tensor k_ctx, Tensor v_ctx, "
+      "Tensor k_own, Tensor v_own, Tensor out, Tensor lse, int block_size, int[] start, "
+      "float? scale=None) -> (Tensor dq, Tensor dk_ctx, Tensor dv_ctx, Tensor dk_own, "
+      "Tensor dv_own)");
 }
