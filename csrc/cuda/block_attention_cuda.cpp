@@ -200,7 +200,7 @@ bool aligned(const Tensor& t) {
   const int64_t per16 = 16 / t.element_size();
   if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
   for (int64_t i = 0; i + 1 < t.dim(); ++i) {
-    if (t.stride(i) % per16 != 0) return false;
+    if (t.size(i) > 1 && t.stride(i) % per16 != 0) return false;
   }
   return t.stride(-1) == 1;
 }
@@ -212,7 +212,11 @@ const PartKernel& choose_kernel(const Tensor& q, const Tensor& k_ctx, const Tens
   static const WithFallback flash(flash_kernel), cudnn(cudnn_kernel), efficient(efficient_kernel);
   const auto& generic = generic_part_kernel();
   // The context is read in place (never copied), so the fused kernels need it aligned.
-  if (!aligned(k_ctx) || !aligned(v_ctx)) return generic;
+  if (!aligned(k_ctx) || !aligned(v_ctx)) {
+    TORCH_WARN_ONCE("mage.block_attention: k_ctx / v_ctx rows are not 16-byte aligned (strides ",
+                    k_ctx.strides(), "); using the generic ATen path (slow)");
+    return generic;
+  }
   const char* env = std::getenv("MAGE_BLOCK_ATTENTION_KERNEL");
   const std::string want = env == nullptr ? "auto" : env;
   TORCH_CHECK(want == "auto" || want == "flash" || want == "cudnn" || want == "efficient" ||
