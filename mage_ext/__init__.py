@@ -14,6 +14,7 @@ from . import ops
 from .ops import (
     append_kv,
     attention_with_scores,
+    block_attention,
     block_sparse_attention,
     check_selection,
     dense_attention,
@@ -44,6 +45,7 @@ __all__ = [
     "block_sparse_attention",
     "topk_select",
     "append_kv",
+    "block_attention",
     "check_selection",
     "cuda_kernels_built",
     "PolicyConfig",

@@ -47,6 +47,8 @@ __all__ = [
     "rms_norm_out",
     "qkv_rope_out",
     "silu_mul_out",
+    "block_attention",
+    "block_attention_backward",
 ]
 
 _ops = torch.ops.mage
@@ -208,6 +210,38 @@ def qkv_rope_out(qkv, positions, inv_freq, n_q_heads, n_kv_heads, head_dim, q_no
 def silu_mul_out(gate_up, out) -> None:
     """silu_mul into a preallocated out (CUDA-graph safe)."""
     _ops.silu_mul_out.default(gate_up, out)
+def _host_ints(start) -> list:
+    """start as a list of Python ints (a tensor is read once on the host: a sync on CUDA)."""
+    if isinstance(start, torch.Tensor):
+        return [int(x) for x in start.tolist()]
+    return [int(x) for x in start]
+
+
+def block_attention(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_own: Tensor, v_own: Tensor,
+                    block_size: int, start, scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    """Block-causal attention over a context plus the own block; returns (out, lse).
+
+    Query token t of sequence b, in block j = t // block_size, attends to
+    k_ctx[b, :, :start[b] + j*block_size] and bidirectionally to its own block
+    k_own[b, :, j*block_size:(j+1)*block_size].
+      q [batch, Hq, T, d] (T a multiple of block_size); k_own, v_own [batch, Hkv, T, d];
+      k_ctx, v_ctx [batch, Hkv, N, d] (last dim contiguous) with start[b] + T - block_size <= N;
+      start: one int per sequence (host ints).
+    out [batch, Hq, T, d] has q's dtype; lse [batch, Hq, T] is float32 (float64 for float64
+    inputs). Chunked prefill: ctx = the cache with the chunk already appended at
+    [start, start + T), own = the chunk's k/v. Training: ctx = clean k/v, start = 0, own = clean
+    (block-causal) or noisy (noisy block sees the clean prefix before it and itself).
+    Differentiable in q, k_ctx, v_ctx, k_own, v_own (lse carries no gradient).
+    """
+    return _ops.block_attention.default(q, k_ctx, v_ctx, k_own, v_own, block_size,
+                                        _host_ints(start), scale)
+
+
+def block_attention_backward(dout, q, k_ctx, v_ctx, k_own, v_own, out, lse, block_size, start,
+                             scale=None):
+    """Gradients (dq, dk_ctx, dv_ctx, dk_own, dv_own) of block_attention given dout."""
+    return _ops.block_attention_backward.default(dout, q, k_ctx, v_ctx, k_own, v_own, out, lse,
+                                                 block_size, _host_ints(start), scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,3 +396,27 @@ def _qkv_rope_out_fake(qkv, positions, inv_freq, n_q_heads, n_kv_heads, head_dim
 @torch.library.register_fake("mage::silu_mul_out")
 def _silu_mul_out_fake(gate_up, out):
     return None
+def _block_attention_dims(q, k_ctx, k_own, block_size, start):
+    torch._check(q.dim() == 4, lambda: "q must be [batch, Hq, T, d]")
+    torch._check(k_ctx.dim() == 4, lambda: "k_ctx must be [batch, Hkv, N, d]")
+    batch, hq, tokens, dim = q.shape
+    hkv = k_ctx.shape[1]
+    torch._check(hq % hkv == 0, lambda: "Hq must be a multiple of Hkv")
+    torch._check(k_own.shape == (batch, hkv, tokens, dim), lambda: "k_own must be [batch, Hkv, T, d]")
+    torch._check(tokens % block_size == 0, lambda: "T must be a multiple of block_size")
+    torch._check(len(start) == batch, lambda: "start needs one entry per sequence")
+
+
+@torch.library.register_fake("mage::block_attention")
+def _block_attention_fake(q, k_ctx, v_ctx, k_own, v_own, block_size, start, scale=None):
+    _block_attention_dims(q, k_ctx, k_own, block_size, start)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return (q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=lse_dtype))
+
+
+@torch.library.register_fake("mage::block_attention_backward")
+def _block_attention_backward_fake(dout, q, k_ctx, v_ctx, k_own, v_own, out, lse, block_size,
+                                   start, scale=None):
+    _block_attention_dims(q, k_ctx, k_own, block_size, start)
+    return (q.new_empty(q.shape), k_ctx.new_empty(k_ctx.shape), v_ctx.new_empty(v_ctx.shape),
+            k_own.new_empty(k_own.shape), v_own.new_empty(v_own.shape))

@@ -8,40 +8,12 @@
 #include <limits>
 
 #include "ops/checks.h"
+#include "ops/online_softmax.h"
 
 namespace mage::cpu {
 namespace {
 
 constexpr int64_t kChunk = 2048;  // cache positions per matmul
-
-// Online (streaming) softmax of the query rows of all KV heads of one sequence.
-class OnlineSoftmax {
- public:
-  OnlineSoftmax(int64_t hkv, int64_t rows, int64_t dim, at::ScalarType dtype) {
-    auto f = at::TensorOptions().dtype(dtype);
-    max_ = at::full({hkv, rows, 1}, -std::numeric_limits<float>::infinity(), f);
-    sum_ = at::zeros({hkv, rows, 1}, f);
-    acc_ = at::zeros({hkv, rows, dim}, f);
-  }
-
-  // logits [Hkv, R, C] (-inf where masked), values [Hkv, C, d]; both of the accumulation dtype.
-  void add(const at::Tensor& logits, const at::Tensor& values) {
-    auto new_max = at::maximum(max_, std::get<0>(logits.max(-1, /*keepdim=*/true)));
-    // Rows with nothing seen yet keep max -inf; use 0 there so exp() gives 0, not NaN.
-    auto base = at::where(at::isinf(new_max), at::zeros_like(new_max), new_max);
-    auto p = at::exp(logits - base);
-    auto alpha = at::exp(max_ - base);
-    sum_ = sum_ * alpha + p.sum(-1, /*keepdim=*/true);
-    acc_ = acc_ * alpha + at::matmul(p, values);
-    max_ = new_max;
-  }
-
-  at::Tensor output() const { return acc_ / sum_; }              // [Hkv, R, d]
-  at::Tensor lse() const { return (max_ + at::log(sum_)).squeeze(-1); }  // [Hkv, R]
-
- private:
-  at::Tensor max_, sum_, acc_;
-};
 
 at::Tensor rows_of(const at::Tensor& q, int64_t b, const AttentionDims& d) {
   // q[b] is [Hq, B, d]; query head g*... of KV head h are rows [h, g*B + i] (repeat_kv order).
@@ -76,7 +48,7 @@ void exact_attention(const char* op, const at::Tensor& q_in, const at::Tensor& k
   for (int64_t b = 0; b < d.batch; ++b) {
     const int64_t len = len_of(cache_lens, b);
     const auto rows = rows_of(q, b, d);
-    OnlineSoftmax sm(d.hkv, rows.size(1), d.dim, rows.scalar_type());
+    OnlineSoftmax sm(d.hkv, rows.size(1), d.dim, rows.options());
     for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
       const int64_t c = std::min(kChunk, len - c0);
       auto keys = k_cache[b].narrow(1, c0, c).to(rows.scalar_type());
@@ -136,7 +108,7 @@ void sparse_attention_out(const at::Tensor& q_in, const at::Tensor& k_cache,
 
   for (int64_t b = 0; b < d.batch; ++b) {
     const auto rows = rows_of(q, b, d);
-    OnlineSoftmax sm(d.hkv, rows.size(1), d.dim, rows.scalar_type());
+    OnlineSoftmax sm(d.hkv, rows.size(1), d.dim, rows.options());
     const auto count = counts[b].unsqueeze(-1);  // [Hkv, 1]
     for (int64_t c0 = 0; c0 < k; c0 += kChunk) {
       const int64_t c = std::min(kChunk, k - c0);

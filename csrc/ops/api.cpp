@@ -157,6 +157,22 @@ void qkv_rope_out(T qkv, T positions, T inv_freq, int64_t n_q_heads, int64_t n_k
 void silu_mul_out(T gate_up, T out) {
   static auto op = op_handle<void(T, T)>("mage::silu_mul_out");
   op.call(gate_up, out);
+std::tuple<at::Tensor, at::Tensor> block_attention(T q, T k_ctx, T v_ctx, T k_own, T v_own,
+                                                   int64_t block_size, at::IntArrayRef start,
+                                                   Scale scale) {
+  static auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(T, T, T, T, T, int64_t,
+                                                                at::IntArrayRef, Scale)>(
+      "mage::block_attention");
+  return op.call(q, k_ctx, v_ctx, k_own, v_own, block_size, start, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_attention_backward(
+    T dout, T q, T k_ctx, T v_ctx, T k_own, T v_own, T out, T lse, int64_t block_size,
+    at::IntArrayRef start, Scale scale) {
+  using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  static auto op = op_handle<Grads(T, T, T, T, T, T, T, T, int64_t, at::IntArrayRef, Scale)>(
+      "mage::block_attention_backward");
+  return op.call(dout, q, k_ctx, v_ctx, k_own, v_own, out, lse, block_size, start, scale);
 }
 
 }  // namespace mage

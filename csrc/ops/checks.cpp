@@ -510,6 +510,101 @@ void check_silu_mul_outputs(const char* op, const at::Tensor& gate_up, const at:
   shape.back() /= 2;
   check_shape(op, "out", out, shape, "[..., I] (gate_up's shape with the last dim halved)");
   check_contiguous_output(op, "out", out);
+namespace {
+
+double resolve_scale(const char* op, std::optional<double> scale, int64_t dim) {
+  if (!scale.has_value()) return 1.0 / std::sqrt(static_cast<double>(dim));
+  TORCH_CHECK(std::isfinite(*scale) && *scale > 0, op,
+              ": scale must be a positive finite number, got ", *scale);
+  return *scale;
+}
+
+}  // namespace
+
+BlockAttentionDims check_block_attention_inputs(const char* op, const at::Tensor& q,
+                                                const at::Tensor& k_ctx, const at::Tensor& v_ctx,
+                                                const at::Tensor& k_own, const at::Tensor& v_own,
+                                                int64_t block_size, at::IntArrayRef start,
+                                                std::optional<double> scale) {
+  check_rank(op, "q", q, 4, "[batch, Hq, T, d]");
+  check_rank(op, "k_ctx", k_ctx, 4, "[batch, Hkv, N, d]");
+  check_rank(op, "v_ctx", v_ctx, 4, "[batch, Hkv, N, d]");
+  check_rank(op, "k_own", k_own, 4, "[batch, Hkv, T, d]");
+  check_rank(op, "v_own", v_own, 4, "[batch, Hkv, T, d]");
+
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
+                  dtype == at::kDouble,
+              op, ": q must be float16, bfloat16, float32 or float64, got ", dtype);
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"k_ctx", &k_ctx},
+                         {"v_ctx", &v_ctx}, {"k_own", &k_own}, {"v_own", &v_own}}) {
+    TORCH_CHECK(t->scalar_type() == dtype, op, ": ", name, " has dtype ", t->scalar_type(),
+                " but q has ", dtype, "; q, k/v context and own k/v must share one dtype");
+    check_same_device(op, name, *t, q.device());
+  }
+
+  BlockAttentionDims d;
+  d.batch = q.size(0);
+  d.hq = q.size(1);
+  d.tokens = q.size(2);
+  d.dim = q.size(3);
+  d.hkv = k_ctx.size(1);
+  d.capacity = k_ctx.size(2);
+  d.block = block_size;
+  TORCH_CHECK(d.batch >= 1 && d.hq >= 1 && d.tokens >= 1 && d.dim >= 1, op,
+              ": q must have non-zero batch, heads, tokens and head dim, got shape ", q.sizes());
+  TORCH_CHECK(d.hkv >= 1, op, ": k_ctx has no KV heads (shape ", k_ctx.sizes(), ")");
+  TORCH_CHECK(d.hq % d.hkv == 0, op, ": q has ", d.hq,
+              " heads, which is not a multiple of the ", d.hkv,
+              " KV heads of k_ctx (GQA needs Hq = G * Hkv)");
+  d.group = d.hq / d.hkv;
+  TORCH_CHECK(k_ctx.size(0) == d.batch && k_ctx.size(3) == d.dim, op,
+              ": k_ctx must have shape [batch=", d.batch, ", Hkv, N, d=", d.dim, "], got ",
+              k_ctx.sizes());
+  check_shape(op, "v_ctx", v_ctx, k_ctx.sizes(), "(the shape of k_ctx)");
+  // Read in place by the fused kernels, which need only the last dim contiguous: a cache, or
+  // K/V straight from a projection ([batch, T, Hkv, d] transposed), are taken without a copy.
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"k_ctx", &k_ctx},
+                         {"v_ctx", &v_ctx}}) {
+    TORCH_CHECK(t->stride(3) == 1 || t->size(3) == 1, op, ": ", name,
+                " must have a contiguous last dim (stride(3) == 1); got strides ", t->strides());
+  }
+  const std::vector<int64_t> own_shape{d.batch, d.hkv, d.tokens, d.dim};
+  check_shape(op, "k_own", k_own, own_shape, "[batch, Hkv, T, d] (T = q.size(2))");
+  check_shape(op, "v_own", v_own, own_shape, "[batch, Hkv, T, d] (T = q.size(2))");
+
+  TORCH_CHECK(block_size >= 1, op, ": block_size must be >= 1, got ", block_size);
+  TORCH_CHECK(d.tokens % block_size == 0, op, ": q has T = ", d.tokens,
+              " tokens, which is not a multiple of block_size = ", block_size,
+              " (the op attends whole blocks; pad the last block)");
+  TORCH_CHECK(static_cast<int64_t>(start.size()) == d.batch, op, ": start must have ",
+              d.batch, " entries (one per sequence), got ", start.size());
+  for (int64_t b = 0; b < d.batch; ++b) {
+    TORCH_CHECK(start[b] >= 0, op, ": start[", b, "] = ", start[b], " must be >= 0");
+    TORCH_CHECK(start[b] + d.tokens - block_size <= d.capacity, op, ": start[", b, "] = ",
+                start[b], " needs k_ctx positions up to start + T - block_size = ",
+                start[b] + d.tokens - block_size, ", but k_ctx holds N = ", d.capacity,
+                " (expected start[b] + T - block_size <= N)");
+  }
+  d.scale = resolve_scale(op, scale, d.dim);
+  return d;
+}
+
+void check_block_attention_grad_inputs(const char* op, const BlockAttentionDims& dims,
+                                       const at::Tensor& q, const at::Tensor& dout,
+                                       const at::Tensor& out, const at::Tensor& lse) {
+  check_rank(op, "dout", dout, 4, "[batch, Hq, T, d]");
+  check_rank(op, "out", out, 4, "[batch, Hq, T, d]");
+  check_rank(op, "lse", lse, 3, "[batch, Hq, T]");
+  check_shape(op, "dout", dout, q.sizes(), "(the shape of q)");
+  check_shape(op, "out", out, q.sizes(), "(the shape of q)");
+  check_shape(op, "lse", lse, {dims.batch, dims.hq, dims.tokens}, "[batch, Hq, T]");
+  check_dtype(op, "dout", dout, q.scalar_type());
+  check_dtype(op, "out", out, q.scalar_type());
+  check_dtype(op, "lse", lse, q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  check_same_device(op, "dout", dout, q.device());
+  check_same_device(op, "out", out, q.device());
+  check_same_device(op, "lse", lse, q.device());
 }
 
 }  // namespace mage

@@ -154,5 +154,31 @@ struct SiluMulDims {
 SiluMulDims check_silu_mul_inputs(const char* op, const at::Tensor& gate_up);
 // out [..., I] of gate_up's dtype and device, contiguous.
 void check_silu_mul_outputs(const char* op, const at::Tensor& gate_up, const at::Tensor& out);
+// mage.block_attention (ops/block_attention.h): q [batch, Hq, T, d] with T a multiple of
+// block_size, k_own/v_own [batch, Hkv, T, d], k_ctx/v_ctx [batch, Hkv, N, d] (last dim contiguous),
+// one start per sequence with 0 <= start[b] and start[b] + T - block_size <= N.
+struct BlockAttentionDims {
+  int64_t batch = 0;
+  int64_t hq = 0;
+  int64_t hkv = 0;
+  int64_t group = 0;     // hq / hkv
+  int64_t tokens = 0;    // T, query rows (and own keys) per sequence
+  int64_t dim = 0;
+  int64_t capacity = 0;  // N, context positions per (sequence, KV head)
+  int64_t block = 0;     // block_size
+  double scale = 0.0;
+};
+
+BlockAttentionDims check_block_attention_inputs(const char* op, const at::Tensor& q,
+                                                const at::Tensor& k_ctx, const at::Tensor& v_ctx,
+                                                const at::Tensor& k_own, const at::Tensor& v_own,
+                                                int64_t block_size, at::IntArrayRef start,
+                                                std::optional<double> scale);
+
+// The backward's extra inputs: dout and out of q's shape and dtype, lse [batch, Hq, T] in the
+// dtype the forward returns (float32, float64 for float64 inputs); on q's device.
+void check_block_attention_grad_inputs(const char* op, const BlockAttentionDims& dims,
+                                       const at::Tensor& q, const at::Tensor& dout,
+                                       const at::Tensor& out, const at::Tensor& lse);
 
 }  // namespace mage

@@ -78,4 +78,14 @@ TORCH_LIBRARY(mage, m) {
       "Tensor(a!) q, Tensor(b!) k, Tensor(c!) v) -> ()");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("silu_mul_out(Tensor gate_up, Tensor(a!) out) -> ()");
+  // Block-causal attention over a context plus the own block (chunked prefill, block-diffusion
+  // training); lse carries no gradient. See ops/block_attention.h.
+  m.def(
+      "block_attention(Tensor q, Tensor k_ctx, Tensor v_ctx, Tensor k_own, Tensor v_own, "
+      "int block_size, int[] start, float? scale=None) -> (Tensor out, Tensor lse)");
+  m.def(
+      "block_attention_backward(Tensor dout, Tensor q, Tensor k_ctx, Tensor v_ctx, "
+      "Tensor k_own, Tensor v_own, Tensor out, Tensor lse, int block_size, int[] start, "
+      "float? scale=None) -> (Tensor dq, Tensor dk_ctx, Tensor dv_ctx, Tensor dk_own, "
+      "Tensor dv_own)");
 }

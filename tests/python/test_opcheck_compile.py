@@ -65,6 +65,11 @@ def test_opcheck_every_op(device, dtype, gen):
           torch.empty(2, 2, dtype=torch.int32, device=device))),
         (ops.append_kv.default,
          (inp.k_cache.clone(), inp.v_cache.clone(), inp.cache_lens, inp.k_block, inp.v_block)),
+        (ops.block_attention.default,
+         (inp.q, inp.k_cache, inp.v_cache, inp.k_block, inp.v_block, 2, [19, 5], None)),
+        (ops.block_attention_backward.default,
+         (torch.randn_like(inp.q), inp.q, inp.k_cache, inp.v_cache, inp.k_block, inp.v_block,
+          out.normal_(), lse.normal_(), 2, [19, 5], None)),
     ] + backward_cases(inp, idx, cnt, gen)
     covered = set()
     for op, args in cases:

@@ -165,5 +165,24 @@ void qkv_rope_out(const at::Tensor& qkv, const at::Tensor& positions, const at::
                   const std::optional<at::Tensor>& k_norm_weight, double eps, const at::Tensor& q,
                   const at::Tensor& k, const at::Tensor& v);
 void silu_mul_out(const at::Tensor& gate_up, const at::Tensor& out);
+// Block-causal attention (chunked prefill, block-diffusion training): query token t of
+// sequence b, in block j = t / block_size, attends to k_ctx[b, :, 0 : start[b] + j*block_size)
+// and bidirectionally to its own block k_own[b, :, j*block_size : (j+1)*block_size).
+//   q [batch, Hq, T, d] (T a multiple of block_size), k_own/v_own [batch, Hkv, T, d],
+//   k_ctx/v_ctx [batch, Hkv, N, d] (last dim contiguous; other strides free: a cache, or K/V
+//   of a projection transposed), start[b] + T - block_size <= N.
+// Returns out [batch, Hq, T, d] (dtype of q) and lse [batch, Hq, T] (float32; float64 for
+// float64 inputs). Differentiable (lse carries no gradient); double backward is not supported.
+std::tuple<at::Tensor, at::Tensor> block_attention(
+    const at::Tensor& q, const at::Tensor& k_ctx, const at::Tensor& v_ctx,
+    const at::Tensor& k_own, const at::Tensor& v_own, int64_t block_size, at::IntArrayRef start,
+    std::optional<double> scale = std::nullopt);
+
+// Gradients of block_attention given dout and its out / lse: dq, dk_ctx (zero where not read),
+// dv_ctx, dk_own, dv_own.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_attention_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k_ctx, const at::Tensor& v_ctx,
+    const at::Tensor& k_own, const at::Tensor& v_own, const at::Tensor& out, const at::Tensor& lse,
+    int64_t block_size, at::IntArrayRef start, std::optional<double> scale = std::nullopt);
 
 }  // namespace mage
