@@ -14,6 +14,7 @@ from . import ops
 from .ops import (
     append_kv,
     attention_with_scores,
+    check_errors,
     check_selection,
     dense_attention,
     sparse_attention,
@@ -43,6 +44,7 @@ __all__ = [
     "topk_select",
     "append_kv",
     "check_selection",
+    "check_errors",
     "cuda_kernels_built",
     "PolicyConfig",
     *_LAZY,

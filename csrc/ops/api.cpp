@@ -81,4 +81,14 @@ void topk_select_out(T scores, T cache_lens, int64_t k, int64_t n_sink, int64_t 
   op.call(scores, cache_lens, k, n_sink, n_recent, indices, counts);
 }
 
+std::vector<int64_t> take_error(c10::Device device) {
+  static auto op = op_handle<std::vector<int64_t>(c10::Device)>("mage::take_error");
+  return op.call(device);
+}
+
+void check_errors(c10::Device device) {
+  static auto op = op_handle<void(c10::Device)>("mage::check_errors");
+  op.call(device);
+}
+
 }  // namespace mage

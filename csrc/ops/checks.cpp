@@ -1,6 +1,7 @@
 #include "ops/checks.h"
 
 #include <cmath>
+#include <limits>
 
 namespace mage {
 namespace {
@@ -155,6 +156,11 @@ void check_selection(const char* op, const at::Tensor& indices, const at::Tensor
         TORCH_CHECK(j >= 0 && j < dims.capacity, op, ": indices[", b, ", ", h, ", ", i,
                     "] = ", j, " is outside the cache (expected 0 <= index < capacity=",
                     dims.capacity, ")");
+        // A repeated index would be attended twice (its softmax weight doubled).
+        TORCH_CHECK(i == 0 || j > pi[bh * k + i - 1], op, ": indices[", b, ", ", h, ", ", i,
+                    "] = ", j, " does not follow indices[", b, ", ", h, ", ", i - 1, "] = ",
+                    pi[bh * k + i - 1], " (expected the first counts[b, h] indices strictly "
+                    "ascending: sorted, no repeats)");
       }
     }
   }
@@ -218,6 +224,12 @@ void check_topk_outputs(const char* op, const TopkDims& dims, const at::Tensor& 
   check_same_device(op, "counts", counts, scores.device(), "scores");
   TORCH_CHECK(indices.is_contiguous() && counts.is_contiguous(), op,
               ": indices and counts must be contiguous");
+}
+
+void check_fits_int(const char* op, const char* what, int64_t value) {
+  TORCH_CHECK(value <= std::numeric_limits<int32_t>::max(), op, ": ", what, " = ", value,
+              " does not fit the 32-bit ints the CUDA kernels index with (at most ",
+              std::numeric_limits<int32_t>::max(), ")");
 }
 
 AttentionDims check_append_inputs(const char* op, const at::Tensor& k_cache,

@@ -1,7 +1,8 @@
 // Every MAGE op schema, defined once. Backends register kernels in their own files:
 // csrc/cpu (CPU), csrc/cuda (CUDA); the allocating forms live in ops/functional.cpp.
 // The *_out forms write into preallocated outputs and allocate nothing, so a decoding step
-// built from them can be captured in a CUDA graph.
+// built from them can be captured in a CUDA graph. take_error / check_errors read the device's
+// error record (ops/device_errors.h; implemented for every device in ops/device_errors.cpp).
 #include <torch/library.h>
 
 TORCH_LIBRARY(mage, m) {
@@ -36,4 +37,6 @@ TORCH_LIBRARY(mage, m) {
   m.def(
       "append_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_lens, Tensor k_block, "
       "Tensor v_block) -> ()");
+  m.def("take_error(Device device) -> int[]");
+  m.def("check_errors(Device device) -> ()");
 }

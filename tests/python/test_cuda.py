@@ -227,6 +227,7 @@ def test_out_of_range_indices_poison_rows_instead_of_reading_out_of_bounds(gen):
     torch.cuda.synchronize()
     assert out[1, :2].isnan().all() and lse[1, :2].isnan().all()  # KV head 0 of sequence 1
     assert not out[0].isnan().any() and not out[1, 2:].isnan().any()
+    assert mage_ext.ops.take_error("cuda")[:6] == [3, 3, 1, 0, 3, 10_000_000]  # and recorded
     with pytest.raises(ValueError, match="outside the cache"):
         mage_ext.check_selection(idx, cnt, capacity=100)
 

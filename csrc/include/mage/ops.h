@@ -23,6 +23,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace mage {
 
@@ -75,5 +76,15 @@ void sparse_attention_out(const at::Tensor& q, const at::Tensor& k_cache,
                           const at::Tensor& out, const at::Tensor& lse);
 void topk_select_out(const at::Tensor& scores, const at::Tensor& cache_lens, int64_t k,
                      int64_t n_sink, int64_t n_recent, const at::Tensor& indices, const at::Tensor& counts);
+
+// The device's error record (what CUDA kernels found wrong in values the host does not check:
+// a cache length past the capacity, an append that does not fit, a selected index outside the
+// cache; see ops/device_errors.h). take_error returns it ([code, op, sequence, head, slot,
+// value, limit, 0]) and clears it, or returns an empty vector when clean; check_errors throws
+// with a message naming the op, sequence and value. Both synchronise the device's current
+// stream: call them where the caller synchronises anyway (e.g. once per generated block).
+// CPU devices have no record (the CPU kernels check values at once).
+std::vector<int64_t> take_error(c10::Device device);
+void check_errors(c10::Device device);
 
 }  // namespace mage
