@@ -37,6 +37,8 @@ def test_opcheck_every_op(device, dtype, gen):
           torch.empty(2, 2, dtype=torch.int32, device=device))),
         (ops.append_kv.default,
          (inp.k_cache.clone(), inp.v_cache.clone(), inp.cache_lens, inp.k_block, inp.v_block)),
+        (ops.take_error.default, (torch.device(device),)),
+        (ops.check_errors.default, (torch.device(device),)),
     ]
     covered = set()
     for op, args in cases:
