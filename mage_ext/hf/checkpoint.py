@@ -89,8 +89,9 @@ def load_model(path: str, *, dtype: torch.dtype = torch.float32, device="cpu",
 
 def _check_ids_in_vocab(path: str, vocab: int, mask_id: int, stop_ids: tuple) -> None:
     if not 0 <= mask_id < vocab:
-        raise ValueError(f"load_model: the mask token id {mask_id} (config.json mask_token_id or "
-                         f"tokenizer.json) is outside the model's vocabulary [0, {vocab}) in {path}")
+        raise ValueError(f"load_model: the mask token id {mask_id} (config.json mask_token_id "
+                         f"or tokenizer.json) is outside the model's vocabulary [0, {vocab}) in "
+                         f"{path}")
     for s in stop_ids:
         if not 0 <= s < vocab:
             raise ValueError(f"load_model: eos_token_id {s} (config.json / "

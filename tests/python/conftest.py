@@ -27,6 +27,19 @@ requires_cuda = pytest.mark.skipif(not cuda_ready(),
                                    reason="needs a CUDA GPU and a build with the CUDA kernels")
 
 
+def capture(step):
+    """A CUDA graph of step(), after one warm-up run on a side stream (outside the capture)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
 @pytest.fixture
 def gen(request):
     """A generator seeded from the session seed and the test's id."""

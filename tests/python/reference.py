@@ -50,14 +50,17 @@ def poison(*tensors):
         t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-12345)
 
 
-def random_selection(lens, hkv, k, generator=None, device="cpu"):
-    """Random ascending selections of min(k, len) positions per (sequence, KV head)."""
+def random_selection(lens, hkv, k, generator=None, device="cpu", short=False):
+    """Random ascending selections of min(k, len) positions per (sequence, KV head); with
+    `short`, a random number of them in [0, min(k, len)] instead."""
     batch = len(lens)
     indices = torch.full((batch, hkv, k), -1, dtype=torch.int32)
     counts = torch.zeros((batch, hkv), dtype=torch.int32)
     for b, n in enumerate(lens):
         for h in range(hkv):
             c = min(k, n)
+            if short and c > 0:
+                c = int(torch.randint(0, c + 1, (1,), generator=generator))
             pick = torch.randperm(n, generator=generator)[:c].sort().values
             indices[b, h, :c] = pick.to(torch.int32)
             counts[b, h] = c

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mage_ext
-from conftest import requires_cuda
+from conftest import capture, requires_cuda
 from reference import (assert_close_fa, make_inputs, poison, random_selection,
                        reference_attention)
 
@@ -20,19 +20,6 @@ def kernel_path(request, monkeypatch):
         monkeypatch.setenv("MAGE_DISABLE_WGMMA", "1")
         monkeypatch.setenv("MAGE_DISABLE_PDL", "1")
     return request.param
-
-
-def capture(step):
-    """A CUDA graph of step(), after one warm-up run on a side stream (outside the capture)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
 
 
 def check_first_and_sparse_steps(inp, lens, hkv, budgets, dtype, gen):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import mage_ext
-from conftest import requires_cuda
+from conftest import capture, requires_cuda
 from reference import make_inputs, poison, random_selection, reference_attention
 
 CODE = {"length": 1, "append": 2, "index": 3, "count": 4}
@@ -175,16 +175,8 @@ def test_error_raised_inside_a_cuda_graph_replay(gen):
     _, lse0, scores = mage_ext.attention_with_scores(*inp.args())
     idx, cnt = mage_ext.topk_select(scores, inp.cache_lens, 512)
     out, lse = torch.empty_like(inp.q), torch.empty_like(lse0)
-    step = lambda: mage_ext.ops.sparse_attention_out(  # noqa: E731
-        inp.q, inp.k_cache, inp.v_cache, idx, cnt, inp.k_block, inp.v_block, None, out, lse)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = capture(lambda: mage_ext.ops.sparse_attention_out(
+        inp.q, inp.k_cache, inp.v_cache, idx, cnt, inp.k_block, inp.v_block, None, out, lse))
     graph.replay()
     mage_ext.check_errors()
     saved = int(idx[1, 1, 7])

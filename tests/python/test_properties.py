@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 import mage_ext
 from conftest import DEVICES
-from reference import (AttentionInputs, assert_close_fa, poison, reference_append,
-                       reference_attention, reference_topk)
+from reference import (AttentionInputs, assert_close_fa, poison, random_selection,
+                       reference_append, reference_attention, reference_topk)
 
 EXAMPLES = int(os.environ.get("MAGE_HYPOTHESIS_EXAMPLES", "20"))
 BUDGET = settings(max_examples=EXAMPLES, deadline=None, database=None,
@@ -113,17 +113,7 @@ def test_sparse_attention(device, sc):
     case, k, short = sc
     inp, g = make(case, device)
     lens, dtype, scale, hkv = case[5], case[7], case[8], case[1]
-    batch = len(lens)
-    indices = torch.full((batch, hkv, k), -1, dtype=torch.int32)
-    counts = torch.zeros((batch, hkv), dtype=torch.int32)
-    for b, n in enumerate(lens):
-        for h in range(hkv):
-            c = min(k, n)
-            if short and c > 0:
-                c = int(torch.randint(0, c + 1, (1,), generator=g))
-            pick = torch.randperm(n, generator=g)[:c].sort().values
-            indices[b, h, :c] = pick.to(torch.int32)
-            counts[b, h] = c
+    indices, counts = random_selection(lens, hkv, k, generator=g, short=short)
     mage_ext.check_selection(indices, counts, case[6], inp.cache_lens.cpu())
     indices, counts = indices.to(device), counts.to(device)
     ref64 = reference_attention(inp, indices, counts, scale=scale)

@@ -16,7 +16,6 @@ import gc
 import os
 from pathlib import Path
 
-import pytest
 import torch
 
 import mage_ext
