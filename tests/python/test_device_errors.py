@@ -156,6 +156,18 @@ def test_topk_length_outside_the_capacity(capacity, gen):
 
 
 @requires_cuda
+def test_capacity_past_a_32_bit_int_is_refused():
+    """The CUDA launchers cast sizes to int: a 2^31-entry score row (8 GiB) is an error, not a
+    negative capacity."""
+    scores = torch.empty(1, 1, 2**31, device="cuda")
+    lens = torch.tensor([5], dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match="capacity = 2147483648 does not fit the 32-bit ints"):
+        mage_ext.topk_select(scores, lens, 4)
+    del scores
+    torch.cuda.empty_cache()
+
+
+@requires_cuda
 def test_first_error_is_kept_until_read(gen):
     kc = torch.zeros(1, 2, 16, 64, device="cuda", dtype=torch.half)
     kb = torch.zeros(1, 2, 8, 64, device="cuda", dtype=torch.half)
