@@ -4,7 +4,10 @@
 # here), then runs the stages named on the command line, logging each under $OUT.
 #   bash benchmarks/gpu_session.sh tests bench-quick
 # Stages: tests (pytest, CUDA included), cuda-tests (tests/python/test_cuda.py), bench-quick,
-#         bench-full, e2e, profile, ncu (Nsight Compute, full set, of benchmarks/ncu_steps.py), sanitize (compute-sanitizer memcheck + racecheck), <cmd...>
+#         bench-full, e2e, profile, ncu (Nsight Compute, full set, of benchmarks/ncu_steps.py), sanitize (compute-sanitizer memcheck + racecheck),
+#         gpu-tests (tests/run_gpu.sh: CUDA pytest suites + memcheck / racecheck / synccheck,
+#         recorded in $OUT/gpu_h200.json; gpu-tests-pytest / gpu-tests-sanitize: one half each,
+#         merged into a tests/results/gpu_h200.json of the same commit), <cmd...>
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mage-out}
@@ -40,6 +43,9 @@ for stage in "$@"; do
          ncu -i "$OUT/ncu.ncu-rep" --page details >"$OUT/ncu_details.txt" 2>&1
          ncu -i "$OUT/ncu.ncu-rep" --page raw --csv >"$OUT/ncu_raw.csv" 2>&1
          tail -3 "$OUT/ncu_run.log"; grep -c "attention_tile" "$OUT/ncu_details.txt" ;;
+    gpu-tests) bash tests/run_gpu.sh 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
+    gpu-tests-pytest) bash tests/run_gpu.sh pytest 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
+    gpu-tests-sanitize) bash tests/run_gpu.sh sanitize 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
     sanitize) for tool in memcheck racecheck; do
                 compute-sanitizer --tool $tool --kernel-name kns=mage python3 tests/sanitize_ops.py 2>&1 \
                   | tail -4 | tee -a "$OUT/sanitize.log"; done ;;

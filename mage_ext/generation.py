@@ -16,6 +16,8 @@ with a one-line warning.
 """
 from __future__ import annotations
 
+import math
+import operator
 import warnings
 from dataclasses import dataclass, field
 from statistics import median
@@ -105,6 +107,8 @@ def generate(model_or_loaded, tokenizer=None, prompts=None, *, input_ids=None,
     seqs = _prompt_ids(prompts, input_ids, tokenizer)
     _check_args(model, seqs, style, block_size, sub_block, threshold, max_new_tokens, steps,
                 remasking, policy, fixed_steps)
+    _check_sampling(temperature, top_p)
+    _check_token_ids(model, seqs, mask_id, stop_ids)
     if prefix is not None:
         _check_prefix(prefix, seqs, block_size, style)
     device = next(model.parameters()).device
@@ -185,7 +189,7 @@ def _resolve(obj, tokenizer, mask_id, stop_ids, block_size, style):
         tokenizer = tokenizer if tokenizer is not None else obj.tokenizer
         mask_id = mask_id if mask_id is not None else obj.mask_id
         stop_ids = stop_ids if stop_ids is not None else obj.stop_ids
-        block_size = block_size or obj.block_size
+        block_size = block_size if block_size is not None else obj.block_size
         style = style or obj.family
     if not hasattr(model, "config") or not hasattr(model, "forward"):
         raise TypeError(f"generate: expected a transformers causal LM or a LoadedModel, got "
@@ -198,8 +202,8 @@ def _resolve(obj, tokenizer, mask_id, stop_ids, block_size, style):
     if stop_ids is None:
         eos = getattr(model.config, "eos_token_id", None)
         stop_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    return (model, tokenizer, int(mask_id), [int(s) for s in stop_ids], block_size or 32,
-            style or "fast_dllm")
+    return (model, tokenizer, int(mask_id), [int(s) for s in stop_ids],
+            32 if block_size is None else block_size, style or "fast_dllm")
 
 
 def _prompt_ids(prompts, input_ids, tokenizer) -> list:
@@ -209,20 +213,71 @@ def _prompt_ids(prompts, input_ids, tokenizer) -> list:
         if tokenizer is None:
             raise ValueError("generate: text prompts need a tokenizer (or pass input_ids)")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise TypeError(f"generate: prompt {i} is a {type(p).__name__}, expected a str "
+                                "(pass token ids as input_ids)")
         seqs = [_encode(tokenizer, p) for p in prompts]
     elif isinstance(input_ids, torch.Tensor):
         if input_ids.dim() != 2:
             raise ValueError(f"generate: input_ids tensor must be [batch, n], got shape "
                              f"{tuple(input_ids.shape)}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise TypeError(f"generate: input_ids must hold integer token ids, got dtype "
+                            f"{input_ids.dtype}")
         seqs = input_ids.tolist()
     else:
-        seqs = [list(map(int, s)) for s in input_ids]
+        seqs = [_int_ids(s, i) for i, s in enumerate(input_ids)]
     if not seqs:
         raise ValueError("generate: no prompts given")
     for i, s in enumerate(seqs):
         if len(s) == 0:
             raise ValueError(f"generate: prompt {i} is empty (at least one token is needed)")
     return seqs
+
+
+def _int_ids(seq, i: int) -> list:
+    """Prompt i's ids as ints; floats (1.7) or strings are errors, not silently truncated."""
+    try:
+        return [operator.index(t) for t in seq]
+    except TypeError:
+        raise TypeError(f"generate: input_ids[{i}] must be a sequence of integer token ids, got "
+                        f"{type(seq).__name__} {str(seq)[:60]}") from None
+
+
+def _vocab_size(model) -> Optional[int]:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    n = getattr(emb, "num_embeddings", None) or getattr(model.config, "vocab_size", None)
+    return int(n) if n is not None else None
+
+
+def _check_token_ids(model, seqs, mask_id, stop_ids) -> None:
+    """Every id the loop feeds or compares lies in the vocabulary: an id past the embedding
+    would fail inside the model (on a GPU as a device-side assert that ends the process)."""
+    vocab = _vocab_size(model)
+    if vocab is None:
+        return
+    if not 0 <= mask_id < vocab:
+        raise ValueError(f"generate: mask_id {mask_id} is outside the vocabulary [0, {vocab})")
+    for s in stop_ids:
+        if not 0 <= s < vocab:
+            raise ValueError(f"generate: stop id {s} is outside the vocabulary [0, {vocab}) "
+                             "(it could never end a sequence)")
+    for i, seq in enumerate(seqs):
+        t = torch.tensor(seq, dtype=torch.long)
+        bad = (t < 0) | (t >= vocab)
+        if bool(bad.any()):
+            j = int(bad.nonzero()[0])
+            raise ValueError(f"generate: prompt {i} holds token id {seq[j]} at position {j}, "
+                             f"outside the vocabulary [0, {vocab})")
+
+
+def _check_sampling(temperature, top_p) -> None:
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"generate: temperature must be a finite number >= 0 (0: greedy), got "
+                         f"{temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"generate: top_p must lie in (0, 1], got {top_p}")
 
 
 def _check_prefix(p, seqs, block_size, style):
@@ -240,6 +295,11 @@ def _check_args(model, seqs, style, block_size, sub_block, threshold, max_new_to
         raise ValueError(f"generate: style must be one of {STYLES}, got '{style}'")
     if not isinstance(policy, PolicyConfig):
         raise TypeError(f"generate: policy must be a PolicyConfig, got {type(policy).__name__}")
+    policy.budget(0, model.config.num_hidden_layers)  # per-layer budgets: one per layer
+    for name, value in (("block_size", block_size), ("max_new_tokens", max_new_tokens),
+                        ("sub_block", sub_block), ("steps", steps)):
+        if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+            raise TypeError(f"generate: {name} must be an int, got {value!r}")
     if block_size <= 0:
         raise ValueError(f"generate: block_size must be > 0, got {block_size}")
     if style == "fast_dllm" and (sub_block <= 0 or block_size % sub_block):
@@ -260,6 +320,10 @@ def _check_args(model, seqs, style, block_size, sub_block, threshold, max_new_to
         raise ValueError(f"generate: max_new_tokens must be > 0, got {max_new_tokens}")
     limit = getattr(model.config, "max_position_embeddings", None)
     longest = max(len(s) for s in seqs)
+    if limit is not None and longest > limit:
+        i = max(range(len(seqs)), key=lambda j: len(seqs[j]))
+        raise ValueError(f"generate: prompt {i} has {longest} tokens, more than the model's "
+                         f"max_position_embeddings ({limit})")
     if limit is not None and longest + max_new_tokens > limit:
         raise ValueError(f"generate: longest prompt ({longest}) + max_new_tokens "
                          f"({max_new_tokens}) exceeds max_position_embeddings ({limit})")

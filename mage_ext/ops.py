@@ -10,7 +10,7 @@ Shapes (see csrc/include/mage/ops.h for the full contract):
   out         [batch, Hq, B, d]          dtype of q
   lse         [batch, Hq, B] fp32 (fp64 for fp64 inputs: the CPU kernels take fp64, for gradcheck)
   scores      [batch, Hkv, capacity] fp32
-  indices     [batch, Hkv, k] int32      ascending, -1 past counts
+  indices     [batch, Hkv, k] int32      strictly ascending, -1 past counts
   counts      [batch, Hkv] int32
 
 Fused layer ops (rms_norm, qkv_rope, silu_mul): the values of the transformers Qwen2 / Qwen3
@@ -49,6 +49,8 @@ __all__ = [
     "silu_mul_out",
     "block_attention",
     "block_attention_backward",
+    "check_errors",
+    "take_error",
 ]
 
 _ops = torch.ops.mage
@@ -144,22 +146,67 @@ def topk_select_out(scores, cache_lens, k, n_sink, n_recent, indices, counts) ->
     _ops.topk_select_out.default(scores, cache_lens, k, n_sink, n_recent, indices, counts)
 
 
-def check_selection(indices: Tensor, counts: Tensor, capacity: int) -> None:
-    """Raises if any selected index is outside [0, capacity) or a count outside [0, k].
+def check_selection(indices: Tensor, counts: Tensor, capacity: int,
+                    cache_lens: Optional[Tensor] = None) -> None:
+    """Raises ValueError unless the selection is valid: every count in [0, k], and each row's
+    first counts[b, h] indices strictly ascending (sorted, no repeats) within
+    [0, min(capacity, cache_lens[b])) (cache_lens optional: without it, [0, capacity)).
 
-    The CPU kernels check this themselves; CUDA kernels do not (it would need a host
-    synchronisation) and write NaN rows instead. Call this when indices come from elsewhere.
+    The CPU sparse_attention checks all but the lengths (it takes no cache_lens) and raises at
+    once. On CUDA the kernels check nothing on the host (it would need a synchronisation): an
+    index outside the cache gives NaN rows and an entry in the device's error record
+    (``check_errors``), a repeated or unsorted index is attended as given (a repeat counts
+    twice), an index past cache_lens reads a stale entry. Call this (it synchronises) when
+    indices come from elsewhere than ``topk_select``.
     """
     k = indices.shape[-1]
     if bool(((counts < 0) | (counts > k)).any()):
         raise ValueError(f"counts must lie in [0, k={k}], got values in "
                          f"[{int(counts.min())}, {int(counts.max())}]")
     valid = torch.arange(k, device=indices.device) < counts.unsqueeze(-1)
-    bad = valid & ((indices < 0) | (indices >= capacity))
+    limit = torch.full(indices.shape[:1], capacity, dtype=torch.long, device=indices.device)
+    if cache_lens is not None:
+        limit = limit.clamp(max=cache_lens.to(indices.device, torch.long))
+    bad = valid & ((indices < 0) | (indices >= limit.view(-1, 1, 1)))
     if bool(bad.any()):
         b, h, i = (int(x) for x in bad.nonzero()[0])
+        where = (f"cache_lens[{b}]={int(limit[b])}" if cache_lens is not None
+                 and int(limit[b]) < capacity else f"capacity={capacity}")
         raise ValueError(f"indices[{b}, {h}, {i}] = {int(indices[b, h, i])} is outside the "
-                         f"cache (expected 0 <= index < capacity={capacity})")
+                         f"cache (expected 0 <= index < {where})")
+    unordered = valid[..., 1:] & (indices[..., 1:] <= indices[..., :-1])
+    if bool(unordered.any()):
+        b, h, i = (int(x) for x in unordered.nonzero()[0])
+        raise ValueError(f"indices[{b}, {h}, {i + 1}] = {int(indices[b, h, i + 1])} does not "
+                         f"follow indices[{b}, {h}, {i}] = {int(indices[b, h, i])} (expected the "
+                         "first counts[b, h] indices strictly ascending: sorted, no repeats)")
+
+
+def take_error(device) -> list:
+    """The device's error record ([code, op, sequence, head, slot, value, limit, 0]; see
+    csrc/ops/device_errors.h), cleared by the read; [] when clean (always on the CPU).
+    Synchronises the device's current stream."""
+    return list(_ops.take_error.default(torch.device(device)))
+
+
+def check_errors(device=None) -> None:
+    """Raises RuntimeError naming the op, sequence and value when a CUDA kernel met an input
+    value it could not use (a cache length past the capacity, an append that does not fit, a
+    selected index outside the cache, a count outside [0, k]); the record is cleared by the
+    read. ``device``: one device, or None for every CUDA device (devices no MAGE kernel ran on
+    are skipped without a sync).
+
+    The CUDA ops check such values in the kernels (a host check would need a synchronisation
+    per call and break CUDA graph capture) and write nothing out of bounds; this reads what
+    they found. It synchronises the device's current stream: call it where you synchronise
+    anyway (``generate`` does once per block). The CPU ops raise at once instead.
+    """
+    if device is not None:
+        _ops.check_errors.default(torch.device(device))
+        return
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            _ops.check_errors.default(torch.device("cuda", i))
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float,

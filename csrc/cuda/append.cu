@@ -1,5 +1,6 @@
-// Appends a block's keys/values to the cache at each sequence's current length. Rows that
-// would land past the capacity are skipped (lengths are not validated on the GPU: no sync).
+// Appends a block's keys/values to the cache at each sequence's current length. A sequence whose
+// block does not fit (cache_lens[b] < 0 or cache_lens[b] + B > capacity; the host checks lengths
+// only on the CPU: no sync) gets nothing written and raises the device error record.
 #include "cuda/device_utils.cuh"
 
 namespace mage::cuda {
@@ -7,8 +8,14 @@ namespace {
 
 __global__ void append_kernel(const __grid_constant__ AppendArgs a) {
   const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int pos = a.cache_lens[b] + i;
-  if (pos < 0 || pos >= a.capacity) return;
+  const int len = a.cache_lens[b];
+  if (len < 0 || len > a.capacity - a.block) {
+    if (i == 0 && h == 0 && threadIdx.x == 0) {
+      report_error(a.err, DeviceError::kAppendOverflow, b, -1, a.block, len, a.capacity);
+    }
+    return;
+  }
+  const int pos = len + i;
   const int64_t dst = b * a.cache_stride_b_bytes + h * a.cache_stride_h_bytes +
                       static_cast<int64_t>(pos) * a.row_bytes;
   const int64_t src = ((static_cast<int64_t>(b) * a.hkv + h) * a.block + i) * a.row_bytes;

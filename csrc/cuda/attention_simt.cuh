@@ -63,6 +63,7 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
     }
   }
   bad = __any_sync(0xffffffffu, bad);
+  if (lane == 0) report_key_list_errors<kSparse>(a, b, h, blockIdx.x == 0 && warp == 0, bad);
   float* out = static_cast<float*>(a.out) + grow * D;
   const float inv = bad ? NAN : 1.f / l;
 #pragma unroll

@@ -243,6 +243,9 @@ __global__ void __launch_bounds__(Shape::kWarpsPerCta * 32, 1)
   }
 
   const bool poisoned = finish_key_loop(s_bad);
+  if (tid == 0) {
+    report_key_list_errors<kSparse>(a, work.b, work.h, split == 0 && row0 == 0, poisoned);
+  }
   if (!active) return;
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {

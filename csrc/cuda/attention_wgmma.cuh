@@ -281,6 +281,9 @@ __global__ void __launch_bounds__(wgmma_threads<kWG, kSparse>(), wgmma_ctas_per_
   }
 
   const bool poisoned = finish_key_loop(s_bad);
+  if (tid == 0) {
+    report_key_list_errors<kSparse>(a, work.b, work.h, split == 0 && row0 == 0, poisoned);
+  }
   if (!active) return;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {

@@ -169,6 +169,21 @@ MAGE_DEVICE float warp_sum(float v) {
 
 MAGE_DEVICE int clamp_int(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
+// Records a bad input value in the device's error record (ops/device_errors.h) unless an earlier
+// error holds it: one atomicCAS claims the record, then the claimant fills in the fields (the
+// reader synchronises the stream first, so it sees them). Only error paths call this.
+MAGE_DEVICE void report_error(const ErrorSink& sink, DeviceError code, int seq, int head,
+                              int slot, int value, int limit) {
+  int32_t* r = sink.record;
+  if (atomicCAS(r + kErrCode, 0, static_cast<int32_t>(code)) != 0) return;
+  r[kErrOp] = sink.op;
+  r[kErrSeq] = seq;
+  r[kErrHead] = head;
+  r[kErrSlot] = slot;
+  r[kErrValue] = value;
+  r[kErrLimit] = limit;
+}
+
 // Programmatic dependent launch (sm_90). A kernel launched by launch_dependent() may be placed
 // on the GPU while the kernel before it in the stream still runs, so its launch latency
 // overlaps that kernel's tail; it must call pdl_wait() before it touches global memory (the

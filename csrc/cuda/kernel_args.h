@@ -7,7 +7,8 @@
 
 #include <cstdint>
 
-#include "ops/launch_plan.h"  // kKeyTile and the CTA shapes
+#include "ops/device_errors.h"  // ErrorSink: where kernels report bad input values
+#include "ops/launch_plan.h"    // kKeyTile and the CTA shapes
 
 namespace mage::cuda {
 
@@ -45,6 +46,7 @@ struct AttentionArgs {
   // producer copies every tile with cp.async.
   CUtensorMap k_map, v_map;
   int use_tma = 0;
+  ErrorSink err;  // a length / count / selected index out of range (device_errors.h)
 };
 
 // Importance scores (second pass): needs the final lse of every row.
@@ -84,6 +86,7 @@ struct TopkArgs {
   int32_t* indices;  // [batch, Hkv, k]
   int32_t* counts;   // [batch, Hkv]
   int batch = 0, hkv = 0, capacity = 0, k = 0, n_sink = 0, n_recent = 0;
+  ErrorSink err;  // a length out of range
 };
 
 struct AppendArgs {
@@ -98,7 +101,13 @@ struct AppendArgs {
   int batch = 0, hkv = 0, block = 0;
   int row_bytes = 0;    // D * element size (a multiple of 2)
   bool vec16 = false;   // every row start is 16-byte aligned: copy 16-byte vectors
+  ErrorSink err;        // a block that does not fit
 };
+
+// The current device's error record (device_errors.cpp; the address of a __device__ array in
+// device_errors.cu, looked up once per device) and that lookup.
+int32_t* device_error_record();
+cudaError_t error_record_address(int32_t** address);
 
 // Launchers (implemented in the .cu files); they return the launch's error code.
 cudaError_t launch_attention(Dtype dtype, bool sparse, const AttentionArgs& args,

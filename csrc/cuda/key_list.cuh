@@ -55,7 +55,7 @@ struct KeyList {
 
   // Offset (in elements) of key v's row in its cache or block tensor, `pos` being
   // load_position(v); `in_block` says which tensor. An out-of-range selected index reads row 0
-  // and raises `bad` (the output becomes NaN).
+  // and raises `bad` (the output becomes NaN; report_key_list_errors records it).
   MAGE_DEVICE int64_t row_offset(int v, int pos, bool& in_block, bool& bad) const {
     in_block = v >= n_cache;
     if (in_block) return static_cast<int64_t>(v - n_cache) * dim;
@@ -70,6 +70,40 @@ struct KeyList {
     return row_offset(v, pos, in_block, bad);
   }
 };
+
+// After a CTA's key loop, one of its threads: reports what was out of range in the key list of
+// (sequence b, KV head h) to the device's error record (ops/device_errors.h). `first`: the first
+// CTA of (b, h), which checks the length (dense; KV head 0 only) or the count (sparse);
+// `poisoned`: the loop met a selected index outside the cache, found again here by a scan (an
+// error path: the loop itself keeps only a flag). Lengths and counts are re-read rather than
+// kept from the KeyList, so nothing stays live across the loop for this.
+template <bool kSparse>
+MAGE_DEVICE void report_key_list_errors(const AttentionArgs& a, int b, int h, bool first,
+                                        bool poisoned) {
+  if (!first && !poisoned) return;  // the usual case: nothing to read
+  const int64_t row = static_cast<int64_t>(b) * a.hkv + h;
+  if constexpr (kSparse) {
+    const int given = a.counts[row];
+    if (first && (given < 0 || given > a.kmax)) {
+      report_error(a.err, DeviceError::kCount, b, h, 0, given, a.kmax);
+    }
+    if (!poisoned) return;
+    const int32_t* indices = a.indices + row * a.kmax;
+    const int n = clamp_int(given, 0, a.kmax);
+    for (int i = 0; i < n; ++i) {
+      const int pos = indices[i];
+      if (pos < 0 || pos >= a.capacity) {
+        report_error(a.err, DeviceError::kSelectedIndex, b, h, i, pos, a.capacity);
+        return;
+      }
+    }
+  } else if (h == 0) {  // the length is per sequence: checked once
+    const int given = a.cache_lens[b];
+    if (given < 0 || given > a.capacity) {
+      report_error(a.err, DeviceError::kCacheLength, b, -1, 0, given, a.capacity);
+    }
+  }
+}
 
 // What one scores CTA of grid (splits, Hkv, batch) works on: keys [range_begin, k_end) of KV
 // head h of sequence b (empty when the sequence ends before this split), whose scores row is

@@ -6,22 +6,33 @@
 #include "cuda/attention_wgmma.cuh"
 #include "cuda/merge.cuh"
 #include "cuda/scores_wgmma.cuh"
+#include "ops/once_per_device.h"
 
 namespace mage::cuda {
 
-// Kernels with more than 48 KB of dynamic shared memory must opt in; the callers keep the
-// result in a function-local static, so this runs once per kernel instantiation.
+// Kernels with more than 48 KB of dynamic shared memory must opt in, on each device (the
+// attribute belongs to the device's context): each call site keeps a function-local
+// OncePerDevice, so this sets it once per kernel instantiation and device, and tries again
+// after a failure.
 template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, int bytes) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+cudaError_t allow_smem(OncePerDevice& once, Kernel kernel, int bytes) {
+  int device = -1;
+  const cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  return once.run(device, [&] {
+    const cudaError_t set =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (set != cudaSuccess) (void)cudaGetLastError();  // returned here; not left for a later check
+    return set;
+  });
 }
 
 template <typename T, int D, bool kSparse, typename Shape>
 cudaError_t launch_tc_attention(const AttentionArgs& a, cudaStream_t stream) {
   constexpr int smem = attention_smem_bytes<D, Shape::kRows>();
   auto kernel = attention_tile_kernel<T, D, kSparse, Shape>;
-  static const cudaError_t attr = allow_smem(kernel, smem);
-  if (attr != cudaSuccess) return attr;
+  static OncePerDevice smem_set;
+  if (const cudaError_t err = allow_smem(smem_set, kernel, smem); err != cudaSuccess) return err;
   const dim3 grid((a.rows + Shape::kRows - 1) / Shape::kRows, a.num_splits, a.batch * a.hkv);
   kernel<<<grid, Shape::kWarpsPerCta * 32, smem, stream>>>(a);
   return cudaGetLastError();
@@ -31,8 +42,8 @@ template <typename T, int D, bool kSparse, int kWG>
 cudaError_t launch_wgmma_attention(const AttentionArgs& a, cudaStream_t stream) {
   constexpr int smem = wgmma_smem_bytes<D, kWG>();
   auto kernel = attention_wgmma_kernel<T, D, kSparse, kWG>;
-  static const cudaError_t attr = allow_smem(kernel, smem);
-  if (attr != cudaSuccess) return attr;
+  static OncePerDevice smem_set;
+  if (const cudaError_t err = allow_smem(smem_set, kernel, smem); err != cudaSuccess) return err;
   const dim3 grid((a.rows + kWG * 64 - 1) / (kWG * 64), a.num_splits, a.batch * a.hkv);
   kernel<<<grid, wgmma_threads<kWG, kSparse>(), smem, stream>>>(a);
   return cudaGetLastError();
@@ -68,16 +79,16 @@ cudaError_t launch_tc_scores_d(const ScoresArgs& a, cudaStream_t stream) {
   if (a.wgmma) {
     constexpr int smem = scores_wgmma_smem_bytes<D>();
     auto kernel = scores_wgmma_kernel<T, D>;
-    static const cudaError_t attr = allow_smem(kernel, smem);
-    if (attr != cudaSuccess) return attr;
+    static OncePerDevice smem_set;
+    if (const cudaError_t err = allow_smem(smem_set, kernel, smem); err != cudaSuccess) return err;
     kernel<<<dim3(a.num_splits, a.hkv, a.batch), kScoreWg * 128 + 32, smem, stream>>>(a);
     return cudaGetLastError();
   }
 #endif
   constexpr int smem = scores_smem_bytes<D>();
   auto kernel = scores_kernel<T, D>;
-  static const cudaError_t attr = allow_smem(kernel, smem);
-  if (attr != cudaSuccess) return attr;
+  static OncePerDevice smem_set;
+  if (const cudaError_t err = allow_smem(smem_set, kernel, smem); err != cudaSuccess) return err;
   const dim3 grid(a.num_splits, a.hkv, a.batch);
   kernel<<<grid, kScoreWarps * 32, smem, stream>>>(a);
   return cudaGetLastError();

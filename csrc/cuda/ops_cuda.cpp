@@ -1,7 +1,8 @@
 // CUDA entry points of the ops: the same checks as the CPU kernels (ops/checks.h), then the
 // launch plan (how many key splits) and the kernel launches on the current stream. Nothing
 // here synchronises with the host; the only allocation is the split workspace (from the
-// caching allocator, which CUDA graph capture supports).
+// caching allocator, which CUDA graph capture supports). Input values the host cannot see
+// without a sync are checked by the kernels into the device's error record (device_errors.h).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -68,6 +69,7 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k_cache,
   Prepared p;
   p.dims = check_attention_inputs(op, q, k_cache, v_cache, k_block, v_block, scale);
   check_grid(op, "batch * Hkv", p.dims.batch * p.dims.hkv);
+  check_fits_int(op, "capacity + B", p.dims.capacity + p.dims.block);  // a key list's length
   p.q = q.contiguous();
   p.k_block = k_block.contiguous();
   p.v_block = v_block.contiguous();
@@ -83,9 +85,10 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k_cache,
 }
 
 AttentionArgs attention_args(const Prepared& p, const at::Tensor& k_cache,
-                             const at::Tensor& v_cache) {
+                             const at::Tensor& v_cache, DeviceErrorOp op) {
   const auto& d = p.dims;
   AttentionArgs a;
+  a.err = {device_error_record(), static_cast<int32_t>(op)};
   a.q = p.q.data_ptr();
   a.k_cache = k_cache.data_ptr();
   a.v_cache = v_cache.data_ptr();
@@ -166,7 +169,7 @@ void dense_attention_out(const at::Tensor& q, const at::Tensor& k_cache,
   const auto p = prepare(op, q, k_cache, v_cache, k_block, v_block, scale);
   check_cache_lens(op, cache_lens, p.dims, q.device());
   check_attention_outputs(op, p.dims, q, out, lse, nullptr);
-  auto a = attention_args(p, k_cache, v_cache);
+  auto a = attention_args(p, k_cache, v_cache, DeviceErrorOp::kDenseAttention);
   const auto lens = cache_lens.contiguous();
   a.cache_lens = lens.data_ptr<int32_t>();
   run_attention(op, false, a, p, p.dims.capacity + p.dims.block, out, lse);
@@ -182,7 +185,7 @@ void attention_with_scores_out(const at::Tensor& q, const at::Tensor& k_cache,
   const auto p = prepare(op, q, k_cache, v_cache, k_block, v_block, scale);
   check_cache_lens(op, cache_lens, p.dims, q.device());
   check_attention_outputs(op, p.dims, q, out, lse, &scores);
-  auto a = attention_args(p, k_cache, v_cache);
+  auto a = attention_args(p, k_cache, v_cache, DeviceErrorOp::kAttentionWithScores);
   const auto lens = cache_lens.contiguous();
   a.cache_lens = lens.data_ptr<int32_t>();
   run_attention(op, false, a, p, p.dims.capacity + p.dims.block, out, lse);
@@ -228,7 +231,7 @@ void sparse_attention_out(const at::Tensor& q, const at::Tensor& k_cache,
   const auto p = prepare(op, q, k_cache, v_cache, k_block, v_block, scale);
   check_selection(op, indices, counts, p.dims, q.device());
   check_attention_outputs(op, p.dims, q, out, lse, nullptr);
-  auto a = attention_args(p, k_cache, v_cache);
+  auto a = attention_args(p, k_cache, v_cache, DeviceErrorOp::kSparseAttention);
   const auto idx = indices.contiguous();
   const auto cnt = counts.contiguous();
   a.indices = idx.data_ptr<int32_t>();
@@ -245,6 +248,7 @@ void topk_select_out(const at::Tensor& scores, const at::Tensor& cache_lens, int
   const auto d = check_topk_inputs(op, scores, cache_lens, k, n_sink, n_recent);
   check_grid(op, "batch", d.batch);
   check_grid(op, "Hkv", d.hkv);
+  check_fits_int(op, "capacity", d.capacity);
   check_topk_outputs(op, d, scores, indices, counts);
   const auto s = scores.contiguous();
   const auto lens = cache_lens.contiguous();
@@ -259,6 +263,7 @@ void topk_select_out(const at::Tensor& scores, const at::Tensor& cache_lens, int
   a.k = static_cast<int>(k);
   a.n_sink = static_cast<int>(n_sink);
   a.n_recent = static_cast<int>(n_recent);
+  a.err = {device_error_record(), static_cast<int32_t>(DeviceErrorOp::kTopkSelect)};
   C10_CUDA_CHECK(launch_topk(a, at::cuda::getCurrentCUDAStream()));
 }
 
@@ -270,6 +275,7 @@ void append_kv(const at::Tensor& k_cache, const at::Tensor& v_cache,
   const auto d = check_append_inputs(op, k_cache, v_cache, cache_lens, k_block, v_block);
   check_grid(op, "batch", d.batch);
   check_grid(op, "Hkv", d.hkv);
+  check_fits_int(op, "capacity + B", d.capacity + d.block);
   const auto kb = k_block.contiguous();
   const auto vb = v_block.contiguous();
   const auto lens = cache_lens.contiguous();
@@ -291,6 +297,7 @@ void append_kv(const at::Tensor& k_cache, const at::Tensor& v_cache,
   a.vec16 = a.row_bytes % 16 == 0 && a.cache_stride_b_bytes % 16 == 0 &&
             a.cache_stride_h_bytes % 16 == 0 && aligned(a.k_cache) && aligned(a.v_cache) &&
             aligned(a.k_block) && aligned(a.v_block);
+  a.err = {device_error_record(), static_cast<int32_t>(DeviceErrorOp::kAppendKv)};
   C10_CUDA_CHECK(launch_append(a, at::cuda::getCurrentCUDAStream()));
 }
 

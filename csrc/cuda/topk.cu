@@ -280,6 +280,9 @@ __global__ void __launch_bounds__(kTopkThreads, 1)
     if (tid < kSlice2) s_g2[tid] = 0;
   }
   const int len = clamp_int(len_raw, 0, a.capacity);
+  if (len != len_raw && rank == 0 && tid == 0 && blockIdx.y == 0) {  // error path only
+    report_error(a.err, DeviceError::kCacheLength, b, -1, 0, len_raw, a.capacity);
+  }
   int32_t* out = a.indices + static_cast<int64_t>(row) * a.k;
   if (len <= a.k) {  // every valid position is selected (uniform over the cluster)
     if (rank == 0) {

@@ -157,6 +157,8 @@ void qkv_rope_out(T qkv, T positions, T inv_freq, int64_t n_q_heads, int64_t n_k
 void silu_mul_out(T gate_up, T out) {
   static auto op = op_handle<void(T, T)>("mage::silu_mul_out");
   op.call(gate_up, out);
+}
+
 std::tuple<at::Tensor, at::Tensor> block_attention(T q, T k_ctx, T v_ctx, T k_own, T v_own,
                                                    int64_t block_size, at::IntArrayRef start,
                                                    Scale scale) {
@@ -173,6 +175,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_att
   static auto op = op_handle<Grads(T, T, T, T, T, T, T, T, int64_t, at::IntArrayRef, Scale)>(
       "mage::block_attention_backward");
   return op.call(dout, q, k_ctx, v_ctx, k_own, v_own, out, lse, block_size, start, scale);
+}
+
+std::vector<int64_t> take_error(c10::Device device) {
+  static auto op = op_handle<std::vector<int64_t>(c10::Device)>("mage::take_error");
+  return op.call(device);
+}
+
+void check_errors(c10::Device device) {
+  static auto op = op_handle<void(c10::Device)>("mage::check_errors");
+  op.call(device);
 }
 
 }  // namespace mage

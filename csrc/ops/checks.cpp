@@ -5,6 +5,7 @@
 #include <utility>
 #include <string>
 #include <vector>
+#include <limits>
 
 namespace mage {
 namespace {
@@ -189,6 +190,11 @@ void check_selection_values(const char* op, const at::Tensor& indices, const at:
       const int32_t j = pi[row * k + i];
       TORCH_CHECK(j >= 0 && j < capacity, op, ": indices[", where(row), ", ", i, "] = ", j,
                   " is outside the cache (expected 0 <= index < capacity=", capacity, ")");
+      // A repeated index would be attended twice (its softmax weight doubled).
+      TORCH_CHECK(i == 0 || j > pi[row * k + i - 1], op, ": indices[", where(row), ", ", i,
+                  "] = ", j, " does not follow indices[", where(row), ", ", i - 1, "] = ",
+                  pi[row * k + i - 1], " (expected the first counts indices of each row strictly "
+                  "ascending: sorted, no repeats)");
     }
   }
 }
@@ -347,6 +353,12 @@ void check_topk_outputs(const char* op, const TopkDims& dims, const at::Tensor& 
   check_same_device(op, "counts", counts, scores.device(), "scores");
   TORCH_CHECK(indices.is_contiguous() && counts.is_contiguous(), op,
               ": indices and counts must be contiguous");
+}
+
+void check_fits_int(const char* op, const char* what, int64_t value) {
+  TORCH_CHECK(value <= std::numeric_limits<int32_t>::max(), op, ": ", what, " = ", value,
+              " does not fit the 32-bit ints the CUDA kernels index with (at most ",
+              std::numeric_limits<int32_t>::max(), ")");
 }
 
 AttentionDims check_append_inputs(const char* op, const at::Tensor& k_cache,

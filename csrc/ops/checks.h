@@ -1,10 +1,13 @@
 // Input validation for every MAGE op: one place for every error message. Each check names the
 // op and the argument, and says what was expected and what was given.
 //
-// Value checks (cache_lens within capacity, indices within the cache, counts within k) read the
-// tensor, so they run for CPU tensors only: on CUDA they would cost a host synchronisation and
-// break CUDA graph capture. CUDA kernels instead clamp lengths to the capacity, never read out
-// of bounds, and write NaN rows for out-of-range indices (see README, "Limitations").
+// Value checks (cache_lens within capacity, indices within the cache and strictly ascending,
+// counts within k) read the tensor, so they run for CPU tensors only: on CUDA they would cost a
+// host synchronisation and break CUDA graph capture. CUDA kernels instead clamp lengths to the
+// capacity, never read or write out of bounds, write NaN rows for out-of-range indices, and
+// record each such value in the device's error record (ops/device_errors.h), which
+// torch.ops.mage.check_errors reads where the caller synchronises anyway. (Ascending order is
+// not checked on CUDA: a repeated index there is attended twice.)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -55,7 +58,10 @@ AttentionDims check_attention_inputs(const char* op, const at::Tensor& q,
 void check_cache_lens(const char* op, const at::Tensor& cache_lens, const AttentionDims& dims,
                       const at::Device& device, int64_t extra = 0, const char* ref = "q");
 
-// indices [batch, Hkv, k] int32, counts [batch, Hkv] int32; on CPU also the values.
+// indices [batch, Hkv, k] int32, counts [batch, Hkv] int32; on CPU also the values: every
+// count in [0, k], and each row's first counts[b, h] indices strictly ascending (so unique)
+// within [0, capacity). (sparse_attention has no cache_lens; mage_ext.check_selection also
+// checks the indices against them.)
 void check_selection(const char* op, const at::Tensor& indices, const at::Tensor& counts,
                      const AttentionDims& dims, const at::Device& device);
 
@@ -103,6 +109,9 @@ TopkDims check_topk_inputs(const char* op, const at::Tensor& scores,
                            int64_t n_recent);
 void check_topk_outputs(const char* op, const TopkDims& dims, const at::Tensor& scores,
                         const at::Tensor& indices, const at::Tensor& counts);
+
+// The CUDA kernels index with 32-bit ints: `value` (a size the launcher casts) must fit one.
+void check_fits_int(const char* op, const char* what, int64_t value);
 
 // Appending B block entries per sequence needs cache_lens[b] + B <= capacity.
 AttentionDims check_append_inputs(const char* op, const at::Tensor& k_cache,

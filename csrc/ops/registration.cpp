@@ -6,6 +6,7 @@
 // block_sparse_attention are differentiable (out and lse; never scores, lengths or selections)
 // through the *_backward ops, whose dlse may be None (lse unused). The *_out forms and the
 // *_backward ops refuse inputs that require grad (not differentiable; no double backward).
+// take_error / check_errors read the device's error record (ops/device_errors.h; implemented for every device in ops/device_errors.cpp).
 #include <torch/library.h>
 
 TORCH_LIBRARY(mage, m) {
@@ -88,4 +89,6 @@ TORCH_LIBRARY(mage, m) {
       "Tensor k_own, Tensor v_own, Tensor out, Tensor lse, int block_size, int[] start, "
       "float? scale=None) -> (Tensor dq, Tensor dk_ctx, Tensor dv_ctx, Tensor dk_own, "
       "Tensor dv_own)");
+  m.def("take_error(Device device) -> int[]");
+  m.def("check_errors(Device device) -> ()");
 }

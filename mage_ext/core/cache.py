@@ -206,10 +206,23 @@ class GenerationCache:
     def load_filled(self, keys: list, values: list, cache_lens: Tensor) -> None:
         """Fills a fresh cache from ``copy_filled``'s tensors; selectors fold the entries when
         they first read them (e.g. Quest's page bounds)."""
+        name = f"{type(self).__name__}.load_filled"
+        if len(keys) != self.n_layers or len(values) != self.n_layers:
+            raise ValueError(f"{name}: {len(keys)} / {len(values)} layers of keys / values for a "
+                             f"model of {self.n_layers} layers (a prefix of another model?)")
         n = keys[0].shape[2]
+        batch, hkv, _, dim = self.keys[0].shape
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            for what, t in (("keys", k), ("values", v)):
+                if tuple(t.shape) != (batch, hkv, n, dim):
+                    raise ValueError(f"{name}: {what}[{layer}] has shape {tuple(t.shape)}, "
+                                     f"expected [batch={batch}, Hkv={hkv}, n={n}, d={dim}] "
+                                     "(a prefix of another model or batch?)")
+        if tuple(cache_lens.shape) != (batch,):
+            raise ValueError(f"{name}: cache_lens has shape {tuple(cache_lens.shape)}, expected "
+                             f"[batch={batch}]")
         if n > self.capacity:
-            raise ValueError(f"{type(self).__name__}.load_filled: {n} entries exceed the "
-                             f"capacity {self.capacity}")
+            raise ValueError(f"{name}: {n} entries exceed the capacity {self.capacity}")
         for layer in range(self.n_layers):
             self.keys[layer][:, :, :n].copy_(keys[layer])
             self.values[layer][:, :, :n].copy_(values[layer])

@@ -12,7 +12,9 @@ Everything inside a block runs on the device: the decoding rule of a step (sampl
 [MASK] positions to fill) updates the block's tokens in place, so a step is the same work every
 time and replays as a CUDA graph (``StepGraph``). The host learns when the block is finished
 from a 4-byte count of [MASK]s left, copied to pinned memory after each step and polled with an
-event query (no torch synchronisation call); the block's tokens are read once at its end.
+event query (no torch synchronisation call); the block's tokens are read once at its end, after
+the device's error record (``ops.check_errors``: input values the CUDA kernels could not use,
+such as a cache length past the capacity) so a bad block raises before anyone sees it.
 
 Batches: each sequence keeps its own cache length and positions, and advances through its own
 sub-blocks (Fast-dLLM v2), so its tokens equal those of a batch-of-one run (greedy decoding).
@@ -28,6 +30,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from .. import ops
 from .decoding import (fast_dllm_unmask, fill_most_confident, low_confidence_unmask, sample,
                        transfer_schedule)
 from .graphs import StepGraph, graph_kind
@@ -198,6 +201,8 @@ class BlockLoop:
         while True:
             self.cache.begin_block()
             self._denoise_block(block)
+            if self.cuda:  # bad values the kernels met; the [MASK] poll has synchronised already
+                ops.check_errors(self.device)
             if self.on_block is not None:
                 self.on_block(block, self.x.clone())
             if self._collect():

@@ -2,10 +2,14 @@
 
 O = top-k of the exact block/group-averaged scores at this step (``ops.attention_with_scores`` +
 ``ops.topk_select``), T = the selection the step read. Per (sequence, KV head):
-  set recall  = |T & O| / |O|   (|O| = min(k, cache length); equals the spec's |T & O| / k
-                                 whenever the cache holds at least k entries)
+  set recall  = |T & O| / k     (the spec's definition, section 4; k = the oracle budget)
   mass recall = sum of the exact scores inside T / sum over the whole cache
                 (the share of this step's cache attention mass that the selection read).
+Where the cache holds fewer than k entries, O is the whole cache and a selection that reads all
+of it scores length / k, not 1: set recall is the spec's |T & O| / k at every length (the paper's
+numbers are computed that way; dividing by |O| = min(k, length) would report 1.0 there). Mass
+recall is the measure that stays meaningful at short contexts. With k = None each row's oracle
+has the selection's own size (counts), so both readings agree.
 Undefined values (an empty cache, k = 0) are NaN and left out of every mean.
 """
 from __future__ import annotations
@@ -69,6 +73,7 @@ def oracle_recall(q: Tensor, k_block: Tensor, v_block: Tensor, kv: LayerKV,
         if int(k) <= 0:
             raise ValueError(f"k: the oracle budget must be > 0, got {k}")
         ks = torch.full((batch, hkv), int(k), dtype=torch.long)
+    budget = ks.to(kv.k.device).double()  # the divisor of set recall (the spec's k)
     ks = ks.to(kv.k.device).clamp(0, capacity)  # topk_select wants k <= capacity
     _, _, scores = ops.attention_with_scores(q, kv.k, kv.v, kv.lens, k_block, v_block, scale)
 
@@ -83,7 +88,7 @@ def oracle_recall(q: Tensor, k_block: Tensor, v_block: Tensor, kv: LayerKV,
     n_oracle = oracle.sum(-1).double()
     hits = (oracle & chosen).sum(-1).double()
     nan = torch.full_like(n_oracle, float("nan"))
-    set_recall = torch.where(n_oracle > 0, hits / n_oracle.clamp(min=1), nan)
+    set_recall = torch.where(n_oracle > 0, hits / budget.clamp(min=1), nan)
     s = scores.double()
     total, inside = s.sum(-1), (s * chosen).sum(-1)
     mass_recall = torch.where(total > 0, inside / torch.where(total > 0, total, 1.0), nan)

@@ -42,8 +42,14 @@ def load_model(path: str, *, dtype: torch.dtype = torch.float32, device="cpu",
                tokenizer: bool = True) -> LoadedModel:
     """Loads a checkpoint directory; ``tokenizer=False`` skips tokenizer.json (then the mask id
     must be in config.json as ``mask_token_id``)."""
-    if not os.path.isdir(path):
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"load_model: dtype must be a floating-point torch.dtype, got {dtype!r}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
         raise FileNotFoundError(f"load_model: checkpoint directory '{path}' does not exist")
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"load_model: '{path}' is a file; expected a checkpoint "
+                                 "directory (config.json, *.safetensors, tokenizer.json)")
     raw = _read_json(os.path.join(path, "config.json"), "config.json")
     model_type = raw.get("model_type")
     if model_type not in MODEL_TYPES:
@@ -53,10 +59,14 @@ def load_model(path: str, *, dtype: torch.dtype = torch.float32, device="cpu",
     import transformers
 
     cls = getattr(transformers, cls_name)
-    config = cls.config_class(**{k: v for k, v in raw.items() if k not in _CONFIG_DROP})
-    config._attn_implementation = "sdpa"
-    with torch.device(device):  # build where it will run: no host copy of a large model
-        model = cls(config)
+    try:
+        config = cls.config_class(**{k: v for k, v in raw.items() if k not in _CONFIG_DROP})
+        config._attn_implementation = "sdpa"
+        with torch.device(device):  # build where it will run: no host copy of a large model
+            model = cls(config)
+    except (ValueError, TypeError, AttributeError, ZeroDivisionError) as e:
+        raise ValueError(f"load_model: {path}/config.json does not describe a valid "
+                         f"{cls_name}: {e}") from e
     to_dtype_keeping_rope_fp32(model, dtype)
     _load_weights(model, path)
     model.eval()
@@ -69,7 +79,24 @@ def load_model(path: str, *, dtype: torch.dtype = torch.float32, device="cpu",
                              "tokenizer was not loaded")
         mask_id = _mask_from_tokenizer(tok, path)
     block = raw.get("bd_size") or raw.get("block_size") or raw.get("block_length") or default_block
-    return LoadedModel(model, tok, int(mask_id), _stop_ids(path, raw), int(block), family)
+    stop_ids = _stop_ids(path, raw)
+    _check_ids_in_vocab(path, config.vocab_size, int(mask_id), stop_ids)
+    if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
+        raise ValueError(f"load_model: {path}/config.json gives block size {block!r}; expected a "
+                         "positive int (bd_size / block_size / block_length)")
+    return LoadedModel(model, tok, int(mask_id), stop_ids, block, family)
+
+
+def _check_ids_in_vocab(path: str, vocab: int, mask_id: int, stop_ids: tuple) -> None:
+    if not 0 <= mask_id < vocab:
+        raise ValueError(f"load_model: the mask token id {mask_id} (config.json mask_token_id "
+                         f"or tokenizer.json) is outside the model's vocabulary [0, {vocab}) in "
+                         f"{path}")
+    for s in stop_ids:
+        if not 0 <= s < vocab:
+            raise ValueError(f"load_model: eos_token_id {s} (config.json / "
+                             f"generation_config.json) is outside the model's vocabulary "
+                             f"[0, {vocab}) in {path}")
 
 
 def to_dtype_keeping_rope_fp32(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -92,21 +119,38 @@ def to_dtype_keeping_rope_fp32(model: torch.nn.Module, dtype: torch.dtype) -> No
 
 
 def _read_json(file: str, what: str) -> dict:
-    if not os.path.isfile(file):
+    if not os.path.exists(file):
         raise FileNotFoundError(f"load_model: missing {what} ({file})")
-    with open(file) as f:
-        return json.load(f)
+    if not os.path.isfile(file):
+        raise OSError(f"load_model: {what} ({file}) is not a regular file")
+    try:
+        with open(file, encoding="utf-8") as f:
+            doc = json.load(f)
+    except OSError as e:
+        raise OSError(f"load_model: cannot read {what} ({file}): {e}") from e
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"load_model: {what} ({file}) is not valid JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise ValueError(f"load_model: {what} ({file}) must hold a JSON object, got "
+                         f"{type(doc).__name__}")
+    return doc
 
 
 def _weight_files(path: str) -> list:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        shards = sorted(set(_read_json(index, "weight index")["weight_map"].values()))
+        weight_map = _read_json(index, "weight index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"load_model: {index} has no weight_map (tensor name -> shard file)")
+        shards = sorted(set(map(str, weight_map.values())))
         missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
         if missing:
             raise FileNotFoundError(f"load_model: shard(s) {missing} listed in {index} are missing")
         return [os.path.join(path, s) for s in shards]
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    try:
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    except OSError as e:
+        raise OSError(f"load_model: cannot list the checkpoint directory {path}: {e}") from e
     if not files:
         raise FileNotFoundError(f"load_model: no *.safetensors weights in {path}")
     return [os.path.join(path, f) for f in files]
@@ -119,12 +163,12 @@ def _load_weights(model, path: str) -> None:
     seen = set()
     with torch.no_grad():
         for file in _weight_files(path):
-            with safe_open(file, framework="pt") as f:
+            with _open_safetensors(safe_open, file) as f:
                 for name in f.keys():
                     if name not in params:
                         raise ValueError(f"load_model: tensor '{name}' in {file} is not a parameter "
                                          f"of {type(model).__name__}")
-                    t = f.get_tensor(name)
+                    t = _get_tensor(f, name, file)
                     want = params[name]
                     if tuple(t.shape) != tuple(want.shape):
                         raise ValueError(f"load_model: tensor '{name}' has shape {tuple(t.shape)}, "
@@ -140,6 +184,23 @@ def _load_weights(model, path: str) -> None:
         model.tie_weights()
 
 
+def _open_safetensors(safe_open, file: str):
+    try:
+        return safe_open(file, framework="pt")
+    except OSError as e:
+        raise OSError(f"load_model: cannot read {file}: {e}") from e
+    except Exception as e:  # safetensors' SafetensorError: a bad header, a truncated file
+        raise ValueError(f"load_model: {file} is not a valid safetensors file ({e})") from e
+
+
+def _get_tensor(f, name: str, file: str):
+    try:
+        return f.get_tensor(name)
+    except Exception as e:  # data past the end of a truncated file, an unknown dtype
+        raise ValueError(f"load_model: tensor '{name}' in {file} cannot be read ({e}); the "
+                         "file is damaged or truncated") from e
+
+
 def _load_tokenizer(path: str):
     file = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(file):
@@ -147,7 +208,11 @@ def _load_tokenizer(path: str):
                                 "tokenizer=False to load without it")
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(file)
+    try:
+        return Tokenizer.from_file(file)
+    except Exception as e:  # tokenizers raises its own Exception type for a malformed file
+        raise ValueError(f"load_model: {file} is not a valid tokenizer.json ({e}); pass "
+                         "tokenizer=False to load without it") from e
 
 
 def _mask_from_tokenizer(tok, path: str) -> int:

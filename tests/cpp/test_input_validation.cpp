@@ -92,14 +92,22 @@ TEST(InputValidation, NonContiguousQueriesAreHandled) {
 
 TEST(InputValidation, Selection) {
   Inputs in;
-  auto idx = at::zeros({2, 2, 4}, at::kInt);
+  auto idx = at::arange(4, at::kInt).expand({2, 2, 4}).contiguous();
   auto cnt = at::full({2, 2}, 4, at::kInt);
   auto run = [&] { mage::sparse_attention(in.q, in.kc, in.vc, idx, cnt, in.kb, in.vb); };
+  run();  // ascending, unique, inside the cache
   idx[1][0][2] = 32;
   expect_error(run, "indices[1, 0, 2] = 32 is outside the cache");
   idx[1][0][2] = -3;
   expect_error(run, "indices[1, 0, 2] = -3");
-  idx[1][0][2] = 0;
+  idx[1][0][2] = 1;  // a repeat of indices[1, 0, 1]
+  expect_error(run, "indices[1, 0, 2] = 1 does not follow indices[1, 0, 1] = 1");
+  idx[1][0][2] = 0;  // descending
+  expect_error(run, "indices[1, 0, 2] = 0 does not follow");
+  cnt[1][0] = 2;  // the bad entry is past the count: not read, not checked
+  run();
+  cnt[1][0] = 4;
+  idx[1][0][2] = 2;
   cnt[0][1] = 5;
   expect_error(run, "counts[0, 1] = 5");
   cnt = at::full({2}, 4, at::kInt);

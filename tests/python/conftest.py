@@ -27,9 +27,39 @@ requires_cuda = pytest.mark.skipif(not cuda_ready(),
                                    reason="needs a CUDA GPU and a build with the CUDA kernels")
 
 
+def capture(step):
+    """A CUDA graph of step(), after one warm-up run on a side stream (outside the capture)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
 @pytest.fixture
 def gen(request):
     """A generator seeded from the session seed and the test's id."""
     g = torch.Generator()
     g.manual_seed((SESSION_SEED ^ zlib.crc32(request.node.nodeid.encode())) % (2**31))
     return g
+
+
+_CUDA_READY = cuda_ready()
+
+
+@pytest.fixture(autouse=True)
+def device_error_record_is_clean():
+    """After every test on a CUDA machine: no kernel left an entry in a device's error record
+    (csrc/ops/device_errors.h). Valid inputs must never report; tests that provoke an error
+    read the record themselves (mage_ext.check_errors / ops.take_error)."""
+    yield
+    if _CUDA_READY:
+        for i in range(torch.cuda.device_count()):
+            record = mage_ext.ops.take_error(f"cuda:{i}")
+            if record:
+                pytest.fail(f"cuda:{i}: a kernel recorded an error the test did not read: "
+                            f"{record} [code, op, sequence, head, slot, value, limit, 0]")

@@ -50,14 +50,17 @@ def poison(*tensors):
         t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-12345)
 
 
-def random_selection(lens, hkv, k, generator=None, device="cpu"):
-    """Random ascending selections of min(k, len) positions per (sequence, KV head)."""
+def random_selection(lens, hkv, k, generator=None, device="cpu", short=False):
+    """Random ascending selections of min(k, len) positions per (sequence, KV head); with
+    `short`, a random number of them in [0, min(k, len)] instead."""
     batch = len(lens)
     indices = torch.full((batch, hkv, k), -1, dtype=torch.int32)
     counts = torch.zeros((batch, hkv), dtype=torch.int32)
     for b, n in enumerate(lens):
         for h in range(hkv):
             c = min(k, n)
+            if short and c > 0:
+                c = int(torch.randint(0, c + 1, (1,), generator=generator))
             pick = torch.randperm(n, generator=generator)[:c].sort().values
             indices[b, h, :c] = pick.to(torch.int32)
             counts[b, h] = c
@@ -147,3 +150,36 @@ def assert_close_fa(got, ref64, ref_same_dtype, dtype, what=""):
     err = max_error(got, ref64)
     bound = 2 * max_error(ref_same_dtype, ref64) + rounding_noise(dtype, ref64)
     assert err <= bound, f"{what}: max error {err:.3e} exceeds bound {bound:.3e}"
+
+
+def reference_topk(scores: torch.Tensor, lens, k: int, n_sink: int = 0, n_recent: int = 0):
+    """(indices, counts) of topk_select by its rule, in plain Python: where lens[b] <= k every
+    valid position; else the first n_sink and last n_recent positions plus the best of the rest,
+    NaN ranking as -inf, -0 equal to +0, ties to the earliest position; ascending, -1 padded."""
+    batch, hkv, _ = scores.shape
+    indices = torch.full((batch, hkv, k), -1, dtype=torch.int32)
+    counts = torch.zeros((batch, hkv), dtype=torch.int32)
+    for b in range(batch):
+        n = int(lens[b])
+        for h in range(hkv):
+            if n <= k:
+                pick = list(range(n))
+            else:
+                row = scores[b, h, :n].tolist()
+                key = [float("-inf") if s != s else s for s in row]
+                middle = sorted(range(n_sink, n - n_recent), key=lambda j: (-key[j], j))
+                pick = sorted(list(range(n_sink)) + middle[:k - n_sink - n_recent]
+                              + list(range(n - n_recent, n)))
+            indices[b, h, :len(pick)] = torch.tensor(pick, dtype=torch.int32)
+            counts[b, h] = len(pick)
+    return indices, counts
+
+
+def reference_append(k_cache, v_cache, cache_lens, k_block, v_block):
+    """append_kv on copies: the block at [cache_lens[b], cache_lens[b] + B) of each sequence."""
+    kc, vc = k_cache.clone(), v_cache.clone()
+    block = k_block.shape[2]
+    for b, n in enumerate(cache_lens.tolist()):
+        kc[b, :, n:n + block] = k_block[b]
+        vc[b, :, n:n + block] = v_block[b]
+    return kc, vc

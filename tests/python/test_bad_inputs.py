@@ -56,9 +56,13 @@ def test_device_mix_is_rejected(inp):
     (None, lambda: torch.full((2, 3), 4, dtype=torch.int32), "counts must have shape"),
     (lambda: torch.zeros(2, 3, 4, dtype=torch.int32), None, "indices must have shape"),
     (lambda: torch.zeros(2, 2, 4, dtype=torch.int64), None, "indices must have dtype Int"),
+    (lambda: torch.tensor([0, 1, 1, 2], dtype=torch.int32).expand(2, 2, 4), None,
+     "indices[0, 0, 2] = 1 does not follow indices[0, 0, 1] = 1"),  # a repeat: counted twice
+    (lambda: torch.tensor([0, 3, 2, 5], dtype=torch.int32).expand(2, 2, 4), None,
+     "indices[0, 0, 2] = 2 does not follow"),  # not ascending
 ])
 def test_sparse_rejects(inp, indices, counts, message):
-    idx = indices() if indices else torch.zeros(2, 2, 4, dtype=torch.int32)
+    idx = indices() if indices else torch.arange(4, dtype=torch.int32).expand(2, 2, 4)
     cnt = counts() if counts else torch.full((2, 2), 4, dtype=torch.int32)
     with pytest.raises(RuntimeError) as err:
         mage_ext.sparse_attention(inp.q, inp.k_cache, inp.v_cache, idx, cnt, inp.k_block,
@@ -68,11 +72,22 @@ def test_sparse_rejects(inp, indices, counts, message):
 
 def test_check_selection_helper():
     idx = torch.tensor([[[0, 5, 9]]], dtype=torch.int32)
-    mage_ext.check_selection(idx, torch.tensor([[3]], dtype=torch.int32), capacity=10)
+    three = torch.tensor([[3]], dtype=torch.int32)
+    mage_ext.check_selection(idx, three, capacity=10)
+    mage_ext.check_selection(idx, three, capacity=10, cache_lens=torch.tensor([10]))
     with pytest.raises(ValueError, match=r"indices\[0, 0, 2\] = 9 is outside"):
-        mage_ext.check_selection(idx, torch.tensor([[3]], dtype=torch.int32), capacity=9)
+        mage_ext.check_selection(idx, three, capacity=9)
+    with pytest.raises(ValueError, match=r"indices\[0, 0, 2\] = 9 is outside the cache "
+                                         r"\(expected 0 <= index < cache_lens\[0\]=9\)"):
+        mage_ext.check_selection(idx, three, capacity=10, cache_lens=torch.tensor([9]))
     with pytest.raises(ValueError, match="counts must lie in"):
         mage_ext.check_selection(idx, torch.tensor([[4]], dtype=torch.int32), capacity=10)
+    for bad in ([0, 5, 5], [5, 0, 9]):
+        with pytest.raises(ValueError, match="does not follow"):
+            mage_ext.check_selection(torch.tensor([[bad]], dtype=torch.int32), three, capacity=10)
+    # entries past the count are not part of the selection
+    mage_ext.check_selection(torch.tensor([[[3, -1, -1]]], dtype=torch.int32),
+                             torch.tensor([[1]], dtype=torch.int32), capacity=10)
 
 
 @pytest.mark.parametrize("kwargs,message", [

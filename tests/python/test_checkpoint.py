@@ -118,23 +118,97 @@ def _break(path, how):
         state = load_file(str(path / "model.safetensors"))
         del state["model.norm.weight"]
         save_file(state, str(path / "model.safetensors"))
+    elif how == "config_not_json":
+        (path / "config.json").write_text('{"model_type": "qwen2", "hidden_size": 32,')
+    elif how == "config_not_object":
+        (path / "config.json").write_text("[1, 2]")
+    elif how == "config_directory":
+        os.remove(path / "config.json")
+        os.mkdir(path / "config.json")
+    elif how == "config_values":
+        _edit_config(path, num_attention_heads=0)
+    elif how == "block_size":
+        _edit_config(path, bd_size=-8)
+    elif how == "mask_past_vocab":
+        _edit_config(path, mask_token_id=VOCAB + 3)
+    elif how == "eos_past_vocab":
+        _edit_config(path, eos_token_id=[1, VOCAB])
+    elif how == "weights_garbage":
+        (path / "model.safetensors").write_bytes(b"\x00\x01 not a safetensors file" * 10)
+    elif how == "weights_truncated":
+        data = (path / "model.safetensors").read_bytes()
+        (path / "model.safetensors").write_bytes(data[:len(data) // 2])
+    elif how == "index_not_json":
+        (path / "model.safetensors.index.json").write_text("{weight_map:")
+    elif how == "tokenizer_garbage":
+        (path / "tokenizer.json").write_text('{"model": {"type": "Nonsense"}}')
 
 
-@pytest.mark.parametrize("how, error, match", [
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+# Bad checkpoint directories: (how, error type, message). The README's table of user-surface
+# errors lists these ids.
+LOAD_ERRORS = [
     ("config", FileNotFoundError, "missing config.json"),
+    ("config_not_json", ValueError, r"config\.json \(.*config\.json\) is not valid JSON"),
+    ("config_not_object", ValueError, "must hold a JSON object, got list"),
+    ("config_directory", OSError, "is not a regular file"),
+    ("config_values", ValueError, "config.json does not describe a valid Qwen2ForCausalLM"),
+    ("block_size", ValueError, "gives block size -8"),
     ("weights", FileNotFoundError, "no \\*.safetensors"),
+    ("weights_garbage", ValueError, "model.safetensors is not a valid safetensors file"),
+    ("weights_truncated", ValueError, "model.safetensors"),
     ("tokenizer", FileNotFoundError, "missing tokenizer.json"),
+    ("tokenizer_garbage", ValueError, "tokenizer.json is not a valid tokenizer.json"),
     ("model_type", ValueError, "unknown model_type 'llama'"),
     ("shape", ValueError, r"'model\.layers\.0\.mlp\.\w+_proj\.weight' has shape \(\d+, \d+\), expected \(\d+, \d+\)"),
     ("no_mask", ValueError, "no mask token"),
+    ("mask_past_vocab", ValueError, f"mask token id {VOCAB + 3} .* outside the model's vocabulary"),
+    ("eos_past_vocab", ValueError, f"eos_token_id {VOCAB} .* outside the model's vocabulary"),
     ("extra_tensor", ValueError, "'model.bogus'"),
     ("missing_tensor", ValueError, "model.norm.weight"),
-])
+]
+
+
+@pytest.mark.parametrize("how, error, match", LOAD_ERRORS, ids=[c[0] for c in LOAD_ERRORS])
 def test_load_errors(tmp_path, how, error, match):
     write_checkpoint(tmp_path)
     _break(tmp_path, how)
     with pytest.raises(error, match=match):
         load_model(str(tmp_path))
+
+
+def test_load_errors_of_a_sharded_checkpoint(tmp_path):
+    write_checkpoint(tmp_path, shards=2)
+    _break(tmp_path, "index_not_json")
+    with pytest.raises(ValueError, match="weight index .* is not valid JSON"):
+        load_model(str(tmp_path))
+
+
+def test_unreadable_config_names_the_file(tmp_path, monkeypatch):
+    """A permission error (simulated: the tests may run as root, which reads anything)."""
+    import mage_ext.hf.checkpoint as checkpoint
+
+    write_checkpoint(tmp_path)
+
+    def denied(file, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", file)
+
+    monkeypatch.setattr(checkpoint, "open", denied, raising=False)
+    with pytest.raises(OSError, match=r"cannot read config\.json .*Permission denied"):
+        load_model(str(tmp_path))
+
+
+def test_path_and_dtype_errors(tmp_path):
+    write_checkpoint(tmp_path)
+    with pytest.raises(NotADirectoryError, match="is a file; expected a checkpoint directory"):
+        load_model(str(tmp_path / "config.json"))
+    with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
+        load_model(str(tmp_path), dtype=torch.int8)
 
 
 def test_missing_directory_and_shard(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mage_ext
-from conftest import requires_cuda
+from conftest import capture, requires_cuda
 from reference import (assert_close_fa, make_inputs, poison, random_selection,
                        reference_attention)
 
@@ -20,19 +20,6 @@ def kernel_path(request, monkeypatch):
         monkeypatch.setenv("MAGE_DISABLE_WGMMA", "1")
         monkeypatch.setenv("MAGE_DISABLE_PDL", "1")
     return request.param
-
-
-def capture(step):
-    """A CUDA graph of step(), after one warm-up run on a side stream (outside the capture)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
 
 
 def check_first_and_sparse_steps(inp, lens, hkv, budgets, dtype, gen):
@@ -227,6 +214,7 @@ def test_out_of_range_indices_poison_rows_instead_of_reading_out_of_bounds(gen):
     torch.cuda.synchronize()
     assert out[1, :2].isnan().all() and lse[1, :2].isnan().all()  # KV head 0 of sequence 1
     assert not out[0].isnan().any() and not out[1, 2:].isnan().any()
+    assert mage_ext.ops.take_error("cuda")[:6] == [3, 3, 1, 0, 3, 10_000_000]  # and recorded
     with pytest.raises(ValueError, match="outside the cache"):
         mage_ext.check_selection(idx, cnt, capacity=100)
 

@@ -211,29 +211,107 @@ def test_generate_leaves_model_as_it_was():
     assert model.config._attn_implementation == "sdpa"
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(input_ids=[[]]), "prompt 0 is empty"),
-    (dict(input_ids=[]), "no prompts"),
-    (dict(input_ids=[[1, 2]], max_new_tokens=600), "max_position_embeddings"),
-    (dict(input_ids=[[1, 2]], sub_block=3), "sub_block"),
-    (dict(input_ids=[[1, 2]], style="sdar", steps=9), "steps"),
-    (dict(input_ids=[[1, 2]], style="other"), "style"),
-    (dict(input_ids=[[1, 2]], remasking="random"), "remasking"),
-    (dict(input_ids=[[1, 2]], max_new_tokens=0), "max_new_tokens"),
-    (dict(prompts=["hi"]), "tokenizer"),
-    (dict(input_ids=[[1, 2]], prompts=["hi"]), "exactly one"),
-])
-def test_bad_arguments(kwargs, match):
+class _WordTokenizer:
+    """encode/decode over whitespace-separated integers (a stand-in for tokenizers.Tokenizer)."""
+
+    def encode(self, text):
+        return [int(w) for w in text.split()]
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+# Bad inputs at generate(): (kwargs, error type, message). Each fails before anything runs; the
+# README's table of user-surface errors lists these ids.
+BAD_GENERATE_ARGS = {
+    "empty prompt": (dict(input_ids=[[]]), ValueError, "prompt 0 is empty"),
+    "empty text prompt": (dict(prompts=["1 2", ""], tokenizer=_WordTokenizer()), ValueError,
+                          "prompt 1 is empty"),
+    "no prompts": (dict(input_ids=[]), ValueError, "no prompts"),
+    "text and ids": (dict(input_ids=[[1, 2]], prompts=["hi"]), ValueError, "exactly one"),
+    "text without tokenizer": (dict(prompts=["hi"]), ValueError, "tokenizer"),
+    "non-text prompt": (dict(prompts=["1", 2], tokenizer=_WordTokenizer()), TypeError,
+                        "prompt 1 is a int"),
+    "float ids": (dict(input_ids=[[1, 2.5]]), TypeError, "integer token ids"),
+    "float id tensor": (dict(input_ids=torch.ones(1, 3)), TypeError, "integer token ids"),
+    "3-D id tensor": (dict(input_ids=torch.ones(1, 2, 3, dtype=torch.long)), ValueError,
+                      r"\[batch, n\]"),
+    "id past the vocabulary": (dict(input_ids=[[1, 2], [3, VOCAB]]), ValueError,
+                               f"prompt 1 holds token id {VOCAB} at position 1"),
+    "negative id": (dict(input_ids=[[-1, 2]]), ValueError, "token id -1 at position 0"),
+    "prompt past the positions": (dict(input_ids=[[1] * 513]), ValueError,
+                                  "prompt 0 has 513 tokens, more than"),
+    "prompt + new tokens past the positions": (dict(input_ids=[[1, 2]], max_new_tokens=600),
+                                               ValueError, "max_position_embeddings"),
+    "max_new_tokens 0": (dict(input_ids=[[1, 2]], max_new_tokens=0), ValueError,
+                         "max_new_tokens"),
+    "max_new_tokens not an int": (dict(input_ids=[[1, 2]], max_new_tokens=8.0), TypeError,
+                                  "max_new_tokens must be an int"),
+    "block_size 0": (dict(input_ids=[[1, 2]], block_size=0), ValueError, "block_size must be > 0"),
+    "block_size not an int": (dict(input_ids=[[1, 2]], block_size=7.5), TypeError,
+                              "block_size must be an int"),
+    "fast_dllm block of 1": (dict(input_ids=[[1, 2]], block_size=1, sub_block=1), ValueError,
+                             "block_size >= 2"),
+    "sub_block not dividing": (dict(input_ids=[[1, 2]], sub_block=3), ValueError, "sub_block"),
+    "sdar steps past the block": (dict(input_ids=[[1, 2]], style="sdar", steps=9), ValueError,
+                                  "steps"),
+    "fixed_steps past the block": (dict(input_ids=[[1, 2]], fixed_steps=9), ValueError,
+                                   "fixed_steps"),
+    "unknown style": (dict(input_ids=[[1, 2]], style="other"), ValueError, "style"),
+    "unknown remasking": (dict(input_ids=[[1, 2]], remasking="random"), ValueError, "remasking"),
+    "threshold above 1": (dict(input_ids=[[1, 2]], threshold=1.5), ValueError, "threshold"),
+    "negative temperature": (dict(input_ids=[[1, 2]], temperature=-0.5), ValueError,
+                             "temperature"),
+    "NaN temperature": (dict(input_ids=[[1, 2]], temperature=float("nan")), ValueError,
+                        "temperature"),
+    "top_p 0": (dict(input_ids=[[1, 2]], top_p=0.0), ValueError, "top_p"),
+    "top_p above 1": (dict(input_ids=[[1, 2]], top_p=1.5), ValueError, "top_p"),
+    "stop id past the vocabulary": (dict(input_ids=[[1, 2]], stop_ids=[3, VOCAB + 7]),
+                                    ValueError, f"stop id {VOCAB + 7} is outside"),
+    "negative stop id": (dict(input_ids=[[1, 2]], stop_ids=[-2]), ValueError,
+                         "stop id -2 is outside"),
+    "mask id past the vocabulary": (dict(input_ids=[[1, 2]], mask_id=VOCAB), ValueError,
+                                    f"mask_id {VOCAB} is outside"),
+    "per-layer k of another depth": (dict(input_ids=[[1, 2]],
+                                          policy=PolicyConfig(method="mage", k=(4, 4, 4))),
+                                     ValueError, "3 per-layer budgets for a model with 1 layers"),
+    "policy not a PolicyConfig": (dict(input_ids=[[1, 2]], policy="mage"), TypeError,
+                                  "PolicyConfig"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_GENERATE_ARGS))
+def test_bad_arguments(case):
+    kwargs, error, match = BAD_GENERATE_ARGS[case]
     model = tiny_model("qwen2", layers=1)
     base = dict(policy=PolicyConfig(method="exact"), block_size=8, mask_id=MASK_ID)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         generate(model, **{**base, **kwargs})
+
+
+def test_mask_id_unknown():
+    model = tiny_model("qwen2", layers=1, mask_token_id=None)
+    with pytest.raises(ValueError, match="mask_id is unknown"):
+        generate(model, input_ids=[[1, 2]], block_size=8)
+
+
+def test_prefix_of_another_model_is_refused():
+    kw = dict(policy=PolicyConfig(method="exact"), block_size=8, max_new_tokens=8,
+              mask_id=MASK_ID, stop_ids=[])
+    prompts = _prompts([20])
+    res = generate(tiny_model("qwen2", layers=2), input_ids=prompts, keep_prefix=True, **kw)
+    with pytest.raises(ValueError, match="2 / 2 layers of keys / values for a model of 3"):
+        generate(tiny_model("qwen2", layers=3), input_ids=prompts, prefix=res.prefix, **kw)
+    with pytest.raises(ValueError, match=r"keys\[0\] has shape"):
+        generate(tiny_model("qwen2", layers=2, kv_heads=4), input_ids=prompts, prefix=res.prefix,
+                 **kw)
 
 
 def test_bad_policy_values():
     with pytest.raises(ValueError, match="unknown policy"):
         PolicyConfig(method="magic")
-    with pytest.raises(ValueError, match="positive integers"):
-        PolicyConfig(k=0)
+    for k in (0, -3, (4, 0), 2.5):
+        with pytest.raises(ValueError, match="positive integers"):
+            PolicyConfig(k=k)
     with pytest.raises(TypeError, match="PolicyConfig"):
         generate(tiny_model("qwen2", layers=1), input_ids=[[1]], policy="mage", mask_id=MASK_ID)

@@ -70,6 +70,8 @@ def test_opcheck_every_op(device, dtype, gen):
         (ops.block_attention_backward.default,
          (torch.randn_like(inp.q), inp.q, inp.k_cache, inp.v_cache, inp.k_block, inp.v_block,
           out.normal_(), lse.normal_(), 2, [19, 5], None)),
+        (ops.take_error.default, (torch.device(device),)),
+        (ops.check_errors.default, (torch.device(device),)),
     ] + backward_cases(inp, idx, cnt, gen)
     covered = set()
     for op, args in cases:

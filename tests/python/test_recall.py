@@ -43,11 +43,12 @@ def test_hand_made_recall():
     assert r.set_recall[0, 0].item() == 1.0 and r.mass_recall[0, 0].item() == pytest.approx(1.0)
     r = oracle_recall(q, kb, vb, kv, sel_of([[[]], [[]]], 2), 2, 1.0)  # read nothing
     assert r.set_recall[0, 0].item() == 0.0 and r.mass_recall[0, 0].item() == 0.0
-    # k = None: the oracle has the selection's own size (3: {4, 1, 2}); k > length clips to it
+    # k = None: the oracle has the selection's own size (3: {4, 1, 2})
     r = oracle_recall(q, kb, vb, kv, sel_of([[[1, 2, 3]], [[]]], 4), None, 1.0)
     assert r.set_recall[0, 0].item() == pytest.approx(2 / 3)
+    # k > length: O is the whole cache (5 entries); the spec divides by k = 6, not |O| = 5
     r = oracle_recall(q, kb, vb, kv, sel_of([[[1, 4]], [[]]], 2), 6, 1.0)
-    assert r.set_recall[0, 0].item() == pytest.approx(2 / 5)
+    assert r.set_recall[0, 0].item() == pytest.approx(2 / 6)
     assert oracle_recall(q, kb, vb, kv, None, 2, 1.0) is None
 
 
@@ -61,8 +62,8 @@ def brute_force(inp, sel, ks, scale):
             row = scores[b, h, :n]
             chosen = set(sel.indices[b, h, :int(sel.counts[b, h])].tolist())
             oracle = set(row.argsort(descending=True)[:min(int(ks[b, h]), n)].tolist())
-            if oracle:
-                set_r[b, h] = len(chosen & oracle) / len(oracle)
+            if oracle:  # the spec: |T & O| / k, also where the cache is shorter than k
+                set_r[b, h] = len(chosen & oracle) / int(ks[b, h])
             if n:
                 mass_r[b, h] = row[sorted(chosen)].sum() / row.sum()
     return set_r, mass_r
@@ -84,6 +85,28 @@ def test_recall_matches_brute_force(k_kind, gen):
     ref_set, ref_mass = brute_force(inp, sel, ks, 0.3)
     assert torch.allclose(r.set_recall, ref_set, equal_nan=True)
     assert torch.allclose(r.mass_recall, ref_mass, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("length", [1, 3, 7, 8, 9])
+def test_set_recall_at_short_contexts_divides_by_k(length, gen):
+    """Caches shorter than, equal to and just longer than k = 8: a selection reading the whole
+    cache has set recall min(length, k) / k (the spec's |T & O| / k), mass recall 1."""
+    k, hkv = 8, 2
+    inp = make_inputs(1, 4, hkv, 3, 16, [length], capacity=12, generator=gen)
+    kv = LayerKV(inp.k_cache, inp.v_cache, inp.cache_lens)
+    everything = sel_of([[list(range(length))] * hkv], 12)
+    r = oracle_recall(inp.q, inp.k_block, inp.v_block, kv, everything, k, 0.25)
+    want = torch.full((1, hkv), min(length, k) / k, dtype=torch.float64)
+    assert torch.allclose(r.set_recall, want)
+    assert torch.allclose(r.mass_recall, torch.ones(1, hkv, dtype=torch.float64))
+    ks = torch.full((1, hkv), k)
+    ref_set, _ = brute_force(inp, everything, ks, 0.25)
+    assert torch.allclose(r.set_recall, ref_set)
+    # the meter averages the same values
+    meter = RecallMeter(k=k)
+    meter.record(StepContext(1, 2, 1, "denoise", 0.25), inp.q, inp.k_block, inp.v_block, kv,
+                 everything)
+    assert meter.summary()["set_recall"] == pytest.approx(min(length, k) / k)
 
 
 def test_meter_skips_dense_commit_and_first_step_and_averages(gen):

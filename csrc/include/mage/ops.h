@@ -31,6 +31,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace mage {
 
@@ -165,6 +166,7 @@ void qkv_rope_out(const at::Tensor& qkv, const at::Tensor& positions, const at::
                   const std::optional<at::Tensor>& k_norm_weight, double eps, const at::Tensor& q,
                   const at::Tensor& k, const at::Tensor& v);
 void silu_mul_out(const at::Tensor& gate_up, const at::Tensor& out);
+
 // Block-causal attention (chunked prefill, block-diffusion training): query token t of
 // sequence b, in block j = t / block_size, attends to k_ctx[b, :, 0 : start[b] + j*block_size)
 // and bidirectionally to its own block k_own[b, :, j*block_size : (j+1)*block_size).
@@ -184,5 +186,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_att
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k_ctx, const at::Tensor& v_ctx,
     const at::Tensor& k_own, const at::Tensor& v_own, const at::Tensor& out, const at::Tensor& lse,
     int64_t block_size, at::IntArrayRef start, std::optional<double> scale = std::nullopt);
+
+// The device's error record (what CUDA kernels found wrong in values the host does not check:
+// a cache length past the capacity, an append that does not fit, a selected index outside the
+// cache; see ops/device_errors.h). take_error returns it ([code, op, sequence, head, slot,
+// value, limit, 0]) and clears it, or returns an empty vector when clean; check_errors throws
+// with a message naming the op, sequence and value. Both synchronise the device's current
+// stream: call them where the caller synchronises anyway (e.g. once per generated block).
+// CPU devices have no record (the CPU kernels check values at once).
+std::vector<int64_t> take_error(c10::Device device);
+void check_errors(c10::Device device);
 
 }  // namespace mage
