@@ -30,6 +30,7 @@ from .core.policy import PolicyConfig
 from .hf.cache import MageCache
 from .hf.enable import disable_mage, enable_mage, is_enabled
 from .hf.forward import HFForward
+from .prompt_checks import warn_about_prompts
 
 STYLES = ("fast_dllm", "sdar")
 REMASKING = ("low_confidence_static", "low_confidence_dynamic")
@@ -100,6 +101,8 @@ def generate(model_or_loaded, tokenizer=None, prompts=None, *, input_ids=None,
     seqs = _prompt_ids(prompts, input_ids, tokenizer)
     _check_args(model, seqs, style, block_size, sub_block, threshold, max_new_tokens, steps,
                 remasking, policy, fixed_steps)
+    texts = None if prompts is None else [prompts] if isinstance(prompts, str) else list(prompts)
+    warn_about_prompts(model_or_loaded, tokenizer, texts, seqs, style, block_size)
     if prefix is not None:
         _check_prefix(prefix, seqs, block_size, style)
     device = next(model.parameters()).device
