@@ -80,9 +80,11 @@ def main():
           f"stay dense, the others read {a.k} of {n_ctx} entries per KV head after the first "
           f"step)")
     ms = lambda t: "n/a" if t is None else f"{t * 1e3:.1f} ms"  # noqa: E731
-    print(f"step time (median): exact {ms(exact.median_step_time(False))}; MAGE first step "
+    t_exact, t_later = exact.median_step_time(False), mage.median_step_time(False)
+    gain = f", {t_exact / t_later:.1f}x exact's speed" if t_exact and t_later else ""
+    print(f"step time (median): exact {ms(t_exact)}; MAGE first step "
           f"{ms(mage.median_step_time(True))} (exact attention + top-k selection), later steps "
-          f"{ms(mage.median_step_time(False))} (sparse)")
+          f"{ms(t_later)} (sparse{gain})")
     if a.device == "cpu":
         print("note: these times are from the CPU (torch's CPU kernels, float32, a 4-layer "
               "model): they show the mechanism, not GPU speed; README.md has the H200 numbers")

@@ -483,6 +483,15 @@ def test_setup_builds_cuda_only_when_asked_or_a_gpu_is_visible(setup_py, monkeyp
     assert setup_py.cuda_wanted()
 
 
+def test_setup_release_build_drops_debug_info(setup_py, monkeypatch):
+    """Python's CFLAGS add -g; -g0 after it halves the CPU-only install time."""
+    monkeypatch.setenv("MAGE_FORCE_CPU", "1")
+    ext = setup_py.extensions()[0]
+    assert ext.extra_compile_args["cxx"][-1] == "-g0"
+    monkeypatch.setenv("DEBUG", "1")
+    assert "-g0" not in setup_py.extensions()[0].extra_compile_args["cxx"]
+
+
 def test_needle_demo_runs_and_explains():
     r = subprocess.run([sys.executable, "examples/needle_demo.py", "--length", "256",
                         "--k", "64", "--device", "cpu"], cwd=ROOT, env=ENV, capture_output=True,
