@@ -9,6 +9,7 @@ and how long its steps took. The model (4.96M parameters, shipped in mage_ext/as
 was trained by finetune/train_tiny.py; see finetune/README.md.
 """
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,7 +45,7 @@ def main():
     except ValueError as e:
         sys.exit(f"needle_demo: --length {a.length}: {e}")
     n_params = sum(x.numel() for x in lm.model.parameters()) / 1e6
-    print(f"model: {a.model} ({n_params:.2f}M parameters, {cfg.num_hidden_layers} layers), "
+    print(f"model: {os.path.relpath(a.model)} ({n_params:.2f}M parameters, {cfg.num_hidden_layers} layers), "
           f"{a.device}, float32")
     print(f"prompt: {a.task} task, {len(s.prompt)} tokens, the needle {a.depth:.0%} deep; it ends "
           f"with the question \"{vocab.decode(s.prefix)}\" (truth: {vocab.decode(s.answer)})")
@@ -81,7 +82,7 @@ def main():
           f"step)")
     ms = lambda t: "n/a" if t is None else f"{t * 1e3:.1f} ms"  # noqa: E731
     t_exact, t_later = exact.median_step_time(False), mage.median_step_time(False)
-    gain = f", {t_exact / t_later:.1f}x exact's speed" if t_exact and t_later else ""
+    gain = f", {t_exact / t_later:.1f}x faster than exact" if t_exact and t_later else ""
     print(f"step time (median): exact {ms(t_exact)}; MAGE first step "
           f"{ms(mage.median_step_time(True))} (exact attention + top-k selection), later steps "
           f"{ms(t_later)} (sparse{gain})")
