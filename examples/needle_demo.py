@@ -38,6 +38,7 @@ def main():
     t_start = time.perf_counter()
     status.update("loading the model", force=True)
     lm = mage_ext.load_model(a.model, device=a.device)
+    status.clear()
     cfg = lm.model.config
     try:
         s = tasks.make_sample(a.task, a.length, seed=a.seed, depth=a.depth,
@@ -57,7 +58,7 @@ def main():
     for i, (name, policy) in enumerate(runs):
         label = f"[{i + 1}/{len(runs)}] {name}"
         with PrefillProgress(lm.model, status, 0 if prefix else len(s.prompt), lm.block_size,
-                             label=f"{label}: prefill (shared by both runs)"):
+                             label=label + ("" if prefix else " (its prefill serves both runs)")):
             t0 = time.perf_counter()
             res = mage_ext.generate(lm, input_ids=[s.prompt], policy=policy, prefix=prefix,
                                     keep_prefix=prefix is None,
@@ -82,7 +83,10 @@ def main():
           f"step)")
     ms = lambda t: "n/a" if t is None else f"{t * 1e3:.1f} ms"  # noqa: E731
     t_exact, t_later = exact.median_step_time(False), mage.median_step_time(False)
-    gain = f", {t_exact / t_later:.1f}x faster than exact" if t_exact and t_later else ""
+    gain = ""
+    if t_exact and t_later:
+        gain = (f": {t_exact / t_later:.1f}x faster than exact" if t_later < t_exact
+                else ": no faster than exact at this length")
     print(f"step time (median): exact {ms(t_exact)}; MAGE first step "
           f"{ms(mage.median_step_time(True))} (exact attention + top-k selection), later steps "
           f"{ms(t_later)} (sparse{gain})")

@@ -214,7 +214,7 @@ class Stream:
         if not text.startswith(self.printed) or len(text) == len(self.printed):
             return
         if self.status is not None:
-            self.status.clear()
+            self.status.stop()  # the streamed text is the progress from here on
         self.out.write(text[len(self.printed):])
         self.out.flush()
         self.printed = text

@@ -215,6 +215,11 @@ class StatusLine:
             self.stream.flush()
             self.shown = False
 
+    def stop(self) -> None:
+        """Clears the line and draws no more (stdout now writes to the same terminal line)."""
+        self.clear()
+        self.tty = False
+
     def done(self, text: str) -> None:
         """Replaces the status with a permanent line."""
         if not self.enabled:
@@ -229,9 +234,8 @@ class PrefillProgress:
     tokens in ``chunk``-token forwards on a StatusLine; later forwards (denoising) show as
     ``decoding``. Use as a context manager around ``generate``."""
 
-    def __init__(self, model, status: StatusLine, n_tokens: int, chunk: int,
-                 label: str = "prefill"):
-        self.model, self.status, self.label = model, status, label
+    def __init__(self, model, status: StatusLine, n_tokens: int, chunk: int, label: str = ""):
+        self.model, self.status, self.label = model, status, f"{label}: " if label else ""
         self.n_chunks, self.chunk, self.calls, self.handle = n_tokens // chunk, chunk, 0, None
         self.t0 = time.monotonic()
 
@@ -241,10 +245,11 @@ class PrefillProgress:
             done = self.calls * self.chunk
             el = time.monotonic() - self.t0
             eta = el / self.calls * (self.n_chunks - self.calls)
-            self.status.update(f"{self.label}: {done}/{self.n_chunks * self.chunk} prompt tokens, "
-                               f"{el:.0f}s, about {eta:.0f}s left", force=self.calls == 1)
+            left = f", about {eta:.0f}s left" if self.calls >= 4 else ""
+            self.status.update(f"{self.label}prefill {done}/{self.n_chunks * self.chunk} prompt "
+                               f"tokens, {el:.0f}s{left}", force=self.calls == 1)
         else:
-            self.status.update(f"decoding (forward {self.calls - self.n_chunks})")
+            self.status.update(f"{self.label}decoding, forward {self.calls - self.n_chunks}")
 
     def __enter__(self):
         self.t0 = time.monotonic()
