@@ -33,6 +33,7 @@ from .hf.cache import MageCache
 from .hf.enable import disable_mage, enable_mage, is_enabled
 from .hf import fast_forward
 from .hf.forward import HFForward
+from .prompt_checks import warn_about_prompts
 
 STYLES = ("fast_dllm", "sdar")
 REMASKING = ("low_confidence_static", "low_confidence_dynamic")
@@ -109,6 +110,8 @@ def generate(model_or_loaded, tokenizer=None, prompts=None, *, input_ids=None,
                 remasking, policy, fixed_steps)
     _check_sampling(temperature, top_p)
     _check_token_ids(model, seqs, mask_id, stop_ids)
+    texts = None if prompts is None else [prompts] if isinstance(prompts, str) else list(prompts)
+    warn_about_prompts(model_or_loaded, tokenizer, texts, seqs, style, block_size)
     if prefix is not None:
         _check_prefix(prefix, seqs, block_size, style)
     device = next(model.parameters()).device

@@ -1,25 +1,27 @@
 """python -m mage_ext.eval --model DIR [options]: the evaluation harness on the command line.
 
-Writes the records (benchmarks/results/eval_tiny.json by default: top-level model, commit, date,
-records with method, k, adaptive, task, context_len, accuracy, recall, mass_recall,
-kv_fraction), prints a markdown table and, with --heatmaps DIR, one needle heatmap per method.
+Runs every method at every budget on the synthetic tasks and writes the records to
+runs/eval/eval-<UTC time>.json (git-ignored) unless --out names a file: top-level model, commit,
+device, dtype, date, config, records (method, k, adaptive, task, context_len, accuracy, recall,
+mass_recall, kv_fraction), heatmap, needle_mass. Prints a markdown table and, with --heatmaps
+DIR, one needle heatmap per method. A committed file (git ls-files) is never overwritten
+without --force. docs/evaluation.md describes the tasks, the metrics and the committed results.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
 import subprocess
 from pathlib import Path
 
-import torch
+from ..cli_common import (DTYPES, CliError, Parser, name_list, nonnegative_int, positive_int,
+                          positive_int_list, refuse_committed, resolve_device, resolve_dtype,
+                          run_cli, unit_interval_list)
+from .harness import METHOD_NAMES
+from .tasks import TASKS
 
-from .harness import METHOD_NAMES, EvalConfig, evaluate, records_table, summary_table
-
-
-def _ints(s):
-    return tuple(int(x) for x in s.split(",") if x)
+PROG = "python -m mage_ext.eval"
 
 
 def _commit() -> str:
@@ -33,45 +35,89 @@ def _commit() -> str:
         return "unknown"
 
 
+def build_parser() -> Parser:
+    p = Parser(PROG, __doc__)
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory "
+                   "(config.json, safetensors, tokenizer.json), e.g. mage_ext/assets/tiny_bd")
+    p.add_argument("--tasks", type=name_list(TASKS), default="passkey,niah_single",
+                   help=f"comma-separated, from: {', '.join(TASKS)}")
+    p.add_argument("--lengths", type=positive_int_list, default="4096,8192,16384",
+                   help="prompt lengths in tokens (multiples of the block size, >= 4 blocks)")
+    p.add_argument("--depths", type=unit_interval_list, default="0.1,0.3,0.5,0.7,0.9",
+                   help="needle depths in [0, 1]")
+    p.add_argument("--samples", type=positive_int, default=2, metavar="N",
+                   help="samples per (depth, length)")
+    p.add_argument("--methods", type=name_list(METHOD_NAMES), default=",".join(METHOD_NAMES),
+                   help="comma-separated (mage_l1: only layer 0 dense; control: the last prompt "
+                        "block only)")
+    p.add_argument("--ks", type=positive_int_list, default="64,128,256,512,1024,2048",
+                   help="KV budgets per layer and KV head")
+    p.add_argument("--dense-layers", type=nonnegative_int, default=2, metavar="N",
+                   help="layers that always read the whole cache (mage, baselines)")
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
+                   help="prompts decoded together")
+    p.add_argument("--no-recall", action="store_true",
+                   help="skip the set / mass recall measurement (default: measured)")
+    p.add_argument("--device", default="auto", metavar="DEV",
+                   help="cpu, cuda or cuda:N (auto: cuda when a GPU and the CUDA kernels are "
+                        "there)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="auto: bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the task samples")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="results JSON (default: runs/eval/eval-<UTC time>.json)")
+    p.add_argument("--force", action="store_true",
+                   help="allow --out / --heatmaps to replace committed files (default: refuse)")
+    p.add_argument("--heatmaps", default=None, metavar="DIR",
+                   help="folder for needle heatmap PNGs (default: none)")
+    return p
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mage_ext.eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json, "
-                   "model.safetensors, tokenizer.json)")
-    p.add_argument("--tasks", default="passkey,niah_single")
-    p.add_argument("--lengths", type=_ints, default=(4096, 8192, 16384))
-    p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
-    p.add_argument("--samples", type=int, default=2, help="samples per (depth, length)")
-    p.add_argument("--methods", default=",".join(METHOD_NAMES))
-    p.add_argument("--ks", type=_ints, default=(64, 128, 256, 512, 1024, 2048))
-    p.add_argument("--dense-layers", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--no-recall", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/results/eval_tiny.json")
-    p.add_argument("--heatmaps", default=None, help="folder for needle heatmap PNGs")
-    a = p.parse_args(argv)
-    cfg = EvalConfig(tasks=tuple(a.tasks.split(",")), lengths=a.lengths,
-                     depths=tuple(float(x) for x in a.depths.split(",")),
-                     samples_per_depth=a.samples, methods=tuple(a.methods.split(",")), ks=a.ks,
-                     dense_layers=a.dense_layers, batch_size=a.batch_size,
-                     recall=not a.no_recall, seed=a.seed)
-    dtype = getattr(torch, a.dtype) if a.dtype else None
-    device = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu"
-    payload = dict(model=str(a.model), commit=_commit(), device=device, dtype=a.dtype or "float32",
-                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    run_cli(_main, PROG, argv)
+
+
+def _main(argv):
+    a = build_parser().parse_args(argv)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    out = Path(a.out or f"runs/eval/eval-{now:%Y%m%d-%H%M%S}.json")
+    if out.is_dir():
+        raise CliError(f"--out {out}: is a folder; name a file")
+    refuse_committed(out, a.force, "--out")
+    if a.heatmaps:
+        refuse_committed(a.heatmaps, a.force, "--heatmaps")
+
+    import torch
+
+    from ..hf.checkpoint import load_model
+    from .harness import EvalConfig, evaluate, records_table, summary_table
+    from .tasks import make_sample
+
+    cfg = EvalConfig(tasks=a.tasks, lengths=a.lengths, depths=a.depths, samples_per_depth=a.samples,
+                     methods=a.methods, ks=a.ks, dense_layers=a.dense_layers,
+                     batch_size=a.batch_size, recall=not a.no_recall, seed=a.seed)
+    device = resolve_device(a.device)
+    dtype = resolve_dtype(a.dtype, device)
+    lm = load_model(a.model, device=device, dtype=dtype)
+    for task in cfg.tasks:  # a bad length fails now, not after hours of the grid
+        for n in cfg.lengths:
+            try:
+                make_sample(task, n, seed=0, depth=0.5, block_size=lm.block_size)
+            except ValueError as e:
+                raise CliError(f"--lengths: {task} at {n} tokens: {e}") from None
+    payload = dict(model=str(a.model), commit=_commit(),
+                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   dtype=str(dtype).removeprefix("torch."),
+                   date=now.isoformat(timespec="seconds"),
                    config={k: list(v) if isinstance(v, tuple) else v
                            for k, v in vars(cfg).items()}, records=[])
-    out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def write_partial(rec):  # a long run that is cut short keeps what it finished
         payload["records"].append(rec)
         out.write_text(json.dumps(payload, indent=1) + "\n")
 
-    report = evaluate(a.model, cfg, device=a.device, dtype=dtype, on_record=write_partial)
+    report = evaluate(lm, cfg, on_record=write_partial)
     payload.update(report)
     out.write_text(json.dumps(payload, indent=1) + "\n")
     print(records_table(report["records"]))
@@ -83,7 +129,7 @@ def main(argv=None):
     if a.heatmaps:
         from .plots import heatmaps
         heatmaps(report["heatmap"], a.heatmaps)
-    print(f"wrote {a.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

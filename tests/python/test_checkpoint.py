@@ -238,7 +238,7 @@ def test_command_line(tmp_path, capsys):
     main(["--model", str(tmp_path), "--prompt", "w1 w2 w3", "--policy", "mage", "--k", "4",
           "--dense-layers", "1", "--max-new-tokens", "6", "--dtype", "float32", "--device", "cpu"])
     cap = capsys.readouterr()
-    assert cap.out.count("-" * 40) == 1
+    assert cap.out.strip() and "-" * 40 not in cap.out  # one prompt: its text only (streamed)
     assert "steps: first" in cap.err and "KV read" in cap.err
 
 
