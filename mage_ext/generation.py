@@ -82,7 +82,7 @@ def generate(model_or_loaded, tokenizer=None, prompts=None, *, input_ids=None,
              on_block: Optional[Callable] = None, recall_meter=None, progress: bool = False,
              generator: Optional[torch.Generator] = None, prefix: Optional[Prefix] = None,
              keep_prefix: bool = False, cuda_graphs: Optional[bool] = None,
-             fused: Optional[bool] = None) -> GenerationResult:
+             fused: Optional[bool] = None, prefill_chunk: int = 4096) -> GenerationResult:
     """Generates continuations of ``prompts`` (str or list of str, needs a tokenizer) or
     ``input_ids`` (list of id lists, or a [batch, n] tensor). See the module docstring.
 
@@ -98,6 +98,8 @@ def generate(model_or_loaded, tokenizer=None, prompts=None, *, input_ids=None,
     ``cuda_graphs``: None (default) replays the forwards of a block as CUDA graphs where the
     model is on a GPU and nothing needs eager forwards (else eager, with a warning on a GPU);
     True insists (an error names the obstacle); False runs eagerly. Same tokens either way.
+    ``prefill_chunk``: prompt tokens per prefill forward (rounded down to whole blocks; the
+    blocks of a chunk attend block-causally, so the value changes no result, only speed/memory).
     ``fused``: None (default) runs Qwen2 / Qwen3 models through the lean fused forward
     (mage_ext/hf/fast_forward.py) on a GPU and the stock transformers forward on the CPU; True /
     False force one (True errors for a model the fused forward does not cover).
@@ -107,7 +109,7 @@ def generate(model_or_loaded, tokenizer=None, prompts=None, *, input_ids=None,
     policy = policy or getattr(model, "_mage_policy", None) or PolicyConfig()
     seqs = _prompt_ids(prompts, input_ids, tokenizer)
     _check_args(model, seqs, style, block_size, sub_block, threshold, max_new_tokens, steps,
-                remasking, policy, fixed_steps)
+                remasking, policy, fixed_steps, prefill_chunk)
     _check_sampling(temperature, top_p)
     _check_token_ids(model, seqs, mask_id, stop_ids)
     texts = None if prompts is None else [prompts] if isinstance(prompts, str) else list(prompts)
@@ -134,7 +136,8 @@ def generate(model_or_loaded, tokenizer=None, prompts=None, *, input_ids=None,
             cache.steps_hint = steps if style == "sdar" else None
             forward = _forward(model, cache, fused, device)
             loop = BlockLoop(forward, cache, seqs, cfg, policy=policy,
-                             on_block=on_block, progress=progress, use_graphs=use_graphs)
+                             on_block=on_block, progress=progress, use_graphs=use_graphs,
+                             prefill_chunk=prefill_chunk)
             if prefix is None:
                 loop.prefill()
             else:
@@ -293,7 +296,7 @@ def _check_prefix(p, seqs, block_size, style):
 
 
 def _check_args(model, seqs, style, block_size, sub_block, threshold, max_new_tokens, steps,
-                remasking, policy, fixed_steps=None):
+                remasking, policy, fixed_steps=None, prefill_chunk=4096):
     if style not in STYLES:
         raise ValueError(f"generate: style must be one of {STYLES}, got '{style}'")
     if not isinstance(policy, PolicyConfig):
@@ -319,6 +322,8 @@ def _check_args(model, seqs, style, block_size, sub_block, threshold, max_new_to
         raise ValueError(f"generate: remasking must be one of {REMASKING}, got '{remasking}'")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"generate: threshold must lie in [0, 1], got {threshold}")
+    if not isinstance(prefill_chunk, int) or prefill_chunk <= 0:
+        raise ValueError(f"generate: prefill_chunk must be a positive int, got {prefill_chunk!r}")
     if max_new_tokens <= 0:
         raise ValueError(f"generate: max_new_tokens must be > 0, got {max_new_tokens}")
     limit = getattr(model.config, "max_position_embeddings", None)

@@ -20,6 +20,7 @@ Cache interface, the fast forward (``mage_ext.hf.fast_forward``) calls ``attend`
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -30,6 +31,10 @@ from .policy import PolicyConfig
 from .selectors import LayerKV, Selection, StepContext, make_selector
 
 PHASES = ("prefill", "denoise", "commit")
+
+
+def _block_attention_on_gpu() -> bool:
+    return os.environ.get("MAGE_PREFILL_BLOCK_ATTENTION", "0") == "1"
 
 
 class GenerationCache:
@@ -54,6 +59,7 @@ class GenerationCache:
         self.max_len = 0  # upper bound of cache_lens, kept on the host (no device reads)
         self._advance: Optional[Tensor] = None
         self._block: Optional[int] = None
+        self._starts: Optional[list] = None
         # KV-read accounting: what each layer of the current forward read (a Selection, or None
         # for the whole cache), the last such list per kind of forward (a graph replay runs no
         # Python, so it repeats the list its capture recorded), and the forwards of the block.
@@ -95,6 +101,10 @@ class GenerationCache:
         B = self._block or n
         if n == B:
             return ops.dense_attention(q, kv.k, kv.v, kv.lens, k, v, scale)[0]
+        if self._starts is not None and (q.device.type == "cpu" or _block_attention_on_gpu()):
+            return ops.block_attention(q, kv.k, kv.v, k, v, B, self._starts, scale)[0]
+        # One call per block of the chunk (the path measured on the GPU; block_attention's CUDA
+        # path is opt-in, MAGE_PREFILL_BLOCK_ATTENTION=1, until it is run on a GPU).
         outs = []
         for j in range(n // B):
             blk = slice(j * B, (j + 1) * B)
@@ -114,13 +124,15 @@ class GenerationCache:
         self.selector.on_append(layer, kv, kv.lens.clone(), k_block.shape[2])
 
     # -- phases, called by the generation loop -----------------------------------------------
-    def begin_prefill(self, advance: Optional[Tensor] = None, block_size: Optional[int] = None
-                      ) -> None:
+    def begin_prefill(self, advance: Optional[Tensor] = None, block_size: Optional[int] = None,
+                      starts: Optional[list] = None) -> None:
         """Next forward writes a prompt chunk of whole blocks of ``block_size`` (default: the
         chunk is one block); sequence b keeps its first ``advance[b]`` tokens (int tensor
         [batch]; default all). The rest of a row is scratch: written past cache_lens (never
-        read) and rewritten by that sequence's next real write."""
+        read) and rewritten by that sequence's next real write. ``starts``: the cache lengths
+        before the chunk, known on the host (lets the chunk run as one block_attention call)."""
         self.phase, self._advance, self._block = "prefill", advance, block_size
+        self._starts = starts
 
     def begin_block(self) -> None:
         self.end_block()

@@ -178,7 +178,9 @@ class BlockLoop:
                     ids[b, :kept[b]] = torch.tensor(s[c0:c0 + kept[b]], device=self.device)
             ends = [b for b in range(batch) if self.rem[b] == 0 and 0 < self.full[b] * B - c0 <= n]
             keep = torch.tensor([max(kept[b], 1) - 1 for b in range(batch)], device=self.device)
-            self.cache.begin_prefill(torch.tensor(kept, dtype=torch.int32, device=self.device), B)
+            starts = [min(f * B, c0) for f in self.full]  # cache lengths before the chunk
+            self.cache.begin_prefill(torch.tensor(kept, dtype=torch.int32, device=self.device), B,
+                                     starts)
             holder = {}
 
             def chunk():

@@ -138,3 +138,18 @@ def test_no_host_synchronisation_inside_a_block(policy, monkeypatch):
     res = generate(model, input_ids=_prompts([100, 64]), policy=policy, block_size=32,
                    max_new_tokens=192, mask_id=MASK_ID, stop_ids=[], threshold=0.5)
     assert len(res.token_ids[0]) == 192 and len(set(checked)) >= 3
+
+
+@pytest.mark.parametrize("style", ["fast_dllm", "sdar"])
+def test_chunked_prefill_equals_block_by_block(style):
+    """A multi-block prefill chunk (block_attention) gives the tokens of one block per forward,
+    for a batch whose prompts end at different blocks (scratch rows) and mid-block."""
+    model = tiny_model("qwen2", layers=3, seed=9)
+    kw = dict(policy=PolicyConfig(method="mage", k=8, dense_layers=1), style=style,
+              block_size=8, max_new_tokens=16, mask_id=MASK_ID, stop_ids=[], threshold=0.5,
+              input_ids=_prompts([75, 40, 64]))
+    one = generate(model, prefill_chunk=8, **kw)
+    chunked = generate(model, prefill_chunk=24, **kw)
+    assert chunked.token_ids == one.token_ids
+    assert sum(r.phase == "prefill" for r in chunked.steps) == 3  # 9 blocks in chunks of 3
+    assert sum(r.phase == "prefill" for r in one.steps) == 9
