@@ -39,11 +39,6 @@ size_t whitespace_end_after(const std::string& s, size_t begin) {  // ^\s* of s[
   return begin;
 }
 
-bool optional_bool(const Json& j, const char* key, bool fallback, const std::string& where) {
-  const Json* v = find(j, key);
-  return v && !v->is_null() ? as_bool(*v, where + ": " + key) : fallback;
-}
-
 }  // namespace
 
 void AddedVocabulary::Trie::insert(const std::string& pattern, int32_t token) {
@@ -80,18 +75,15 @@ void AddedVocabulary::load(const Json& added_tokens,
   for (const Json& t : as_array(added_tokens, where)) {
     AddedToken a;
     const std::string at = where + "[" + std::to_string(tokens_.size()) + "]";
-    const Json* id = find(as_object(t, at), "id");
-    const Json* content = find(t, "content");
-    if (!id || !content) throw std::runtime_error(at + ": needs id and content");
-    a.id = as_int(*id, at + ": id");
+    a.id = as_int(member(as_object(t, at), "id", at), at + ": id");
     if (a.id < 0 || a.id > INT32_MAX) throw std::runtime_error(at + ": id outside [0, 2^31)");
-    a.content = as_string(*content, at + ": content");
+    a.content = as_string(member(t, "content", at), at + ": content");
     if (a.content.empty()) throw std::runtime_error(at + ": empty content");
-    a.single_word = optional_bool(t, "single_word", false, at);
-    a.lstrip = optional_bool(t, "lstrip", false, at);
-    a.rstrip = optional_bool(t, "rstrip", false, at);
-    a.special = optional_bool(t, "special", false, at);
-    a.normalized = optional_bool(t, "normalized", !a.special, at);
+    a.single_word = bool_or(t, "single_word", false, at);
+    a.lstrip = bool_or(t, "lstrip", false, at);
+    a.rstrip = bool_or(t, "rstrip", false, at);
+    a.special = bool_or(t, "special", false, at);
+    a.normalized = bool_or(t, "normalized", !a.special, at);
     const int32_t index = static_cast<int32_t>(tokens_.size());
     if (a.normalized) {
       const std::string n = normalize(a.content);

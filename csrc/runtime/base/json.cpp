@@ -42,6 +42,8 @@ Json parse_json(const char* data, size_t size, const std::string& source) {
   } catch (const Json::parse_error& e) {
     const size_t byte = e.byte > 0 ? e.byte - 1 : 0;
     throw std::runtime_error(source + ": byte " + std::to_string(byte) + ": " + reason(e.what()));
+  } catch (const Json::exception& e) {  // e.g. a number too large for a double
+    throw std::runtime_error(source + ": " + reason(e.what()));
   }
 }
 
@@ -54,6 +56,23 @@ const Json* find(const Json& object, const std::string& key) {
   if (!object.is_object()) return nullptr;
   auto it = object.find(key);
   return it == object.end() ? nullptr : &*it;
+}
+
+const Json& member(const Json& object, const char* key, const std::string& where) {
+  const Json* v = find(object, key);
+  if (!v) throw std::runtime_error(where + ": missing '" + key + "'");
+  return *v;
+}
+
+bool bool_or(const Json& object, const char* key, bool fallback, const std::string& where) {
+  const Json* v = find(object, key);
+  return v && !v->is_null() ? as_bool(*v, where + ": " + key) : fallback;
+}
+
+std::optional<std::string> string_if(const Json& object, const char* key, const std::string& where) {
+  const Json* v = find(object, key);
+  if (!v || v->is_null()) return std::nullopt;
+  return as_string(*v, where + ": " + key);
 }
 
 double as_number(const Json& v, const std::string& what) {

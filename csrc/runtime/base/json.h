@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 namespace mage::runtime {
@@ -26,6 +27,11 @@ Json parse_json_file(const std::string& path);
 
 // Object member or nullptr (also for a non-object).
 const Json* find(const Json& object, const std::string& key);
+// A required member: std::runtime_error "<where>: missing '<key>'" when absent.
+const Json& member(const Json& object, const char* key, const std::string& where);
+// Optional members (absent or null: the fallback / nullopt), type-checked.
+bool bool_or(const Json& object, const char* key, bool fallback, const std::string& where);
+std::optional<std::string> string_if(const Json& object, const char* key, const std::string& where);
 // Typed accessors: std::runtime_error "<what>: expected <type>, got <type>" on a mismatch.
 double as_number(const Json& v, const std::string& what);         // finite
 int64_t as_int(const Json& v, const std::string& what);           // integral, fits int64

@@ -132,11 +132,6 @@ class Sequence : public PreTokenizer {
   std::vector<std::unique_ptr<PreTokenizer>> steps_;
 };
 
-bool optional_bool(const Json& j, const char* key, bool fallback, const std::string& where) {
-  const Json* v = find(j, key);
-  return v && !v->is_null() ? as_bool(*v, where + ": " + key) : fallback;
-}
-
 }  // namespace
 
 std::string byte_level_chars(const std::string& text) {
@@ -148,32 +143,26 @@ std::string byte_level_chars(const std::string& text) {
 
 std::unique_ptr<PreTokenizer> PreTokenizer::from_json(const Json& j, const std::string& where) {
   if (j.is_null()) return nullptr;
-  const Json* type = find(as_object(j, where), "type");
-  if (!type) throw std::runtime_error(where + ": no type");
-  const std::string& t = as_string(*type, where + ": type");
+  const std::string& t = as_string(member(as_object(j, where), "type", where), where + ": type");
   if (t == "Sequence") {
-    const Json* list = find(j, "pretokenizers");
-    if (!list) throw std::runtime_error(where + ": Sequence without pretokenizers");
     std::vector<std::unique_ptr<PreTokenizer>> steps;
-    for (const Json& s : as_array(*list, where + ": pretokenizers"))
+    for (const Json& s : as_array(member(j, "pretokenizers", where), where + ": pretokenizers"))
       if (auto p = from_json(s, where + ".pretokenizers")) steps.push_back(std::move(p));
     return std::make_unique<Sequence>(std::move(steps));
   }
   if (t == "Split") {
-    const Json* pattern = find(j, "pattern");
-    const Json* behavior = find(j, "behavior");
-    if (!pattern || !behavior) throw std::runtime_error(where + ": Split needs pattern and behavior");
+    const Json& pattern = member(j, "pattern", where);
     std::string regex;
-    if (const Json* r = find(*pattern, "Regex")) regex = as_string(*r, where + ": pattern.Regex");
-    else if (const Json* s = find(*pattern, "String")) regex = Regex::escape(as_string(*s, where + ": pattern.String"));
+    if (const Json* r = find(pattern, "Regex")) regex = as_string(*r, where + ": pattern.Regex");
+    else if (const Json* s = find(pattern, "String")) regex = Regex::escape(as_string(*s, where + ": pattern.String"));
     else throw std::runtime_error(where + ": Split pattern must be {\"Regex\": ...} or {\"String\": ...}");
     return std::make_unique<RegexSplit>(Regex(regex, where + ": Split"),
-                                        parse_behavior(as_string(*behavior, where + ": behavior"), where),
-                                        optional_bool(j, "invert", false, where));
+                                        parse_behavior(as_string(member(j, "behavior", where), where + ": behavior"), where),
+                                        bool_or(j, "invert", false, where));
   }
   if (t == "ByteLevel")
-    return std::make_unique<ByteLevel>(optional_bool(j, "add_prefix_space", true, where),
-                                       optional_bool(j, "use_regex", true, where), where + ": ByteLevel");
+    return std::make_unique<ByteLevel>(bool_or(j, "add_prefix_space", true, where),
+                                       bool_or(j, "use_regex", true, where), where + ": ByteLevel");
   if (t == "Whitespace")  // keeps the matches of \w+|[^\w\s]+, drops the rest
     return std::make_unique<RegexSplit>(Regex(kRustWordPattern, where + ": Whitespace"),
                                         Behavior::Removed, /*invert=*/true);

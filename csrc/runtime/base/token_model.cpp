@@ -15,33 +15,20 @@ namespace {
 
 constexpr int64_t kMaxId = std::numeric_limits<int32_t>::max();
 
-std::optional<std::string> optional_string(const Json& j, const char* key, const std::string& where) {
-  const Json* v = find(j, key);
-  if (!v || v->is_null()) return std::nullopt;
-  return as_string(*v, where + ": " + key);
-}
-
-bool optional_bool(const Json& j, const char* key, const std::string& where) {
-  const Json* v = find(j, key);
-  return v && !v->is_null() && as_bool(*v, where + ": " + key);
-}
-
 class Bpe : public TokenModel {
  public:
   Bpe(const Json& j, const std::string& where) {
     read_vocab(j, where);
     if (const Json* d = find(j, "dropout"); d && !d->is_null() && as_number(*d, where + ": dropout") > 0)
       throw std::runtime_error(where + ": BPE dropout is not supported (it samples)");
-    unk_token_ = optional_string(j, "unk_token", where);
-    prefix_ = optional_string(j, "continuing_subword_prefix", where).value_or("");
-    suffix_ = optional_string(j, "end_of_word_suffix", where).value_or("");
-    fuse_unk_ = optional_bool(j, "fuse_unk", where);
-    byte_fallback_ = optional_bool(j, "byte_fallback", where);
-    ignore_merges_ = optional_bool(j, "ignore_merges", where);
-    const Json* merges = find(j, "merges");
-    if (!merges) throw std::runtime_error(where + ": BPE without merges");
+    unk_token_ = string_if(j, "unk_token", where);
+    prefix_ = string_if(j, "continuing_subword_prefix", where).value_or("");
+    suffix_ = string_if(j, "end_of_word_suffix", where).value_or("");
+    fuse_unk_ = bool_or(j, "fuse_unk", false, where);
+    byte_fallback_ = bool_or(j, "byte_fallback", false, where);
+    ignore_merges_ = bool_or(j, "ignore_merges", false, where);
     int64_t rank = 0;
-    for (const Json& m : as_array(*merges, where + ": merges")) {
+    for (const Json& m : as_array(member(j, "merges", where), where + ": merges")) {
       const std::string at = where + ": merges[" + std::to_string(rank) + "]";
       std::string a, b;
       if (m.is_string()) {  // "a b": exactly one space
@@ -187,7 +174,7 @@ class WordLevel : public TokenModel {
  public:
   WordLevel(const Json& j, const std::string& where) {
     read_vocab(j, where);
-    unk_token_ = optional_string(j, "unk_token", where).value_or("<unk>");
+    unk_token_ = string_if(j, "unk_token", where).value_or("<unk>");
   }
   void encode(std::string_view piece, std::vector<int64_t>& out) const override {
     if (auto id = token_to_id(piece)) {
@@ -218,9 +205,7 @@ const std::string* TokenModel::id_to_token(int64_t id) const {
 }
 
 void TokenModel::read_vocab(const Json& j, const std::string& where) {
-  const Json* vocab = find(j, "vocab");
-  if (!vocab) throw std::runtime_error(where + ": no vocab");
-  for (const auto& [token, id] : as_object(*vocab, where + ": vocab").items()) {
+  for (const auto& [token, id] : as_object(member(j, "vocab", where), where + ": vocab").items()) {
     const int64_t i = as_int(id, where + ": vocab['" + token + "']");
     if (i < 0 || i > kMaxId)
       throw std::runtime_error(where + ": vocab['" + token + "'] = " + std::to_string(i) +
@@ -231,9 +216,7 @@ void TokenModel::read_vocab(const Json& j, const std::string& where) {
 }
 
 std::unique_ptr<TokenModel> TokenModel::from_json(const Json& j, const std::string& where) {
-  const Json* type = find(as_object(j, where), "type");
-  if (!type) throw std::runtime_error(where + ": no type");
-  const std::string& t = as_string(*type, where + ": type");
+  const std::string& t = as_string(member(as_object(j, where), "type", where), where + ": type");
   if (t == "BPE") return std::make_unique<Bpe>(j, where + " (BPE)");
   if (t == "WordLevel") return std::make_unique<WordLevel>(j, where + " (WordLevel)");
   throw std::runtime_error(where + ": unsupported model type '" + t + "' (supported: BPE, WordLevel)");

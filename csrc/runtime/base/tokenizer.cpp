@@ -22,13 +22,10 @@ unicode::NormalForm parse_form(const std::string& type, const std::string& where
 
 void read_normalizer(const Json& j, const std::string& where, std::vector<unicode::NormalForm>& out) {
   if (j.is_null()) return;
-  const Json* type = find(as_object(j, where), "type");
-  if (!type) throw std::runtime_error(where + ": no type");
-  const std::string& t = as_string(*type, where + ": type");
+  const std::string& t = as_string(member(as_object(j, where), "type", where), where + ": type");
   if (t == "Sequence") {
-    const Json* list = find(j, "normalizers");
-    if (!list) throw std::runtime_error(where + ": Sequence without normalizers");
-    for (const Json& n : as_array(*list, where + ": normalizers")) read_normalizer(n, where, out);
+    for (const Json& n : as_array(member(j, "normalizers", where), where + ": normalizers"))
+      read_normalizer(n, where, out);
     return;
   }
   out.push_back(parse_form(t, where));
@@ -50,12 +47,6 @@ std::string cleanup(std::string s) {
   return s;
 }
 
-const Json& required(const Json& j, const char* key, const std::string& where) {
-  const Json* v = find(j, key);
-  if (!v) throw std::runtime_error(where + ": missing '" + key + "'");
-  return *v;
-}
-
 }  // namespace
 
 Tokenizer Tokenizer::from_file(const std::string& path) {
@@ -70,7 +61,7 @@ Tokenizer Tokenizer::from_json(const Json& doc, const std::string& source) {
       throw std::runtime_error(source + ": '" + key + "' is set; not supported (encode would " +
                                (std::string(key) == "truncation" ? "cut" : "pad") + " the prompt)");
   if (const Json* n = find(doc, "normalizer")) read_normalizer(*n, source + ": normalizer", t.normal_forms_);
-  t.model_ = TokenModel::from_json(required(doc, "model", source), source + ": model");
+  t.model_ = TokenModel::from_json(member(doc, "model", source), source + ": model");
   if (const Json* a = find(doc, "added_tokens"))
     t.added_.load(*a, [&t](const std::string& s) { return t.normalize(s); }, source + ": added_tokens");
   if (const Json* p = find(doc, "pre_tokenizer"))
@@ -78,7 +69,7 @@ Tokenizer Tokenizer::from_json(const Json& doc, const std::string& source) {
   if (const Json* p = find(doc, "post_processor")) t.read_post_processor(*p, source + ": post_processor");
   if (const Json* d = find(doc, "decoder"); d && !d->is_null()) {
     const std::string where = source + ": decoder";
-    const std::string& type = as_string(required(*d, "type", where), where + ": type");
+    const std::string& type = as_string(member(*d, "type", where), where + ": type");
     if (type == "ByteLevel") {
       t.decoder_ = Decoder::ByteLevel;
     } else if (type == "WordPiece") {
@@ -95,10 +86,10 @@ Tokenizer Tokenizer::from_json(const Json& doc, const std::string& source) {
 
 void Tokenizer::read_post_processor(const Json& j, const std::string& where) {
   if (j.is_null()) return;
-  const std::string& type = as_string(required(as_object(j, where), "type", where), where + ": type");
+  const std::string& type = as_string(member(as_object(j, where), "type", where), where + ": type");
   if (type == "ByteLevel") return;  // offsets only
   if (type == "Sequence") {
-    for (const Json& p : as_array(required(j, "processors", where), where + ": processors"))
+    for (const Json& p : as_array(member(j, "processors", where), where + ": processors"))
       read_post_processor(p, where);
     return;
   }
@@ -106,18 +97,18 @@ void Tokenizer::read_post_processor(const Json& j, const std::string& where) {
     throw std::runtime_error(where + ": unsupported post-processor type '" + type +
                              "' (supported: ByteLevel, TemplateProcessing, Sequence)");
   if (!template_.empty()) throw std::runtime_error(where + ": more than one TemplateProcessing");
-  const Json& specials = required(j, "special_tokens", where);
-  for (const Json& item : as_array(required(j, "single", where), where + ": single")) {
+  const Json& specials = member(j, "special_tokens", where);
+  for (const Json& item : as_array(member(j, "single", where), where + ": single")) {
     if (const Json* seq = find(item, "Sequence")) {
-      if (as_string(required(*seq, "id", where), where + ": Sequence.id") != "A")
+      if (as_string(member(*seq, "id", where), where + ": Sequence.id") != "A")
         throw std::runtime_error(where + ": the single template may only hold sequence A");
       template_.push_back({true, {}});
     } else if (const Json* sp = find(item, "SpecialToken")) {
-      const std::string& id = as_string(required(*sp, "id", where), where + ": SpecialToken.id");
+      const std::string& id = as_string(member(*sp, "id", where), where + ": SpecialToken.id");
       const Json* entry = find(specials, id);
       if (!entry) throw std::runtime_error(where + ": special token '" + id + "' is not in special_tokens");
       TemplateItem ti{false, {}};
-      for (const Json& i : as_array(required(*entry, "ids", where), where + ": ids"))
+      for (const Json& i : as_array(member(*entry, "ids", where), where + ": ids"))
         ti.ids.push_back(as_int(i, where + ": ids"));
       template_.push_back(std::move(ti));
     } else {

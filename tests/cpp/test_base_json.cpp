@@ -8,7 +8,7 @@
 using namespace mage::runtime;  // NOLINT: the names under test
 using mage_test::expect_error;
 
-TEST(RuntimeJson, ParsesEveryValueType) {
+TEST(BaseJson, ParsesEveryValueType) {
   Json v = parse_json(R"( {"a": 1, "b": [true, false, null, -2.5e2, 0], "c": {"d": "x"}} )", "t");
   ASSERT_TRUE(v.is_object());
   EXPECT_EQ(as_int(*find(v, "a"), "a"), 1);
@@ -25,16 +25,16 @@ TEST(RuntimeJson, ParsesEveryValueType) {
   EXPECT_TRUE(parse_json("{}", "t").empty());
 }
 
-TEST(RuntimeJson, DecodesStringEscapes) {
+TEST(BaseJson, DecodesStringEscapes) {
   Json v = parse_json(R"("q\"b\\s\/n\nt\tu\u00e9\ud83d\ude00")", "t");
   EXPECT_EQ(as_string(v, "s"), "q\"b\\s/n\nt\tu\xC3\xA9\xF0\x9F\x98\x80");
 }
 
-TEST(RuntimeJson, LastDuplicateKeyWins) {
+TEST(BaseJson, LastDuplicateKeyWins) {
   EXPECT_EQ(as_int(*find(parse_json(R"({"a": 1, "a": 2})", "t"), "a"), "a"), 2);
 }
 
-TEST(RuntimeJson, IntegersKeepAll64Bits) {
+TEST(BaseJson, IntegersKeepAll64Bits) {
   Json v = parse_json("[18446744073709551615, 9007199254740993, -9223372036854775808, 2.0]", "t");
   EXPECT_EQ(as_uint(v[0], "u"), 18446744073709551615ull);
   EXPECT_EQ(as_int(v[1], "i"), 9007199254740993ll);  // above 2^53: a double would round it
@@ -44,7 +44,7 @@ TEST(RuntimeJson, IntegersKeepAll64Bits) {
   expect_error([&] { as_uint(v[2], "field n"); }, {"field n", "non-negative"});
 }
 
-TEST(RuntimeJson, ErrorsNameSourceAndOffset) {
+TEST(BaseJson, ErrorsNameSourceAndOffset) {
   expect_error([] { parse_json(R"({"a": 1,})", "cfg.json"); }, {"cfg.json", "byte 8"});
   expect_error([] { parse_json("[1, 2", "x.json"); }, {"x.json", "byte 5"});
   expect_error([] { parse_json("tru", "x"); }, {"x: byte"});
@@ -60,7 +60,7 @@ TEST(RuntimeJson, ErrorsNameSourceAndOffset) {
   EXPECT_NO_THROW(parse_json(std::string(500, '[') + std::string(500, ']'), "x"));
 }
 
-TEST(RuntimeJson, TypedAccessorsReportMismatch) {
+TEST(BaseJson, TypedAccessorsReportMismatch) {
   Json v = parse_json(R"({"n": 1.5, "s": "x"})", "t");
   expect_error([&] { as_int(*find(v, "n"), "n"); }, {"n", "integer"});
   expect_error([&] { as_number(*find(v, "s"), "field s"); }, {"field s", "a number", "a string"});
@@ -69,6 +69,6 @@ TEST(RuntimeJson, TypedAccessorsReportMismatch) {
   expect_error([] { as_number(parse_json("1e400", "x"), "v"); }, {});  // no infinities
 }
 
-TEST(RuntimeJson, MissingFileNamesThePath) {
+TEST(BaseJson, MissingFileNamesThePath) {
   expect_error([] { parse_json_file("/nonexistent/x.json"); }, {"/nonexistent/x.json"});
 }

@@ -29,7 +29,7 @@ Json bpe_doc(Json merges, Json added = Json::array()) {
 
 }  // namespace
 
-TEST(RuntimeUnicode, LossyRepairReplacesMaximalSubparts) {
+TEST(BaseUnicode, LossyRepairReplacesMaximalSubparts) {
   EXPECT_EQ(u::utf8_lossy("ok \xC3\xA9"), "ok \xC3\xA9");
   EXPECT_EQ(u::utf8_lossy("\xF0\x9F\x98"), kFffd);            // a cut emoji: one replacement
   EXPECT_EQ(u::utf8_lossy("a\xC3"), "a" + kFffd);
@@ -39,7 +39,7 @@ TEST(RuntimeUnicode, LossyRepairReplacesMaximalSubparts) {
   EXPECT_EQ(u::utf8_lossy("\xFF" "a"), kFffd + "a");
 }
 
-TEST(RuntimeUnicode, ValidationAndStreamingBoundaries) {
+TEST(BaseUnicode, ValidationAndStreamingBoundaries) {
   EXPECT_EQ(u::invalid_utf8_offset("abc \xE6\x95\xB0"), u::kValid);
   EXPECT_EQ(u::invalid_utf8_offset("ab\xFF"), 2u);
   EXPECT_EQ(u::invalid_utf8_offset("ab\xE6\x95"), 2u);  // cut at the end
@@ -50,7 +50,7 @@ TEST(RuntimeUnicode, ValidationAndStreamingBoundaries) {
   EXPECT_EQ(u::incomplete_utf8_tail(""), 0u);
 }
 
-TEST(RuntimeUnicode, ByteLevelAlphabetIsABijection) {
+TEST(BaseUnicode, ByteLevelAlphabetIsABijection) {
   for (int b = 0; b < 256; ++b) EXPECT_EQ(u::char_to_byte(u::byte_to_char(static_cast<unsigned char>(b))), b);
   EXPECT_EQ(u::byte_to_char(' '), U'\u0120');  // Ġ
   EXPECT_EQ(u::byte_to_char('a'), U'a');
@@ -60,7 +60,7 @@ TEST(RuntimeUnicode, ByteLevelAlphabetIsABijection) {
   EXPECT_FALSE(u::is_white_space(0x180E));
 }
 
-TEST(RuntimeRegex, IteratesLikeOniguruma) {
+TEST(BaseRegex, IteratesLikeOniguruma) {
   using V = std::vector<std::pair<size_t, size_t>>;
   EXPECT_EQ(Regex("a*", "t").find_all("ba"), (V{{0, 0}, {1, 2}}));  // no empty match after "a"
   EXPECT_EQ(Regex(R"(\s+)", "t").find_all("a\xC2\x85" "b"), (V{{1, 3}}));  // NEL is \s
@@ -71,7 +71,7 @@ TEST(RuntimeRegex, IteratesLikeOniguruma) {
   expect_error([&] { slow.find_all(std::string(40, 'a')); }, {"regex matching failed"});
 }
 
-TEST(RuntimeTokenizer, BpeAppliesMergesByRankLeftmostFirst) {
+TEST(BaseTokenizer, BpeAppliesMergesByRankLeftmostFirst) {
   // "abc": ab (rank 0) then ab+c? no such merge; bc has rank 1 but b is taken.
   Tokenizer t = Tokenizer::from_json(bpe_doc({"a b", "b c", "ab c"}), "t");
   EXPECT_EQ(t.encode("abc"), (std::vector<int64_t>{6}));
@@ -84,7 +84,7 @@ TEST(RuntimeTokenizer, BpeAppliesMergesByRankLeftmostFirst) {
   EXPECT_EQ(t.encode(""), std::vector<int64_t>{});
 }
 
-TEST(RuntimeTokenizer, AddedTokensLeftmostLongestAndSpecialSkipping) {
+TEST(BaseTokenizer, AddedTokensLeftmostLongestAndSpecialSkipping) {
   Json added = Json::array({{{"id", 10}, {"content", "<s>"}, {"special", true}, {"normalized", false}},
                             {{"id", 11}, {"content", "<s>x"}, {"special", false}, {"normalized", false}},
                             {{"id", 12}, {"content", "c"}, {"special", true}, {"normalized", false},
@@ -99,7 +99,7 @@ TEST(RuntimeTokenizer, AddedTokensLeftmostLongestAndSpecialSkipping) {
   EXPECT_FALSE(t.token_to_id("zz"));
 }
 
-TEST(RuntimeTokenizer, StreamingHoldsBackCutCharacters) {
+TEST(BaseTokenizer, StreamingHoldsBackCutCharacters) {
   Json vocab = {{"\xC3\x83", 0}, {"\xC2\xA9", 1}, {"a", 2}};  // byte-level chars of C3, A9
   Json doc = {{"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", Json::array()}}},
               {"decoder", {{"type", "ByteLevel"}}}};
@@ -112,7 +112,7 @@ TEST(RuntimeTokenizer, StreamingHoldsBackCutCharacters) {
   EXPECT_EQ(t.decode({2, 0, 1, 0}), "a\xC3\xA9" + kFffd);
 }
 
-TEST(RuntimeTokenizer, ErrorsNameTheProblem) {
+TEST(BaseTokenizer, ErrorsNameTheProblem) {
   expect_error([] { Tokenizer::from_json(bpe_doc({"a x"}), "tok.json"); },
                {"tok.json", "merges[0]", "'x' is not in the vocab"});
   expect_error([] { Tokenizer::from_json(bpe_doc({"abc"}), "tok.json"); }, {"merges[0]", "left right"});
@@ -130,7 +130,7 @@ TEST(RuntimeTokenizer, ErrorsNameTheProblem) {
   expect_error([] { Tokenizer::from_file("/nonexistent/tokenizer.json"); }, {"/nonexistent/tokenizer.json"});
 }
 
-TEST(RuntimeTokenizer, WordLevelUsesUnk) {
+TEST(BaseTokenizer, WordLevelUsesUnk) {
   Json doc = {{"model", {{"type", "WordLevel"}, {"vocab", {{"hi", 0}, {"<unk>", 1}}}, {"unk_token", "<unk>"}}},
               {"pre_tokenizer", {{"type", "Whitespace"}}},
               {"decoder", {{"type", "WordPiece"}, {"prefix", "##"}, {"cleanup", false}}}};
