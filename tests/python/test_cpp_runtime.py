@@ -356,3 +356,14 @@ def test_cuda_device_without_a_cuda_build_or_gpu():
 def test_help_states_the_defaults():
     out = run_binary("--help").stdout
     assert "(default 256)" in out and "bfloat16 on CUDA, float32 on the CPU" in out
+
+
+def test_ids_file_equals_ids(tmp_path):
+    prompts = batch_prompts()[:2]
+    f = tmp_path / "ids.txt"
+    f.write_text(" ".join(map(str, prompts[0])) + "\n\n" + ",".join(map(str, prompts[1])) + "\n")
+    common = ["--model", MODEL, "--max-new-tokens", 16, "--threads", 1]
+    by_file = run_binary(*common, "--ids-file", f).stdout
+    by_args = run_binary(*common, "--ids", ",".join(map(str, prompts[0])),
+                         "--ids", ",".join(map(str, prompts[1]))).stdout
+    assert by_file == by_args and len(by_file.splitlines()) == 2

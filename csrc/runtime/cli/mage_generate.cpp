@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -44,13 +45,15 @@ constexpr bool kBuiltWithCuda = false;
 #endif
 
 const char* kUsage =
-    "usage: mage_generate --model DIR (--prompt TEXT | --prompt-file F | --ids ID,ID,...)... [options]\n"
+    "usage: mage_generate --model DIR (--prompt TEXT | --prompt-file F | --ids ID,ID,... | --ids-file F)... [options]\n"
     "input (each repeatable: the prompts run as one batch; text and ids cannot be mixed):\n"
     "  --prompt TEXT              a text prompt (tokenized with DIR/tokenizer.json)\n"
     "  --prompt-file F            a text prompt read from a file (UTF-8)\n"
     "  --chat                     wrap each text prompt in the Qwen ChatML template:\n"
     "                             <|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n\n"
     "  --ids ID,ID,...            a prompt of token ids; output is ids, one line per prompt\n"
+    "  --ids-file F               prompts of token ids, one per line (for prompts too long for\n"
+    "                             a command line)\n"
     "output: text on stdout, streamed as each block is committed (one prompt), or each prompt's\n"
     "  text followed by a line of dashes (a batch); special tokens are left out of the text.\n"
     "decoding (defaults as python -m mage_ext.generate):\n"
@@ -113,14 +116,13 @@ double to_double(const std::string& flag, const std::string& v) {
   return x;
 }
 
-std::vector<int64_t> parse_ids(const std::string& s) {
+std::vector<int64_t> parse_ids(std::string s) {  // separated by commas and/or whitespace
+  std::replace_if(s.begin(), s.end(), [](char c) { return std::isspace(static_cast<unsigned char>(c)); }, ',');
   std::vector<int64_t> ids;
   std::string tok;
   std::istringstream in(s);
-  while (std::getline(in, tok, ',')) {
-    tok.erase(std::remove(tok.begin(), tok.end(), ' '), tok.end());
+  while (std::getline(in, tok, ','))
     if (!tok.empty()) ids.push_back(to_int("--ids", tok));
-  }
   if (ids.empty()) bad("--ids", "no token ids given");
   return ids;
 }
@@ -208,11 +210,11 @@ std::string ms(double v) {
 
 Json nan_to_null(double v) { return std::isnan(v) ? Json(nullptr) : Json(v); }
 
-std::string read_prompt_file(const std::string& path) {
+std::string read_input_file(const std::string& flag, const std::string& path) {
   try {
     return mage::runtime::read_file(path);
   } catch (const std::exception& e) {
-    bad("--prompt-file", e.what());
+    bad(flag, e.what());
   }
 }
 
@@ -222,7 +224,7 @@ int run(int argc, char** argv) {
       "--model", "--ids", "--prompt", "--prompt-file", "--policy", "--k", "--dense-layers",
       "--n-sink", "--n-recent", "--commit-attention", "--max-new-tokens", "--block-size",
       "--sub-block", "--threshold", "--dtype", "--device", "--threads", "--style", "--steps",
-      "--remasking", "--temperature", "--top-p", "--seed", "--timing-json"};
+      "--remasking", "--temperature", "--top-p", "--seed", "--timing-json", "--ids-file"};
   static const std::set<std::string> kSwitches = {"--chat", "--no-cuda-graphs"};
   std::map<std::string, std::string> a;
   std::set<std::string> on;
@@ -243,14 +245,22 @@ int run(int argc, char** argv) {
     const std::string v = argv[++i];
     a[flag] = v;
     if (flag == "--ids") id_prompts.push_back(parse_ids(v));
+    if (flag == "--ids-file") {
+      std::istringstream in(read_input_file("--ids-file", v));
+      std::string line;
+      size_t before = id_prompts.size();
+      while (std::getline(in, line))
+        if (line.find_first_not_of(" \t\r") != std::string::npos) id_prompts.push_back(parse_ids(line));
+      if (id_prompts.size() == before) bad("--ids-file", v + ": no prompts in the file");
+    }
     if (flag == "--prompt") text_prompts.push_back(v);
-    if (flag == "--prompt-file") text_prompts.push_back(read_prompt_file(v));
+    if (flag == "--prompt-file") text_prompts.push_back(read_input_file(flag, v));
   }
   if (!a.count("--model")) throw std::invalid_argument("--model is required");
   if (id_prompts.empty() && text_prompts.empty())
-    throw std::invalid_argument("give a prompt: --prompt, --prompt-file or --ids");
+    throw std::invalid_argument("give a prompt: --prompt, --prompt-file, --ids or --ids-file");
   if (!id_prompts.empty() && !text_prompts.empty())
-    throw std::invalid_argument("--ids cannot be mixed with --prompt / --prompt-file");
+    throw std::invalid_argument("--ids / --ids-file cannot be mixed with --prompt / --prompt-file");
   if (on.count("--chat") && text_prompts.empty()) bad("--chat", "applies to text prompts only");
   auto get = [&](const char* f, const char* def) { return a.count(f) ? a[f] : std::string(def); };
 
