@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The runtime's GoogleTests built with AddressSanitizer + UndefinedBehaviorSanitizer
-# (MAGE_SANITIZE=ON, in build/sanitize), then run.
+# (MAGE_SANITIZE=ON, in $SANITIZE_BUILD, default build/sanitize), then run.
 #
 #   tests/run_sanitized.sh          # the torch-free readers' tests (JSON, safetensors header,
 #                                   # tokenizer): about a minute to build; what CI runs
@@ -11,15 +11,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 jobs=${MAX_JOBS:-$(nproc)}
-cmake -S . -B build/sanitize -G Ninja -DMAGE_SANITIZE=ON -DMAGE_BUILD_TESTS=ON \
+dir=${SANITIZE_BUILD:-build/sanitize}
+cmake -S . -B "$dir" -G Ninja -DMAGE_SANITIZE=ON -DMAGE_BUILD_TESTS=ON \
   -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 if [ "${1:-}" = "--all" ]; then
-  cmake --build build/sanitize -j "$jobs"
+  cmake --build "$dir" -j "$jobs"
   # LibTorch is not instrumented: its one-time allocations would read as leaks.
-  ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0} build/sanitize/mage_base_tests
-  ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0} build/sanitize/mage_cpp_tests
+  ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0} "$dir"/mage_base_tests
+  ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0} "$dir"/mage_cpp_tests
 else
-  cmake --build build/sanitize -j "$jobs" --target mage_base_tests
-  ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1} build/sanitize/mage_base_tests
+  cmake --build "$dir" -j "$jobs" --target mage_base_tests
+  ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1} "$dir"/mage_base_tests
 fi

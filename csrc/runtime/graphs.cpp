@@ -44,12 +44,12 @@ at::Tensor GraphedForward::operator()(const at::Tensor& ids) {
 #ifdef MAGE_WITH_CUDA
   if (s.enabled && ids.is_cuda() && s.calls >= 2) {
     if (!s.graph) {
+      // Capture itself may synchronise (and a sync inside the forward would fail the capture
+      // anyway), so MAGE_SYNC_CHECK exempts it.
+      AllowSync allowed;
       s.ids = ids.clone();
       s.graph = std::make_unique<at::cuda::CUDAGraph>();
-      {
-        AllowSync allowed;
-        c10::cuda::device_synchronize();  // nothing of the eager calls may run during capture
-      }
+      c10::cuda::device_synchronize();  // nothing of the eager calls may run during capture
       s.graph->capture_begin();
       try {
         s.logits = s.forward(s.ids);
