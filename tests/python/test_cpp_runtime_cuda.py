@@ -127,15 +127,13 @@ def test_random_checkpoints_batch_matches_python(checkpoints, family, style, met
               block_size=16, max_new_tokens=64, threshold=0.5, steps=4,
               remasking="low_confidence_dynamic" if style == "sdar" else "low_confidence_static")
     want = python_tokens(model, dtype, prompts, **kw)
-    args = ["--model", path, *ids_args(prompts), "--device", "cuda", "--dtype", dtype,
-            "--policy", method, "--k", 16, "--dense-layers", 1, "--block-size", 16,
-            "--max-new-tokens", 64, "--style", style, "--threshold", 0.5, "--steps", 4,
-            "--remasking", kw["remasking"]]
-    got = lines(run_binary(*args))
+    common = ["--model", path, "--device", "cuda", "--dtype", dtype, "--policy", method, "--k", 16,
+              "--dense-layers", 1, "--block-size", 16, "--max-new-tokens", 64, "--style", style,
+              "--threshold", 0.5, "--steps", 4, "--remasking", kw["remasking"]]
+    got = lines(run_binary(*common, *ids_args(prompts)))
     assert got == want, f"C++ {got} != Python {want}"
-    assert lines(run_binary(*args, "--no-cuda-graphs")) == got  # graphs change nothing
-    alone = [lines(run_binary(*[a for a in args if a not in ids_args(prompts)], *ids_args([p])))[0]
-             for p in prompts[:2]]
+    assert lines(run_binary(*common, *ids_args(prompts), "--no-cuda-graphs")) == got  # graphs change nothing
+    alone = [lines(run_binary(*common, *ids_args([p])))[0] for p in prompts[:2]]
     assert alone == got[:2]
 
 
