@@ -21,47 +21,51 @@ void Policy::validate() const {
 }
 
 KVCache::KVCache(int64_t n_layers, int64_t batch, int64_t n_kv_heads, int64_t head_dim,
-                 int64_t capacity, at::ScalarType dtype, Policy policy)
-    : selections_(n_layers), policy_(std::move(policy)), capacity_(capacity) {
+                 int64_t capacity, at::ScalarType dtype, Policy policy, at::Device device)
+    : indices_(n_layers), counts_(n_layers), selected_(n_layers, false),
+      policy_(std::move(policy)), capacity_(capacity) {
   policy_.validate();
-  auto opts = at::TensorOptions().dtype(dtype);
+  auto opts = at::TensorOptions().dtype(dtype).device(device);
   for (int64_t l = 0; l < n_layers; ++l) {
     keys_.push_back(at::zeros({batch, n_kv_heads, capacity, head_dim}, opts));
     values_.push_back(at::zeros({batch, n_kv_heads, capacity, head_dim}, opts));
   }
-  lens_ = at::zeros({batch}, at::TensorOptions().dtype(at::kInt));
-}
-
-void KVCache::begin_block() {
-  std::fill(selections_.begin(), selections_.end(), std::nullopt);
-  step_ = 0;
+  // The budget clamped to what the scores can hold (selectors/mage.py _topk).
+  budget_ = std::max<int64_t>(1, std::min(policy_.k, capacity));
+  const auto ints = at::TensorOptions().dtype(at::kInt).device(device);
+  for (int64_t l = 0; l < n_layers; ++l) {
+    if (policy_.dense_layer(l)) continue;
+    indices_[l] = at::full({batch, n_kv_heads, budget_}, -1, ints);
+    counts_[l] = at::zeros({batch, n_kv_heads}, ints);
+  }
+  lens_ = at::zeros({batch}, ints);
+  read_ = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device));
+  full_ = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device));
 }
 
 void KVCache::end_forward(int64_t block_len) {
   if (phase_ != Phase::Prefill) ++step_;
   if (phase_ != Phase::Denoise) {  // lengths advance after every layer has written
-    at::Tensor add = at::full_like(lens_, block_len);
-    if (advance_.defined()) add.mul_(advance_.to(at::kInt));
-    lens_ += add;
-    max_len_ += block_len;  // an upper bound of the longest row
+    if (advance_.defined()) lens_.add_(advance_.to(at::kInt) * block_len);
+    else lens_.add_(block_len);
+    max_len_ += block_len;  // an upper bound of the longest row, kept on the host
   }
 }
 
 at::Tensor KVCache::attend(int64_t layer, const at::Tensor& q, const at::Tensor& k,
                            const at::Tensor& v, double scale) {
-  at::Tensor out;
-  if (phase_ == Phase::Prefill) {
-    out = std::get<0>(mage::dense_attention(q, keys_[layer], values_[layer], lens_, k, v, scale));
-  } else {
-    out = select_and_attend(layer, q, k, v, scale);
-  }
-  if (phase_ != Phase::Denoise) {
-    if (max_len_ + k.size(2) > capacity_)
-      throw std::runtime_error("KVCache: writing " + std::to_string(k.size(2)) +
-                               " entries past the capacity " + std::to_string(capacity_));
-    mage::append_kv(keys_[layer], values_[layer], lens_, k, v);
-  }
+  if (phase_ != Phase::Denoise && max_len_ + k.size(2) > capacity_)
+    throw std::runtime_error("KVCache: writing " + std::to_string(k.size(2)) +
+                             " entries past the capacity " + std::to_string(capacity_));
+  at::Tensor out = phase_ == Phase::Prefill ? prefill_attention(layer, q, k, v, scale)
+                                            : select_and_attend(layer, q, k, v, scale);
+  if (phase_ != Phase::Denoise) mage::append_kv(keys_[layer], values_[layer], lens_, k, v);
   return out;
+}
+
+at::Tensor KVCache::prefill_attention(int64_t layer, const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v, double scale) {
+  return std::get<0>(mage::dense_attention(q, keys_[layer], values_[layer], lens_, k, v, scale));
 }
 
 at::Tensor KVCache::select_and_attend(int64_t layer, const at::Tensor& q, const at::Tensor& k,
@@ -73,28 +77,31 @@ at::Tensor KVCache::select_and_attend(int64_t layer, const at::Tensor& q, const 
   }
   if (phase_ == Phase::Denoise && step_ == 0) {
     auto [out, lse, scores] = mage::attention_with_scores(q, kc, vc, lens_, k, v, scale);
-    // Budget clamped to the capacity; sink/recent clamped into it (selectors/mage.py _topk).
-    const int64_t kk = std::max<int64_t>(1, std::min<int64_t>(policy_.k, scores.size(-1)));
-    const int64_t sink = std::min(policy_.n_sink, kk);
-    const int64_t recent = std::min(policy_.n_recent, kk - sink);
-    auto [indices, counts] = mage::topk_select(scores, lens_, kk, sink, recent);
-    selections_[layer] = std::make_pair(indices, counts);
+    // sink/recent clamped into the budget (selectors/mage.py _topk).
+    const int64_t sink = std::min(policy_.n_sink, budget_);
+    const int64_t recent = std::min(policy_.n_recent, budget_ - sink);
+    mage::topk_select_out(scores, lens_, budget_, sink, recent, indices_[layer], counts_[layer]);
+    selected_[layer] = true;
     count_read(nullptr);
     return out;
   }
-  const auto& sel = selections_[layer];
-  if (!sel)
+  if (!selected_[layer])
     throw std::runtime_error("KVCache: layer " + std::to_string(layer) +
                              " has no selection; step 0 of the block must run first");
-  count_read(&sel->second);
-  return std::get<0>(mage::sparse_attention(q, kc, vc, sel->first, sel->second, k, v, scale));
+  count_read(&counts_[layer]);
+  return std::get<0>(mage::sparse_attention(q, kc, vc, indices_[layer], counts_[layer], k, v, scale));
 }
 
 void KVCache::count_read(const at::Tensor* counts) {
   // As eval/traffic.py entries_read: entries per KV head, summed over the batch.
-  const double full = lens_.to(at::kDouble).sum().item<double>();
-  full_ += full;
-  read_ += counts ? counts->to(at::kDouble).mean(1).sum().item<double>() : full;
+  at::Tensor full = lens_.to(at::kDouble).sum();
+  full_.add_(full);
+  read_.add_(counts ? counts->to(at::kDouble).mean(1).sum() : full);
+}
+
+double KVCache::kv_fraction() const {
+  const double full = full_.item<double>();
+  return full > 0 ? read_.item<double>() / full : 1.0;
 }
 
 }  // namespace mage::runtime

@@ -2,11 +2,15 @@
 // mage_ext/hf/cache.py (MageCache), mage_ext/hf/attention.py and mage_ext/selectors/mage.py.
 // Every attention call goes through the project's ops (mage/ops.h), so the C++ runtime and the
 // Python path run the same kernels on the same cache layout.
+//
+// Nothing here reads the device on the host during a forward: the cache lengths advance on the
+// device, MAGE's selection goes into buffers allocated once (so a forward recorded as a CUDA graph
+// reads the current block's selection on replay), and the read accounting accumulates on the
+// device until kv_fraction() reads it once.
 #pragma once
 
 #include <ATen/ATen.h>
 
-#include <optional>
 #include <string>
 #include <vector>
 
@@ -28,34 +32,43 @@ enum class Phase { Prefill, Denoise, Commit };
 
 class KVCache {
  public:
+  // Tensors on `device` (the model's).
   KVCache(int64_t n_layers, int64_t batch, int64_t n_kv_heads, int64_t head_dim,
-          int64_t capacity, at::ScalarType dtype, Policy policy);
+          int64_t capacity, at::ScalarType dtype, Policy policy,
+          at::Device device = at::Device(at::kCPU));
 
   // Phases, as MageCache: begin_* before a forward, end_forward() after it.
-  // Prefill of a prompt chunk: only rows with `advance` true (bool [batch]; undefined: all)
-  // keep it; the others are scratch rows, written past their length and never read.
+  // Prefill of a prompt chunk: only rows with `advance` true (bool [batch] on the device;
+  // undefined: all) keep it; the others are scratch rows, written past their length, never read.
   void begin_prefill(at::Tensor advance = {}) {
     phase_ = Phase::Prefill;
     advance_ = std::move(advance);
   }
-  void begin_block();
+  void begin_block() { step_ = 0; }
   void begin_step(bool commit) {
     phase_ = commit ? Phase::Commit : Phase::Denoise;
     advance_ = at::Tensor();
   }
+  // Advances the lengths (prefill, commit) by `block_len` on the device; no host read.
   void end_forward(int64_t block_len);
 
-  // One layer's attention: q [batch, Hq, B, d], k/v [batch, Hkv, B, d] (RoPE applied,
-  // contiguous). Returns [batch, Hq, B, d]; prefill and commit also write k/v to the cache.
+  // One layer's attention: q [batch, Hq, n, d], k/v [batch, Hkv, n, d] (RoPE applied,
+  // contiguous). Returns [batch, Hq, n, d]; prefill and commit also write k/v to the cache.
   at::Tensor attend(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     double scale);
 
   const at::Tensor& cache_lens() const { return lens_; }
+  int64_t capacity() const { return capacity_; }
   int64_t step() const { return step_; }
   Phase phase() const { return phase_; }
-  double kv_fraction() const { return full_ > 0 ? read_ / full_ : 1.0; }
+  // Share of the cache read by denoise/commit forwards (1.0 = dense). Reads the device.
+  double kv_fraction() const;
 
  private:
+  // Prefill attention of a chunk over the cache before it (dense, block-causal). Today a chunk
+  // is one block (dense_attention); a multi-block chunk goes to mage::block_attention here.
+  at::Tensor prefill_attention(int64_t layer, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, double scale);
   at::Tensor select_and_attend(int64_t layer, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, double scale);
   void count_read(const at::Tensor* counts);
@@ -63,12 +76,13 @@ class KVCache {
   std::vector<at::Tensor> keys_, values_;
   at::Tensor lens_;                       // int32 [batch], shared by all layers
   at::Tensor advance_;                    // rows whose lengths the prefill advances
-  std::vector<std::optional<std::pair<at::Tensor, at::Tensor>>> selections_;  // (indices, counts)
+  std::vector<at::Tensor> indices_, counts_;  // MAGE's selection per layer (sparse layers only)
+  std::vector<bool> selected_;            // a step 0 has filled the layer's selection
   Policy policy_;
-  int64_t capacity_, max_len_ = 0;
+  int64_t capacity_, budget_ = 0, max_len_ = 0;
   Phase phase_ = Phase::Prefill;
   int64_t step_ = 0;
-  double read_ = 0.0, full_ = 0.0;        // entries read vs. a dense read (denoise/commit)
+  at::Tensor read_, full_;                // float64 scalars on the device
 };
 
 }  // namespace mage::runtime

@@ -5,8 +5,8 @@
 #include <algorithm>
 #include <stdexcept>
 
-#include "runtime/io.h"
-#include "runtime/json.h"
+#include "runtime/base/io.h"
+#include "runtime/base/json.h"
 
 namespace mage::runtime {
 namespace {
@@ -23,16 +23,16 @@ constexpr Family kFamilies[] = {{"qwen2", "fast_dllm", false, 32},
                                 {"sdar", "sdar", true, 4}};
 
 int64_t required_int(const Json& doc, const char* key, const std::string& source) {
-  const Json* v = doc.find(key);
+  const Json* v = find(doc, key);
   if (!v) throw std::runtime_error(source + ": missing required key '" + key + "'");
-  int64_t n = v->as_int(source + ": " + key);
+  int64_t n = as_int(*v, source + ": " + key);
   if (n <= 0) throw std::runtime_error(source + ": " + key + " must be > 0, got " + std::to_string(n));
   return n;
 }
 
 // An optional key; null counts as absent (HF writes "head_dim": null for some models).
 const Json* optional(const Json& doc, const char* key) {
-  const Json* v = doc.find(key);
+  const Json* v = find(doc, key);
   return v && !v->is_null() ? v : nullptr;
 }
 
@@ -41,9 +41,9 @@ void add_stop_ids(const Json& doc, const std::string& source, std::vector<int64_
   if (!eos) return;
   std::vector<int64_t> found;
   if (eos->is_array()) {
-    for (const Json& e : eos->items) found.push_back(e.as_int(source + ": eos_token_id"));
+    for (const Json& e : *eos) found.push_back(as_int(e, source + ": eos_token_id"));
   } else {
-    found.push_back(eos->as_int(source + ": eos_token_id"));
+    found.push_back(as_int(*eos, source + ": eos_token_id"));
   }
   for (int64_t i : found)
     if (std::find(ids.begin(), ids.end(), i) == ids.end()) ids.push_back(i);
@@ -54,8 +54,8 @@ void add_stop_ids(const Json& doc, const std::string& source, std::vector<int64_
 ModelConfig parse_config(const Json& doc, const std::string& source) {
   if (!doc.is_object()) throw std::runtime_error(source + ": expected a JSON object");
   ModelConfig c;
-  const Json* type = doc.find("model_type");
-  c.model_type = type ? type->as_string(source + ": model_type") : "";
+  const Json* type = find(doc, "model_type");
+  c.model_type = type ? as_string(*type, source + ": model_type") : "";
   const Family* family = nullptr;
   for (const auto& f : kFamilies)
     if (c.model_type == f.model_type) family = &f;
@@ -84,24 +84,24 @@ ModelConfig parse_config(const Json& doc, const std::string& source) {
   }
   if (c.head_dim % 2) throw std::runtime_error(source + ": head_dim must be even (rotary)");
   if (const Json* v = optional(doc, "max_position_embeddings"))
-    c.max_positions = v->as_int(source + ": max_position_embeddings");
-  if (const Json* v = optional(doc, "rms_norm_eps")) c.rms_norm_eps = v->as_number(source + ": rms_norm_eps");
+    c.max_positions = as_int(*v, source + ": max_position_embeddings");
+  if (const Json* v = optional(doc, "rms_norm_eps")) c.rms_norm_eps = as_number(*v, source + ": rms_norm_eps");
   const Json* rope = optional(doc, "rope_parameters");
   if (!rope) rope = optional(doc, "rope_scaling");
   if (rope && rope->is_object()) {
     const Json* rt = optional(*rope, "rope_type");
     if (!rt) rt = optional(*rope, "type");
-    if (rt && rt->as_string(source + ": rope_type") != "default")
-      throw std::runtime_error(source + ": rope_type '" + rt->string +
+    if (rt && as_string(*rt, source + ": rope_type") != "default")
+      throw std::runtime_error(source + ": rope_type '" + as_string(*rt, source) +
                                "' is not supported (only the default rotary embedding)");
-    if (const Json* th = optional(*rope, "rope_theta")) c.rope_theta = th->as_number(source + ": rope_theta");
+    if (const Json* th = optional(*rope, "rope_theta")) c.rope_theta = as_number(*th, source + ": rope_theta");
   }
-  if (const Json* th = optional(doc, "rope_theta")) c.rope_theta = th->as_number(source + ": rope_theta");
-  if (const Json* v = optional(doc, "use_sliding_window"); v && v->as_bool(source + ": use_sliding_window"))
+  if (const Json* th = optional(doc, "rope_theta")) c.rope_theta = as_number(*th, source + ": rope_theta");
+  if (const Json* v = optional(doc, "use_sliding_window"); v && as_bool(*v, source + ": use_sliding_window"))
     throw std::runtime_error(source + ": sliding-window attention is not supported");
   if (const Json* v = optional(doc, "tie_word_embeddings"))
-    c.tie_word_embeddings = v->as_bool(source + ": tie_word_embeddings");
-  if (const Json* v = optional(doc, "mask_token_id")) c.mask_id = v->as_int(source + ": mask_token_id");
+    c.tie_word_embeddings = as_bool(*v, source + ": tie_word_embeddings");
+  if (const Json* v = optional(doc, "mask_token_id")) c.mask_id = as_int(*v, source + ": mask_token_id");
   c.block_size = family->default_block;
   for (const char* key : {"bd_size", "block_size", "block_length"}) {
     if (optional(doc, key)) {

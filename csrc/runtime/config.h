@@ -6,9 +6,9 @@
 #include <string>
 #include <vector>
 
-namespace mage::runtime {
+#include "runtime/base/json.h"
 
-struct Json;
+namespace mage::runtime {
 
 struct ModelConfig {
   std::string model_type;        // qwen2, Fast_dLLM_Qwen, qwen3, sdar

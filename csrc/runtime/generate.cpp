@@ -1,66 +1,180 @@
-// The loop of mage_ext/generate.py (_Run); the per-step rules are in
-// decoding.cpp so ties break as in Python.
+// The loop of mage_ext/generate.py (_Run); the per-step rules are in decoding.cpp so ties break
+// (and sampling draws) as in Python.
 #include "runtime/generate.h"
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/grad_mode.h>
 
 #include <algorithm>
+#include <array>
+#include <deque>
+#include <memory>
+#include <mutex>
 #include <chrono>
 #include <limits>
 #include <stdexcept>
 #include <string>
+
+#include "runtime/graphs.h"
+#include "runtime/sync_check.h"
+
+#ifdef MAGE_WITH_CUDA
+#include <ATen/cuda/CUDAEvent.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 namespace mage::runtime {
 namespace {
 
 using Clock = std::chrono::steady_clock;
 
+double since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
 Style style_of(const QwenModel& model, const GenerateOptions& o) {
   return o.style ? *o.style : parse_style(model.config().family);
 }
+
+int64_t mask_of(const QwenModel& model, const GenerateOptions& o) {
+  return o.mask_id >= 0 ? o.mask_id : model.config().mask_id;
+}
+
+at::Generator make_generator(at::Device device, uint64_t seed) {
+  at::Generator g;
+#ifdef MAGE_WITH_CUDA
+  if (device.is_cuda()) g = at::cuda::detail::createCUDAGenerator(device.index());
+#endif
+  if (!g.defined()) g = at::make_generator<at::CPUGeneratorImpl>();
+  std::lock_guard<std::mutex> lock(g.mutex());
+  g.set_current_seed(seed);  // as torch.Generator(device).manual_seed(seed)
+  return g;
+}
+
+// Per-forward times without synchronising inside a block: CUDA events recorded around each
+// forward on the generation's stream, read when the host waits anyway (block boundaries).
+class Timeline {
+ public:
+  explicit Timeline(at::Device device) : cuda_(device.is_cuda()) {}
+
+  void begin(StepTime::Kind kind, int64_t block) {
+    pending_.push_back({kind, block, Clock::now(), 0.0, next_event(), next_event()});
+#ifdef MAGE_WITH_CUDA
+    if (cuda_) events_[pending_.back().start].record();
+#endif
+  }
+  void end() {
+    Pending& p = pending_.back();
+    p.host = since(p.t0);
+#ifdef MAGE_WITH_CUDA
+    if (cuda_) events_[p.stop].record();
+#endif
+  }
+  // Moves the recorded forwards into `out` (waits for the device on CUDA).
+  void flush(std::vector<StepTime>& out) {
+    for (const Pending& p : pending_) {
+      double device = p.host;  // the CPU ops ran synchronously
+#ifdef MAGE_WITH_CUDA
+      if (cuda_) {
+        events_[p.stop].synchronize();
+        device = events_[p.start].elapsed_time(events_[p.stop]) / 1e3;
+      }
+#endif
+      out.push_back({p.kind, p.block, device, p.host});
+    }
+    pending_.clear();
+    used_ = 0;
+  }
+
+ private:
+  struct Pending {
+    StepTime::Kind kind;
+    int64_t block;
+    Clock::time_point t0;
+    double host;
+    size_t start, stop;  // indices into events_
+  };
+  size_t next_event() {
+#ifdef MAGE_WITH_CUDA
+    if (cuda_ && used_ == events_.size()) events_.emplace_back(cudaEventDefault);  // timing on
+#endif
+    return used_++;
+  }
+
+  bool cuda_;
+  std::vector<Pending> pending_;
+  size_t used_ = 0;
+#ifdef MAGE_WITH_CUDA
+  std::deque<at::cuda::CUDAEvent> events_;  // reused across flushes
+#endif
+};
 
 class Run {
  public:
   Run(const QwenModel& model, const std::vector<std::vector<int64_t>>& prompts,
       const GenerateOptions& o)
       : model_(model), prompts_(prompts), o_(o), n_(static_cast<int64_t>(prompts.size())),
-        B_(o.block_size ? o.block_size : model.config().block_size),
-        mask_(model.config().mask_id), style_(style_of(model, o)), full_(split(0)),
-        gen_start_(split(1)),
+        B_(o.block_size ? o.block_size : model.config().block_size), mask_(mask_of(model, o)),
+        style_(style_of(model, o)), device_(model.device()), full_(split(0)), gen_start_(split(1)),
         cache_(model.config().num_layers, n_, model.config().num_kv_heads,
-               model.config().head_dim, capacity(), model.dtype(), o.policy) {
-    x_ = at::full({n_, B_}, mask_, at::kLong);
+               model.config().head_dim, capacity(), model.dtype(), o.policy, model.device()),
+        generator_(make_generator(model.device(), o.seed)), timeline_(model.device()) {
+    const bool graphs = o.cuda_graphs && device_.is_cuda();
+    for (int k = 0; k < 4; ++k) {
+      const bool last_only = k == StepTime::Prefill || k == StepTime::Commit;
+      forwards_[k] = std::make_unique<GraphedForward>(
+          [this, last_only](const at::Tensor& ids) { return logits_of(ids, last_only); }, graphs);
+    }
+    at::Tensor x = at::full({n_, B_}, mask_, at::kLong);
     for (int64_t b = 0; b < n_; ++b) {  // the first block: the prompt's remainder, then [MASK]
       const auto& p = prompts[b];
       const int64_t rem = gen_start_[b];
-      for (int64_t i = 0; i < rem; ++i) x_[b][i] = p[p.size() - rem + i];
+      for (int64_t i = 0; i < rem; ++i) x[b][i] = p[p.size() - rem + i];
     }
+    x_ = x.to(device_);
     result_.tokens.resize(n_);
     result_.stopped.assign(n_, false);
   }
 
   BatchResult run() {
+    auto t0 = Clock::now();
     prefill();
-    while (true) {
+    flush();  // waits for the prefill's last forward
+    result_.prefill_wall_s = since(t0);
+    t0 = Clock::now();
+    SyncCheck check(device_.is_cuda());  // MAGE_SYNC_CHECK=1: no other host sync from here
+    for (int64_t block = 0;; ++block) {
       cache_.begin_block();
       if (style_ == Style::FastDllm) {
-        denoise_fast_dllm();
+        denoise_fast_dllm(block);
       } else {
-        denoise_sdar();
+        denoise_sdar(block);
       }
-      if (collect()) break;
+      const bool all_done = collect();  // reads the block: the host waits for the device here
+      flush();
+      if (all_done) break;
       cache_.begin_step(/*commit=*/true);
-      at::Tensor logits = forward(x_, StepTime::Commit, /*last_only=*/true);
-      x_ = at::full({n_, B_}, mask_, at::kLong);
+      at::Tensor logits = forward(StepTime::Commit, block, x_);
+      at::Tensor next = at::full({n_, B_}, mask_, x_.options());
       if (style_ == Style::FastDllm)  // the commit forward yields the next block's first token
-        x_.select(1, 0).copy_(greedy(logits.select(1, -1)).first);
+        next.select(1, 0).copy_(draw(logits.select(1, -1)).first);
+      x_ = next;
       std::fill(gen_start_.begin(), gen_start_.end(), 0);
     }
+    result_.decode_wall_s = since(t0);
+    AllowSync allowed;
     result_.kv_fraction = cache_.kv_fraction();
     return std::move(result_);
   }
 
  private:
+  // Prompt blocks per prefill forward. The cache's prefill attention takes one block today;
+  // with mage::block_attention a chunk of several blocks (block-causal inside, the cache before
+  // it) makes this larger (the last chunk shorter), and nothing else here changes.
+  static constexpr int64_t kPrefillBlocks = 1;
+
   std::vector<int64_t> split(int which) const {  // per prompt: full blocks (0), remainder (1)
     std::vector<int64_t> v;
     for (const auto& p : prompts_) {
@@ -76,50 +190,83 @@ class Run {
     return full * B_ + ((o_.max_new_tokens + rem + B_ - 1) / B_ + 1) * B_;
   }
 
-  at::Tensor forward(const at::Tensor& ids, StepTime::Kind kind, bool last_only) {
-    at::Tensor pos = cache_.cache_lens().to(at::kLong).unsqueeze(1) + at::arange(B_, at::kLong);
-    auto t0 = Clock::now();
+  // The forward itself: positions from the cache lengths on the device, [MASK] never output.
+  at::Tensor logits_of(const at::Tensor& ids, bool last_only) {
+    const auto longs = at::TensorOptions().dtype(at::kLong).device(device_);
+    at::Tensor pos = cache_.cache_lens().to(at::kLong).unsqueeze(1) + at::arange(ids.size(1), longs);
     at::Tensor logits = model_.forward(ids, pos, cache_, last_only);
     logits.select(-1, mask_).fill_(-std::numeric_limits<double>::infinity());
-    cache_.end_forward(B_);
-    result_.times.push_back({kind, std::chrono::duration<double>(Clock::now() - t0).count()});
     return logits;
   }
 
-  void prefill() {  // chunk i: rows with more than i full blocks; the others are scratch
-    const int64_t chunks = *std::max_element(full_.begin(), full_.end());
-    for (int64_t i = 0; i < chunks; ++i) {
-      at::Tensor ids = at::full({n_, B_}, mask_, at::kLong);
-      at::Tensor advance = at::zeros({n_}, at::kBool);
-      for (int64_t b = 0; b < n_; ++b) {
-        if (full_[b] <= i) continue;
-        const auto first = prompts_[b].begin() + i * B_;
-        ids[b].copy_(at::tensor(std::vector<int64_t>(first, first + B_), at::kLong));
-        advance[b] = true;
-      }
-      cache_.begin_prefill(advance);
-      at::Tensor logits = forward(ids, StepTime::Prefill, /*last_only=*/true);
+  at::Tensor forward(StepTime::Kind kind, int64_t block, const at::Tensor& ids) {
+    timeline_.begin(kind, block);
+    at::Tensor logits = (*forwards_[kind])(ids);
+    cache_.end_forward(ids.size(1));
+    timeline_.end();
+    return logits;
+  }
+
+  void flush() {
+    AllowSync allowed;
+    timeline_.flush(result_.times);
+  }
+
+  std::pair<at::Tensor, at::Tensor> draw(const at::Tensor& logits) {
+    return sample(logits, o_.temperature, o_.top_p, generator_);
+  }
+
+  void prefill() {
+    const int64_t blocks = *std::max_element(full_.begin(), full_.end());
+    if (blocks == 0) return;
+    // One upload: every row's full blocks ([MASK] where a row has fewer: scratch), which rows
+    // each block advances, and where a block-aligned prompt ends (its next token comes from
+    // that block's logits, Fast-dLLM v2).
+    at::Tensor ids = at::full({n_, blocks * B_}, mask_, at::kLong);
+    at::Tensor advance = at::zeros({blocks, n_}, at::kBool);
+    at::Tensor ends = at::zeros({blocks, n_}, at::kBool);
+    for (int64_t b = 0; b < n_; ++b) {
+      const int64_t len = full_[b] * B_;
+      if (len) ids[b].slice(0, 0, len).copy_(at::tensor(std::vector<int64_t>(prompts_[b].begin(), prompts_[b].begin() + len)));
+      advance.slice(0, 0, full_[b]).select(1, b).fill_(true);
+      if (gen_start_[b] == 0 && full_[b] > 0) ends[full_[b] - 1][b] = true;
+    }
+    ids = ids.to(device_);
+    advance = advance.to(device_);
+    ends = ends.to(device_);
+    SyncCheck check(device_.is_cuda());
+    for (int64_t i = 0; i < blocks; i += kPrefillBlocks) {
+      const int64_t n = std::min(kPrefillBlocks, blocks - i);
+      cache_.begin_prefill(advance[i]);
+      at::Tensor logits = forward(StepTime::Prefill, -1, ids.slice(1, i * B_, (i + n) * B_));
       if (style_ != Style::FastDllm) continue;
-      at::Tensor tok = greedy(logits.select(1, -1)).first;
-      for (int64_t b = 0; b < n_; ++b)  // the token after a block-aligned prompt
-        if (gen_start_[b] == 0 && full_[b] == i + 1) x_[b][0] = tok[b];
+      at::Tensor tok = draw(logits.select(1, -1)).first;  // every chunk, as Python (same draws)
+      at::Tensor first = x_.select(1, 0);
+      first.copy_(at::where(ends[i + n - 1], tok, first));
     }
   }
 
-  at::Tensor step_logits() {
+  at::Tensor step_logits(int64_t block) {
     cache_.begin_step(/*commit=*/false);
     const bool first = cache_.step() == 0;
-    return forward(x_, first ? StepTime::FirstStep : StepTime::LaterStep, /*last_only=*/false);
+    return forward(first ? StepTime::FirstStep : StepTime::LaterStep, block, x_);
   }
 
-  void denoise_fast_dllm() {
+  // The one host read inside a block: whether any [MASK] is left (one small copy per step).
+  static bool any_mask(const at::Tensor& x, int64_t mask) {
+    at::Tensor any = x.eq(mask).any();
+    AllowSync allowed;
+    return any.item<bool>();
+  }
+
+  void denoise_fast_dllm(int64_t block) {
     for (int64_t start = 0; start < B_; start += o_.sub_block) {
       const int64_t end = start + o_.sub_block;
-      while (x_.slice(1, start, end).eq(mask_).any().item<bool>()) {
-        at::Tensor logits = step_logits();
+      while (any_mask(x_.slice(1, start, end), mask_)) {
+        at::Tensor logits = step_logits(block);
         // Token shift: position i is predicted from hidden i-1.
         logits = at::cat({logits.slice(1, 0, 1), logits.slice(1, 0, -1)}, 1).slice(1, start, end);
-        auto [tok, p] = greedy(logits);
+        auto [tok, p] = draw(logits);
         at::Tensor cur = x_.slice(1, start, end);
         at::Tensor pick = threshold_unmask(p, cur.eq(mask_), o_.threshold);
         cur.copy_(at::where(pick, tok, cur));
@@ -127,15 +274,13 @@ class Run {
     }
   }
 
-  void denoise_sdar() {
+  void denoise_sdar(int64_t block) {
     for (int64_t n : transfer_schedule(B_, o_.steps)) {
+      if (!any_mask(x_, mask_)) break;
       at::Tensor masked = x_.eq(mask_);
-      if (!masked.any().item<bool>()) break;
-      auto [tok, p] = greedy(step_logits());
+      auto [tok, p] = draw(step_logits(block));
       x_ = at::where(low_confidence_unmask(p, masked, n, o_.remasking, o_.threshold), tok, x_);
     }
-    if (x_.eq(mask_).any().item<bool>())  // cannot happen: the schedule sums to B
-      throw std::logic_error("generate: the SDAR schedule left [MASK] tokens in the block");
   }
 
   bool done(int64_t b) const {
@@ -145,8 +290,15 @@ class Run {
 
   bool collect() {  // appends the block's new tokens; true when every row is done
     const auto& stops = model_.config().stop_ids;
-    at::Tensor x = x_.contiguous();
+    at::Tensor x;
+    {
+      AllowSync allowed;
+      x = x_.to(at::kCPU).contiguous();
+    }
     const int64_t* rows = x.data_ptr<int64_t>();
+    if (std::find(rows, rows + x.numel(), mask_) != rows + x.numel())  // cannot happen
+      throw std::logic_error("generate: a block was committed with [MASK] tokens left");
+    std::vector<std::vector<int64_t>> added(n_);
     bool all = true;
     for (int64_t b = 0; b < n_; ++b) {
       for (int64_t i = gen_start_[b]; i < B_ && !done(b); ++i) {
@@ -155,10 +307,12 @@ class Run {
           result_.stopped[b] = true;
         } else {
           result_.tokens[b].push_back(t);
+          added[b].push_back(t);
         }
       }
       all = all && done(b);
     }
+    if (o_.on_block) o_.on_block(added);
     return all;
   }
 
@@ -167,9 +321,13 @@ class Run {
   const GenerateOptions& o_;
   const int64_t n_, B_, mask_;
   const Style style_;
+  const at::Device device_;
   const std::vector<int64_t> full_;  // full prompt blocks per row
   std::vector<int64_t> gen_start_;   // first generated position of the current block per row
   KVCache cache_;
+  at::Generator generator_;
+  Timeline timeline_;
+  std::array<std::unique_ptr<GraphedForward>, 4> forwards_;  // by StepTime::Kind
   at::Tensor x_;
   BatchResult result_;
 };
@@ -178,10 +336,12 @@ void check(const QwenModel& model, const std::vector<std::vector<int64_t>>& prom
            const GenerateOptions& o) {
   const ModelConfig& c = model.config();
   const int64_t B = o.block_size ? o.block_size : c.block_size;
+  const int64_t mask = mask_of(model, o);
   auto bad = [](const std::string& m) { throw std::invalid_argument("generate: " + m); };
   o.policy.validate();
-  if (c.mask_id < 0 || c.mask_id >= c.vocab_size)
-    bad("the model's config.json has no valid mask_token_id");
+  if (mask < 0 || mask >= c.vocab_size)
+    bad(o.mask_id >= 0 ? "mask id " + std::to_string(mask) + " is outside the vocabulary"
+                       : "the model's config.json has no valid mask_token_id (and none was given)");
   if (prompts.empty()) bad("no prompts given");
   size_t n = 0;  // the longest prompt
   for (const auto& prompt : prompts) {
@@ -203,6 +363,9 @@ void check(const QwenModel& model, const std::vector<std::vector<int64_t>>& prom
         std::to_string(o.steps));
   }
   if (!(o.threshold >= 0.0 && o.threshold <= 1.0)) bad("threshold must lie in [0, 1]");
+  if (!(o.temperature >= 0.0) || o.temperature == std::numeric_limits<double>::infinity())
+    bad("temperature must be a finite number >= 0");
+  if (!(o.top_p > 0.0 && o.top_p <= 1.0)) bad("top_p must lie in (0, 1]");
   if (o.max_new_tokens <= 0) bad("max_new_tokens must be > 0");
   if (c.max_positions > 0 && static_cast<int64_t>(n) + o.max_new_tokens > c.max_positions)
     bad("prompt (" + std::to_string(n) + ") + max_new_tokens (" +
@@ -216,13 +379,14 @@ BatchResult generate_batch(const QwenModel& model, const std::vector<std::vector
                            const GenerateOptions& options) {
   check(model, prompts, options);
   at::NoGradGuard no_grad;
+#ifdef MAGE_WITH_CUDA
+  // One non-default stream for the whole generation: graph capture needs one, and eager work,
+  // captures and replays then stay in order without cross-stream waits.
+  std::optional<c10::cuda::CUDAStreamGuard> stream;
+  if (model.device().is_cuda())
+    stream.emplace(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, model.device().index()));
+#endif
   return Run(model, prompts, options).run();
-}
-
-GenerateResult generate(const QwenModel& model, const std::vector<int64_t>& prompt,
-                        const GenerateOptions& options) {
-  BatchResult r = generate_batch(model, {prompt}, options);
-  return {std::move(r.tokens[0]), r.stopped[0], std::move(r.times), r.kv_fraction};
 }
 
 }  // namespace mage::runtime

@@ -1,6 +1,6 @@
-// Block-diffusion generation (greedy), the loop of mage_ext/generate.py: the
-// prompt's full blocks are prefilled (dense, block-causal), the remainder heads the first block;
-// each block is denoised, then one commit forward writes its KV.
+// Block-diffusion generation, the loop of mage_ext/generate.py: the prompt's full blocks are
+// prefilled (dense, block-causal), the remainder heads the first block; each block is denoised,
+// then one commit forward writes its KV.
 // Fast-dLLM v2: sub-block by sub-block with the threshold rule on token-shifted logits; the
 // prefill / commit forward yields the next block's first token.
 // SDAR: no shift, `steps` steps per block (transfer_schedule) with the low-confidence rules;
@@ -8,9 +8,15 @@
 // A batch advances block by block in lockstep, each row with its own cache length and
 // positions; a row that is done keeps running but its extra tokens are dropped, so each row's
 // tokens equal a batch-of-one run.
+//
+// On CUDA the whole generation runs on one stream, each kind of forward (prefill chunk, a
+// block's first (selecting) step, its later steps, the commit) is replayed as a CUDA graph after
+// its first call, and inside a block the host reads the device once per step (whether any [MASK]
+// is left); timings come from CUDA events read at block boundaries.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <vector>
 
@@ -29,31 +35,33 @@ struct GenerateOptions {
   double threshold = 0.9;      // Fast-dLLM v2 and SDAR low_confidence_dynamic
   int64_t steps = 4;           // SDAR: denoising steps per block, in [1, block_size]
   Remasking remasking = Remasking::Static;  // SDAR
+  double temperature = 0.0;    // 0: greedy
+  double top_p = 1.0;          // nucleus sampling mass, in (0, 1]
+  uint64_t seed = 0;           // the sampling generator's seed (temperature > 0)
+  int64_t mask_id = -1;        // -1: the checkpoint's mask_token_id
+  bool cuda_graphs = true;     // replay repeated forwards as CUDA graphs (CUDA models)
+  // After each block: the tokens it added to each prompt's output (possibly none), in order.
+  std::function<void(const std::vector<std::vector<int64_t>>&)> on_block;
 };
 
 struct StepTime {
   enum Kind { Prefill, FirstStep, LaterStep, Commit } kind;
-  double seconds;
-};
-
-struct GenerateResult {
-  std::vector<int64_t> tokens;  // generated ids, ending before the first stop id
-  bool stopped = false;         // a stop id ended the sequence
-  std::vector<StepTime> times;  // one per forward
-  double kv_fraction = 1.0;     // share of the cache read by denoise/commit forwards
+  int64_t block;        // generation block (-1: prefill)
+  double seconds;       // device time (CUDA events) on CUDA; wall time on the CPU
+  double host_seconds;  // host time to issue the forward
 };
 
 struct BatchResult {
-  std::vector<std::vector<int64_t>> tokens;  // per prompt, as GenerateResult::tokens
-  std::vector<bool> stopped;                 // per prompt
+  std::vector<std::vector<int64_t>> tokens;  // generated ids per prompt, ending before the first stop id
+  std::vector<bool> stopped;                 // a stop id ended the prompt's sequence
   std::vector<StepTime> times;               // one per (batched) forward
-  double kv_fraction = 1.0;
+  double kv_fraction = 1.0;                  // share of the cache read by denoise/commit forwards
+  double prefill_wall_s = 0.0;               // host wall time of the whole prefill (synchronised)
+  double decode_wall_s = 0.0;                // host wall time from the first block to the end
 };
 
 // Throws std::invalid_argument on bad options or prompts.
 BatchResult generate_batch(const QwenModel& model, const std::vector<std::vector<int64_t>>& prompts,
                            const GenerateOptions& options);
-GenerateResult generate(const QwenModel& model, const std::vector<int64_t>& prompt,
-                        const GenerateOptions& options);
 
 }  // namespace mage::runtime

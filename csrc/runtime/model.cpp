@@ -4,7 +4,7 @@
 #include "runtime/model.h"
 
 #include <cmath>
-#include <set>
+#include <map>
 #include <stdexcept>
 
 #include "runtime/safetensors.h"
@@ -12,38 +12,12 @@
 namespace mage::runtime {
 namespace {
 
-// Takes a weight out of the map (so leftovers can be reported) and checks its shape.
-class WeightTaker {
- public:
-  WeightTaker(TensorMap weights, std::string dir, at::ScalarType dtype)
-      : w_(std::move(weights)), dir_(std::move(dir)), dtype_(dtype) {}
-
-  at::Tensor take(const std::string& name, std::vector<int64_t> shape, bool required = true) {
-    auto it = w_.find(name);
-    if (it == w_.end()) {
-      if (required) throw std::runtime_error(dir_ + ": weight '" + name + "' is missing");
-      return {};
-    }
-    at::Tensor t = it->second;
-    w_.erase(it);
-    if (t.sizes() != at::IntArrayRef(shape))
-      throw std::runtime_error(dir_ + ": weight '" + name + "' has shape " + c10::str(t.sizes()) +
-                               ", expected " + c10::str(at::IntArrayRef(shape)) +
-                               " (from config.json)");
-    return t.to(dtype_).contiguous();
-  }
-
-  void expect_empty() const {
-    if (!w_.empty())
-      throw std::runtime_error(dir_ + ": tensor '" + w_.begin()->first +
-                               "' is not a weight of the model (" + std::to_string(w_.size()) +
-                               " unknown tensor(s))");
-  }
-
- private:
-  TensorMap w_;
-  std::string dir_;
-  at::ScalarType dtype_;
+// Where each checkpoint tensor goes: its expected shape (from config.json) and the member it
+// fills. Shapes are checked against the header before any byte is copied.
+struct Slot {
+  std::vector<int64_t> shape;
+  bool required;
+  at::Tensor* dst;
 };
 
 at::Tensor rotate_half(const at::Tensor& x) {
@@ -57,45 +31,72 @@ at::Tensor project(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b
 
 }  // namespace
 
-QwenModel QwenModel::load(const std::string& dir, at::ScalarType dtype) {
+QwenModel QwenModel::load(const std::string& dir, at::ScalarType dtype, at::Device device) {
   QwenModel m;
   m.config_ = load_config(dir);
   m.dtype_ = dtype;
+  m.device_ = device;
   const ModelConfig& c = m.config_;
-  WeightTaker w(load_checkpoint_weights(dir), dir, dtype);
   const int64_t h = c.hidden_size, d = c.head_dim, inter = c.intermediate_size;
   const int64_t qdim = c.num_heads * d, kvdim = c.num_kv_heads * d;
-  m.embed_ = w.take("model.embed_tokens.weight", {c.vocab_size, h});
+  m.layers_.resize(c.num_layers);  // sized first: the slots point into it
+  at::Tensor lm_head;
+  std::map<std::string, Slot> slots;
+  auto want = [&](const std::string& name, std::vector<int64_t> shape, at::Tensor* dst,
+                  bool required = true) { slots[name] = Slot{std::move(shape), required, dst}; };
+  want("model.embed_tokens.weight", {c.vocab_size, h}, &m.embed_);
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
-    Layer L;
-    L.input_norm = w.take(p + "input_layernorm.weight", {h});
-    L.post_norm = w.take(p + "post_attention_layernorm.weight", {h});
-    L.q_w = w.take(p + "self_attn.q_proj.weight", {qdim, h});
-    L.k_w = w.take(p + "self_attn.k_proj.weight", {kvdim, h});
-    L.v_w = w.take(p + "self_attn.v_proj.weight", {kvdim, h});
-    L.o_w = w.take(p + "self_attn.o_proj.weight", {h, qdim});
+    Layer& L = m.layers_[l];
+    want(p + "input_layernorm.weight", {h}, &L.input_norm);
+    want(p + "post_attention_layernorm.weight", {h}, &L.post_norm);
+    want(p + "self_attn.q_proj.weight", {qdim, h}, &L.q_w);
+    want(p + "self_attn.k_proj.weight", {kvdim, h}, &L.k_w);
+    want(p + "self_attn.v_proj.weight", {kvdim, h}, &L.v_w);
+    want(p + "self_attn.o_proj.weight", {h, qdim}, &L.o_w);
     const bool bias = !c.qk_norm;  // Qwen2 has q/k/v biases; Qwen3 has none unless configured
-    L.q_b = w.take(p + "self_attn.q_proj.bias", {qdim}, bias);
-    L.k_b = w.take(p + "self_attn.k_proj.bias", {kvdim}, bias);
-    L.v_b = w.take(p + "self_attn.v_proj.bias", {kvdim}, bias);
+    want(p + "self_attn.q_proj.bias", {qdim}, &L.q_b, bias);
+    want(p + "self_attn.k_proj.bias", {kvdim}, &L.k_b, bias);
+    want(p + "self_attn.v_proj.bias", {kvdim}, &L.v_b, bias);
     if (c.qk_norm) {
-      L.q_norm = w.take(p + "self_attn.q_norm.weight", {d});
-      L.k_norm = w.take(p + "self_attn.k_norm.weight", {d});
+      want(p + "self_attn.q_norm.weight", {d}, &L.q_norm);
+      want(p + "self_attn.k_norm.weight", {d}, &L.k_norm);
     }
-    L.gate_w = w.take(p + "mlp.gate_proj.weight", {inter, h});
-    L.up_w = w.take(p + "mlp.up_proj.weight", {inter, h});
-    L.down_w = w.take(p + "mlp.down_proj.weight", {h, inter});
-    m.layers_.push_back(std::move(L));
+    want(p + "mlp.gate_proj.weight", {inter, h}, &L.gate_w);
+    want(p + "mlp.up_proj.weight", {inter, h}, &L.up_w);
+    want(p + "mlp.down_proj.weight", {h, inter}, &L.down_w);
   }
-  m.final_norm_ = w.take("model.norm.weight", {h});
-  at::Tensor head = w.take("lm_head.weight", {c.vocab_size, h}, !c.tie_word_embeddings);
-  m.lm_head_ = c.tie_word_embeddings ? m.embed_ : head;
-  w.expect_empty();
+  want("model.norm.weight", {h}, &m.final_norm_);
+  want("lm_head.weight", {c.vocab_size, h}, &lm_head, !c.tie_word_embeddings);
+
+  const auto options = at::TensorOptions().dtype(dtype).device(device);
+  visit_checkpoint(dir, [&](const std::string& file, const std::string& name, const at::Tensor& view) {
+    auto it = slots.find(name);
+    if (it == slots.end())
+      throw std::runtime_error(file + ": tensor '" + name + "' is not a weight of the model");
+    if (view.sizes() != at::IntArrayRef(it->second.shape))
+      throw std::runtime_error(file + ": weight '" + name + "' has shape " + c10::str(view.sizes()) +
+                               ", expected " + c10::str(at::IntArrayRef(it->second.shape)) +
+                               " (from config.json)");
+    *it->second.dst = copy_to(view, options);
+  });
+  for (const auto& [name, slot] : slots)
+    if (slot.required && !slot.dst->defined())
+      throw std::runtime_error(dir + ": weight '" + name + "' is missing");
+  m.lm_head_ = c.tie_word_embeddings ? m.embed_ : lm_head;
   // inv_freq = 1 / theta^(arange(0, d, 2) / d) in float32, as compute_default_rope_parameters.
   at::Tensor expo = at::arange(0, d, 2, at::TensorOptions().dtype(at::kFloat)) / d;
-  m.inv_freq_ = at::pow(c.rope_theta, expo).reciprocal() * 1.0;
+  m.inv_freq_ = (at::pow(c.rope_theta, expo).reciprocal() * 1.0).to(device);
   return m;
+}
+
+at::Tensor QwenModel::embed(const at::Tensor& ids) const { return at::embedding(embed_, ids); }
+
+QwenModel::Rotary QwenModel::rotary(const at::Tensor& positions, at::ScalarType dtype) const {
+  // Rotary tables [batch, 1, B, d]: float32 math, then the activation dtype.
+  at::Tensor freqs = positions.unsqueeze(-1).to(at::kFloat) * inv_freq_;
+  at::Tensor emb = at::cat({freqs, freqs}, -1);
+  return {(emb.cos() * 1.0).to(dtype).unsqueeze(1), (emb.sin() * 1.0).to(dtype).unsqueeze(1)};
 }
 
 at::Tensor QwenModel::rms_norm(const at::Tensor& x, const at::Tensor& weight) const {
@@ -105,9 +106,14 @@ at::Tensor QwenModel::rms_norm(const at::Tensor& x, const at::Tensor& weight) co
   return weight * h.to(x.scalar_type());
 }
 
-at::Tensor QwenModel::attention(const Layer& w, int64_t layer, const at::Tensor& x,
-                                const at::Tensor& cos, const at::Tensor& sin,
-                                KVCache& cache) const {
+std::pair<at::Tensor, at::Tensor> QwenModel::add_rms_norm(const at::Tensor& residual,
+                                                          const at::Tensor& delta,
+                                                          const at::Tensor& weight) const {
+  at::Tensor sum = residual + delta;
+  return {sum, rms_norm(sum, weight)};
+}
+
+QwenModel::QKV QwenModel::qkv_rope(const Layer& w, const at::Tensor& x, const Rotary& rot) const {
   const int64_t batch = x.size(0), len = x.size(1), d = config_.head_dim;
   auto heads = [&](const at::Tensor& t, const at::Tensor& norm) {
     at::Tensor v = t.view({batch, len, -1, d});
@@ -117,32 +123,41 @@ at::Tensor QwenModel::attention(const Layer& w, int64_t layer, const at::Tensor&
   at::Tensor q = heads(project(x, w.q_w, w.q_b), w.q_norm);
   at::Tensor k = heads(project(x, w.k_w, w.k_b), w.k_norm);
   at::Tensor v = heads(project(x, w.v_w, w.v_b), at::Tensor());
-  q = (q * cos) + (rotate_half(q) * sin);
-  k = (k * cos) + (rotate_half(k) * sin);
-  const double scale = std::pow(static_cast<double>(d), -0.5);
-  at::Tensor out = cache.attend(layer, q.contiguous(), k.contiguous(), v.contiguous(), scale);
-  out = out.transpose(1, 2).reshape({batch, len, -1}).contiguous();
-  return project(out, w.o_w);
+  q = (q * rot.cos) + (rotate_half(q) * rot.sin);
+  k = (k * rot.cos) + (rotate_half(k) * rot.sin);
+  return {q.contiguous(), k.contiguous(), v.contiguous()};
+}
+
+at::Tensor QwenModel::output_projection(const Layer& w, const at::Tensor& attn) const {
+  const int64_t batch = attn.size(0), len = attn.size(2);
+  return project(attn.transpose(1, 2).reshape({batch, len, -1}).contiguous(), w.o_w);
+}
+
+at::Tensor QwenModel::mlp(const Layer& w, const at::Tensor& x) const {
+  return project(at::silu(project(x, w.gate_w)) * project(x, w.up_w), w.down_w);
+}
+
+at::Tensor QwenModel::head(const at::Tensor& x, bool last_only) const {
+  at::Tensor h = last_only ? x.slice(1, x.size(1) - 1) : x;
+  return project(h, lm_head_).to(at::kFloat);
 }
 
 at::Tensor QwenModel::forward(const at::Tensor& ids, const at::Tensor& positions, KVCache& cache,
                               bool last_only) const {
-  at::Tensor x = at::embedding(embed_, ids);
-  // Rotary tables [batch, 1, B, d]: float32 math, then the activation dtype.
-  at::Tensor freqs = positions.unsqueeze(-1).to(at::kFloat) * inv_freq_;
-  at::Tensor emb = at::cat({freqs, freqs}, -1);
-  at::Tensor cos = (emb.cos() * 1.0).to(x.scalar_type()).unsqueeze(1);
-  at::Tensor sin = (emb.sin() * 1.0).to(x.scalar_type()).unsqueeze(1);
+  at::Tensor x = embed(ids);
+  const Rotary rot = rotary(positions, x.scalar_type());
+  const double scale = std::pow(static_cast<double>(config_.head_dim), -0.5);
+  at::Tensor normed = rms_norm(x, layers_.front().input_norm);
   for (size_t l = 0; l < layers_.size(); ++l) {
     const Layer& w = layers_[l];
-    at::Tensor h = attention(w, static_cast<int64_t>(l), rms_norm(x, w.input_norm), cos, sin, cache);
-    x = x + h;
-    at::Tensor n = rms_norm(x, w.post_norm);
-    x = x + project(at::silu(project(n, w.gate_w)) * project(n, w.up_w), w.down_w);
+    QKV a = qkv_rope(w, normed, rot);
+    at::Tensor attn = cache.attend(static_cast<int64_t>(l), a.q, a.k, a.v, scale);
+    std::tie(x, normed) = add_rms_norm(x, output_projection(w, attn), w.post_norm);
+    // The next layer's input norm, or the final norm, fused with this layer's residual add.
+    const at::Tensor& next = l + 1 < layers_.size() ? layers_[l + 1].input_norm : final_norm_;
+    std::tie(x, normed) = add_rms_norm(x, mlp(w, normed), next);
   }
-  x = rms_norm(x, final_norm_);
-  if (last_only) x = x.slice(1, x.size(1) - 1);
-  return project(x, lm_head_).to(at::kFloat);
+  return head(normed, last_only);
 }
 
 }  // namespace mage::runtime

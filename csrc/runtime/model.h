@@ -1,11 +1,16 @@
 // The Qwen2 / Qwen3 decoder in LibTorch ops with HF weight names, numerically the same
 // operations (and operation order) as transformers' Qwen2/Qwen3 modeling code, so greedy
 // decoding matches the Python path token for token. Attention goes through KVCache.
+//
+// The forward is one function per sub-step (embedding, rotary tables, norm + residual, q/k/v with
+// rotary, attention, output projection, MLP, head) so each can be swapped for a fused op (the
+// project's rms_norm-with-residual, qkv_rope and silu_mul) without touching the others.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "runtime/attention.h"
@@ -15,16 +20,20 @@ namespace mage::runtime {
 
 class QwenModel {
  public:
-  // Loads config.json and the safetensors weights of `dir`, converted to `dtype`.
-  static QwenModel load(const std::string& dir, at::ScalarType dtype);
+  // Loads config.json and the safetensors weights of `dir`, each tensor copied straight from the
+  // memory-mapped shard to `device` in `dtype` (one shard mapped at a time; RoPE's inverse
+  // frequencies stay float32).
+  static QwenModel load(const std::string& dir, at::ScalarType dtype,
+                        at::Device device = at::Device(at::kCPU));
 
-  // ids/positions int64 [batch, B]. Returns float32 logits [batch, B, V], or [batch, 1, V]
-  // with last_only (the last position only, as transformers' logits_to_keep=1).
+  // ids/positions int64 [batch, B] on the model's device. Returns float32 logits [batch, B, V],
+  // or [batch, 1, V] with last_only (the last position only, as transformers' logits_to_keep=1).
   at::Tensor forward(const at::Tensor& ids, const at::Tensor& positions, KVCache& cache,
                      bool last_only) const;
 
   const ModelConfig& config() const { return config_; }
   at::ScalarType dtype() const { return dtype_; }
+  at::Device device() const { return device_; }
 
  private:
   struct Layer {
@@ -33,13 +42,29 @@ class QwenModel {
     at::Tensor q_norm, k_norm;                     // Qwen3 only
     at::Tensor gate_w, up_w, down_w;
   };
+  struct Rotary {
+    at::Tensor cos, sin;  // [batch, 1, B, d] in the activation dtype
+  };
+  struct QKV {
+    at::Tensor q, k, v;   // [batch, H, B, d], contiguous, rotary applied to q and k
+  };
 
+  // The sub-steps of forward().
+  at::Tensor embed(const at::Tensor& ids) const;
+  Rotary rotary(const at::Tensor& positions, at::ScalarType dtype) const;
   at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight) const;
-  at::Tensor attention(const Layer& w, int64_t layer, const at::Tensor& x, const at::Tensor& cos,
-                       const at::Tensor& sin, KVCache& cache) const;
+  // residual + delta, and its RMSNorm (the fused op's contract: returns {sum, normed}).
+  std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& residual,
+                                                 const at::Tensor& delta,
+                                                 const at::Tensor& weight) const;
+  QKV qkv_rope(const Layer& w, const at::Tensor& x, const Rotary& rot) const;
+  at::Tensor output_projection(const Layer& w, const at::Tensor& attn) const;
+  at::Tensor mlp(const Layer& w, const at::Tensor& x) const;  // down(silu(gate(x)) * up(x))
+  at::Tensor head(const at::Tensor& x, bool last_only) const;
 
   ModelConfig config_;
   at::ScalarType dtype_ = at::kFloat;
+  at::Device device_ = at::Device(at::kCPU);
   at::Tensor embed_, final_norm_, lm_head_, inv_freq_;
   std::vector<Layer> layers_;
 };

@@ -1,8 +1,10 @@
-// Helpers of the runtime tests: a scratch directory and an expected-error check.
+// Helpers of the runtime tests (torch-free): a scratch directory, a hand-made safetensors file
+// and an expected-error check.
 #pragma once
 
 #include <gtest/gtest.h>
 
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -28,6 +30,14 @@ struct TempDir {
     std::ofstream(file(name), std::ios::binary) << bytes;
   }
 };
+
+// A safetensors file by hand: 8-byte little-endian header length, header, data.
+inline std::string raw_safetensors(const std::string& header, const std::string& data) {
+  std::string out(8, '\0');
+  uint64_t n = header.size();
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((n >> (8 * i)) & 0xFF);
+  return out + header + data;
+}
 
 // Runs fn and expects a std::exception whose message contains every needle.
 inline void expect_error(const std::function<void()>& fn,

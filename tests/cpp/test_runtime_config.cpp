@@ -2,7 +2,7 @@
 #include <gtest/gtest.h>
 
 #include "runtime/config.h"
-#include "runtime/json.h"
+#include "runtime/base/json.h"
 #include "runtime/model.h"
 #include "runtime/safetensors.h"
 #include "runtime_test_util.h"

@@ -5,6 +5,7 @@ On the shipped tiny model with a passkey prompt, its greedy tokens must equal th
 ``mage_ext.generate`` in float32 on the CPU, token for token, for exact attention and MAGE.
 """
 import copy
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -26,6 +27,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def run_binary(*args, check=True):
+    if "--device" not in args and "--help" not in args:  # the CPU parity tests, on any build
+        args = (*args, "--device", "cpu")
     r = subprocess.run([str(BINARY), *map(str, args)], capture_output=True, text=True, timeout=600)
     if check:
         assert r.returncode == 0, f"mage_generate failed ({r.returncode}): {r.stderr}"
@@ -235,3 +238,132 @@ def test_batch_stop_id(random_checkpoints, tmp_path):
     assert got == want, f"C++ {got} != Python {want}"
     assert got[0] == free[0][:free[0].index(stop)]
     assert any(len(t) == 40 for t in got)  # another row ran to the end
+
+
+# -- text in, text out ---------------------------------------------------------------------------
+# The binary tokenizes with its own C++ tokenizer (tokenizer.json) and streams the decoded text;
+# both must match the Python path, which tokenizes with the `tokenizers` library.
+PASSKEY_TEXT = "the pass key is 71432 . remember it . " * 20 + "what is the pass key ?"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return mage_ext.load_model(str(MODEL), dtype=torch.float32)
+
+
+def python_text(lm, text, **kw):
+    res = mage_ext.generate(lm, None, [text], **kw)
+    return res.texts[0], res.token_ids[0]
+
+
+@pytest.mark.parametrize("method", ["exact", "mage"])
+def test_text_prompt_streams_the_python_text(shipped, method):
+    policy = mage_ext.PolicyConfig(method=method, k=64, dense_layers=1)
+    want, ids = python_text(shipped, PASSKEY_TEXT, policy=policy, max_new_tokens=48)
+    r = run_binary("--model", MODEL, "--prompt", PASSKEY_TEXT, "--policy", method, "--k", 64,
+                   "--dense-layers", 1, "--max-new-tokens", 48, "--device", "cpu")
+    assert r.stdout == want + "\n"
+    assert len(ids) > 0
+
+
+def test_prompt_file_and_chat_template(shipped, tmp_path):
+    f = tmp_path / "prompt.txt"
+    f.write_text(PASSKEY_TEXT)
+    chat = "<|im_start|>user\n" + PASSKEY_TEXT + "<|im_end|>\n<|im_start|>assistant\n"
+    for args, text in ((["--prompt-file", f], PASSKEY_TEXT), (["--prompt-file", f, "--chat"], chat)):
+        want, _ = python_text(shipped, text, max_new_tokens=32)
+        r = run_binary("--model", MODEL, *args, "--max-new-tokens", 32)
+        assert r.stdout == want + "\n", args
+
+
+def test_text_batch_prints_each_text(shipped):
+    texts = [PASSKEY_TEXT, "remember it . what is the pass key ?"]
+    res = mage_ext.generate(shipped, None, texts, max_new_tokens=32)
+    r = run_binary("--model", MODEL, "--prompt", texts[0], "--prompt", texts[1],
+                   "--max-new-tokens", 32)
+    sep = "-" * 40
+    assert r.stdout == "".join(f"{t}\n{sep}\n" for t in res.texts)
+
+
+# Sampling: the binary draws with a torch generator seeded by --seed through the same ops as
+# decoding.sample, so it matches mage_ext.generate(generator=torch.Generator().manual_seed(seed)).
+@pytest.mark.parametrize("style", ["fast_dllm", "sdar"])
+def test_sampling_matches_python_for_a_seed(random_checkpoints, style):
+    from tiny_models import MASK_ID
+
+    model, path = random_checkpoints["qwen3"]
+    prompt = torch.randint(0, MASK_ID, (37,), generator=torch.Generator().manual_seed(2)).tolist()
+    policy = mage_ext.PolicyConfig(method="mage", k=16, dense_layers=1)
+    want = mage_ext.generate(model, input_ids=[prompt], policy=policy, style=style, block_size=8,
+                             max_new_tokens=40, temperature=0.9, top_p=0.8,
+                             generator=torch.Generator().manual_seed(7)).token_ids[0]
+    args = ["--model", path, "--ids", ",".join(map(str, prompt)), "--k", 16, "--dense-layers", 1,
+            "--block-size", 8, "--max-new-tokens", 40, "--style", style, "--temperature", 0.9,
+            "--top-p", 0.8]
+    got = [int(t) for t in run_binary(*args, "--seed", 7).stdout.split()]
+    assert got == want
+    again = [int(t) for t in run_binary(*args, "--seed", 7).stdout.split()]
+    assert again == got
+    greedy = [int(t) for t in run_binary(*args[:-4]).stdout.split()]
+    other = [[int(t) for t in run_binary(*args, "--seed", s).stdout.split()] for s in (8, 9)]
+    assert any(o != got for o in other) and got != greedy
+
+
+def test_timing_json(tmp_path, passkey):
+    _, prompt, _ = passkey
+    out = tmp_path / "t.json"
+    run_binary("--model", MODEL, "--ids", ",".join(map(str, prompt[:200])), "--max-new-tokens", 64,
+               "--timing-json", out)
+    t = json.loads(out.read_text())
+    assert t["runtime"] == "cpp" and t["device"] == "cpu" and t["dtype"] == "float32"
+    assert t["prefill_forwards"] == 200 // 32 and t["prefill_s"] > 0 and t["host_peak_kb"] > 0
+    assert t["later_ms"] > 0 and t["commit_ms"] > 0 and t["block_ms"] > 0
+    kinds = {f["kind"] for f in t["forwards"]}
+    assert kinds <= {"first", "later", "commit"} and "first" in kinds
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--ids", "1", "--temperature", "-1"], "--temperature: must be >= 0"),
+    (["--ids", "1", "--temperature", "nan"], "--temperature: expected a finite number"),
+    (["--ids", "1", "--top-p", "0"], "--top-p: must lie in (0, 1]"),
+    (["--ids", "1", "--top-p", "1.5"], "--top-p: must lie in (0, 1]"),
+    (["--ids", "1", "--seed", "-3"], "--seed: must be >= 0"),
+    (["--ids", "1", "--seed", "x"], "--seed: expected an integer"),
+    (["--ids", "1", "--device", "tpu"], "--device: expected cpu, cuda or cuda:N"),
+    (["--ids", "1", "--dtype", "int8"], "--dtype: expected float32, bfloat16 or float16"),
+    (["--ids", "1", "--max-new-tokens", "0"], "--max-new-tokens: must be >= 1"),
+    (["--ids", "1", "--threshold", "2"], "--threshold: must lie in [0, 1]"),
+    (["--ids", "1", "--k", "0"], "--k: must be >= 1"),
+    (["--ids", "1", "--prompt", "x"], "cannot be mixed"),
+    (["--ids", "1", "--chat"], "--chat: applies to text prompts only"),
+    (["--prompt-file", "/nonexistent/p.txt"], "/nonexistent/p.txt"),
+    (["--prompt", ""], "encodes to no tokens"),
+    ([], "give a prompt"),
+])
+def test_bad_cli_values(args, needle):
+    r = run_binary("--model", MODEL, *args, check=False)
+    assert r.returncode != 0
+    assert needle in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # one line, no usage dump
+
+
+def test_cuda_device_without_a_cuda_build_or_gpu():
+    r = run_binary("--model", MODEL, "--ids", "1", "--device", "cuda", check=False)
+    assert r.returncode != 0
+    assert "built without CUDA" in r.stderr or "no CUDA device" in r.stderr
+
+
+def test_help_states_the_defaults():
+    out = run_binary("--help").stdout
+    assert "(default 256)" in out and "bfloat16 on CUDA, float32 on the CPU" in out
+
+
+def test_ids_file_equals_ids(tmp_path):
+    prompts = batch_prompts()[:2]
+    f = tmp_path / "ids.txt"
+    f.write_text(" ".join(map(str, prompts[0])) + "\n\n" + ",".join(map(str, prompts[1])) + "\n")
+    common = ["--model", MODEL, "--max-new-tokens", 16, "--threads", 1]
+    by_file = run_binary(*common, "--ids-file", f).stdout
+    by_args = run_binary(*common, "--ids", ",".join(map(str, prompts[0])),
+                         "--ids", ",".join(map(str, prompts[1]))).stdout
+    assert by_file == by_args and len(by_file.splitlines()) == 2
