@@ -1,6 +1,6 @@
 // The per-device error record (ops/device_errors.h): a __device__ array, so each device's
 // context has its own copy, zeroed when the module loads. Kernels get its address in their
-// arguments (ErrorSink); device_errors.cpp reads and clears it.
+// arguments (ErrorSink); device_error_reader.cpp reads and clears it.
 #include "cuda/kernel_args.h"
 
 namespace mage::cuda {

@@ -104,7 +104,7 @@ struct AppendArgs {
   ErrorSink err;        // a block that does not fit
 };
 
-// The current device's error record (device_errors.cpp; the address of a __device__ array in
+// The current device's error record (device_error_reader.cpp; the address of a __device__ array in
 // device_errors.cu, looked up once per device) and that lookup.
 int32_t* device_error_record();
 cudaError_t error_record_address(int32_t** address);

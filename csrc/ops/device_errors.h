@@ -62,7 +62,7 @@ struct ErrorSink {
 // [0, capacity=64); ..." for a record read by take_error (empty string for a clean one).
 std::string describe_device_error(const std::vector<int64_t>& record);
 
-// CUDA builds install the reader of a device's record (csrc/cuda/device_errors.cpp): returns
+// CUDA builds install the reader of a device's record (csrc/cuda/device_error_reader.cpp): returns
 // the record (kErrorWords values) and clears it, or an empty vector when it is clean.
 using DeviceErrorReader = std::vector<int64_t> (*)(int device_index);
 void set_cuda_error_reader(DeviceErrorReader reader);
