@@ -54,6 +54,16 @@ at::Tensor threshold_unmask(const at::Tensor& probs, const at::Tensor& masked, d
   return pick.logical_and(masked);
 }
 
+at::Tensor fast_dllm_unmask(const at::Tensor& probs, const at::Tensor& masked, int64_t sub_block,
+                            double threshold) {
+  const int64_t batch = masked.size(0), block = masked.size(1);
+  at::Tensor has = masked.view({batch, block / sub_block, sub_block}).any(-1);
+  at::Tensor active = has.to(at::kInt).argmax(-1);  // the first sub-block with a [MASK]
+  at::Tensor sub = at::arange(block, masked.options().dtype(at::kLong)).div(sub_block, "floor");
+  at::Tensor in_active = sub.unsqueeze(0).eq(active.unsqueeze(-1));
+  return threshold_unmask(probs, masked.logical_and(in_active), threshold);
+}
+
 std::vector<int64_t> transfer_schedule(int64_t block_size, int64_t steps) {
   if (steps <= 0) throw std::invalid_argument("transfer_schedule: steps must be > 0");
   std::vector<int64_t> n(steps, block_size / steps);
@@ -64,11 +74,11 @@ std::vector<int64_t> transfer_schedule(int64_t block_size, int64_t steps) {
 at::Tensor low_confidence_unmask(const at::Tensor& probs, const at::Tensor& masked, int64_t n,
                                  Remasking rule, double threshold) {
   at::Tensor conf = probs.masked_fill(masked.logical_not(), kNegInf);
-  // Python takes topk(min(n, masked count)) per row: the n best of a row with fewer masked
-  // positions include unmasked (-inf) ones, which the final `& masked` drops: the same set.
-  const int64_t k = std::min<int64_t>(n, conf.size(-1));
-  at::Tensor pick = at::zeros_like(masked);
-  if (k > 0) pick.scatter_(-1, std::get<1>(conf.topk(k, -1)), true);
+  // As Python's fill_most_confident: each position's rank in a stable descending sort (ties
+  // go to the lower position), the n best kept; unmasked (-inf) ones are dropped below.
+  at::Tensor rank = at::argsort(at::argsort(conf, /*stable=*/true, -1, /*descending=*/true),
+                                /*stable=*/true, -1);
+  at::Tensor pick = rank < n;
   if (rule == Remasking::Dynamic) {
     at::Tensor high = conf > threshold;
     at::Tensor enough = high.sum(-1, /*keepdim=*/true) >= std::max<int64_t>(n, 1);

@@ -1,4 +1,4 @@
-// Per-step decoding rules of block diffusion, the C++ counterpart of mage_ext/decoding.py:
+// Per-step decoding rules of block diffusion, the C++ counterpart of mage_ext/core/decoding.py:
 // sampling (greedy or temperature / top-p) and which [MASK] positions a denoising step fills.
 // Pure tensor ops on the logits' device: none reads a value back to the host.
 #pragma once
@@ -33,6 +33,12 @@ std::pair<at::Tensor, at::Tensor> sample(const at::Tensor& logits, double temper
 
 // Fast-dLLM v2: masked positions with p > threshold, plus the most confident masked one.
 at::Tensor threshold_unmask(const at::Tensor& probs, const at::Tensor& masked, double threshold);
+
+// Fast-Dllm v2 step (mage_ext/core/decoding.fast_dllm_unmask): the threshold rule inside each
+// row's first sub-block that still holds a [MASK]; rows advance through their sub-blocks
+// independently, so a row's tokens do not depend on its batch mates.
+at::Tensor fast_dllm_unmask(const at::Tensor& probs, const at::Tensor& masked, int64_t sub_block,
+                            double threshold);
 
 // SDAR: tokens to fill per step, block_size split evenly, the remainder to the first steps.
 std::vector<int64_t> transfer_schedule(int64_t block_size, int64_t steps);

@@ -231,6 +231,7 @@ class Run {
       advance.slice(0, 0, full_[b]).select(1, b).fill_(true);
       if (gen_start_[b] == 0 && full_[b] > 0) ends[full_[b] - 1][b] = true;
     }
+    const at::Tensor ends_host = ends;
     ids = ids.to(device_);
     advance = advance.to(device_);
     ends = ends.to(device_);
@@ -239,8 +240,10 @@ class Run {
       const int64_t n = std::min(kPrefillBlocks, blocks - i);
       cache_.begin_prefill(advance[i]);
       at::Tensor logits = forward(StepTime::Prefill, -1, ids.slice(1, i * B_, (i + n) * B_));
-      if (style_ != Style::FastDllm) continue;
-      at::Tensor tok = draw(logits.select(1, -1)).first;  // every chunk, as Python (same draws)
+      // A draw only where a block-aligned prompt ends (as Python: a single prompt then draws
+      // the same random numbers whatever the prefill chunking).
+      if (style_ != Style::FastDllm || !ends_host[i + n - 1].any().item<bool>()) continue;
+      at::Tensor tok = draw(logits.select(1, -1)).first;
       at::Tensor first = x_.select(1, 0);
       first.copy_(at::where(ends[i + n - 1], tok, first));
     }
@@ -259,18 +262,16 @@ class Run {
     return any.item<bool>();
   }
 
+  // As mage_ext/core/loop.py: each step samples the whole block, shifts the tokens (position i
+  // is predicted from hidden i-1; position 0 is never masked) and fills by the threshold rule in
+  // each row's first sub-block with a [MASK].
   void denoise_fast_dllm(int64_t block) {
-    for (int64_t start = 0; start < B_; start += o_.sub_block) {
-      const int64_t end = start + o_.sub_block;
-      while (any_mask(x_.slice(1, start, end), mask_)) {
-        at::Tensor logits = step_logits(block);
-        // Token shift: position i is predicted from hidden i-1.
-        logits = at::cat({logits.slice(1, 0, 1), logits.slice(1, 0, -1)}, 1).slice(1, start, end);
-        auto [tok, p] = draw(logits);
-        at::Tensor cur = x_.slice(1, start, end);
-        at::Tensor pick = threshold_unmask(p, cur.eq(mask_), o_.threshold);
-        cur.copy_(at::where(pick, tok, cur));
-      }
+    while (any_mask(x_, mask_)) {
+      auto [tok, p] = draw(step_logits(block));
+      tok = at::cat({tok.slice(1, 0, 1), tok.slice(1, 0, -1)}, 1);
+      p = at::cat({p.slice(1, 0, 1), p.slice(1, 0, -1)}, 1);
+      at::Tensor pick = fast_dllm_unmask(p, x_.eq(mask_), o_.sub_block, o_.threshold);
+      x_.copy_(at::where(pick, tok, x_));
     }
   }
 

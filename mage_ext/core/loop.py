@@ -189,12 +189,13 @@ class BlockLoop:
             self._run("prefill", chunk, StepRecord(-1, i, "prefill", False))
             if self.progress:
                 print(f"\rprefill {c0 + n}/{total} tokens", end="", file=sys.stderr)
-            if self.cfg.style == "fast_dllm":  # the token after a block-aligned prompt
+            if self.cfg.style == "fast_dllm" and ends:  # the token after a block-aligned prompt
+                # (a draw only here: a single prompt draws the same random numbers whatever
+                # the chunking, and the C++ runtime draws alike)
                 tok, _ = sample(holder["logits"][:, -1], self.cfg.temperature, self.cfg.top_p,
                                 self.cfg.generator)
-                if ends:
-                    rows = torch.tensor(ends, device=self.device)
-                    self.x[rows, 0] = tok[rows]
+                rows = torch.tensor(ends, device=self.device)
+                self.x[rows, 0] = tok[rows]
         if self.progress and total:
             print(file=sys.stderr)
 
