@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_e2e import BLOCK, SHAPES, build_model, decode_run, random_cache, summarize  # noqa: E402
-from common import RESULTS, environment  # noqa: E402
+from common import RESULTS, environment, write_result  # noqa: E402
 
 from mage_ext import PolicyConfig  # noqa: E402
 from mage_ext.hf.enable import disable_mage, enable_mage  # noqa: E402
@@ -160,14 +160,7 @@ def main(argv=None):
         out = a.out or ("/tmp/multi_gpu_smoke.json" if a.smoke else str(OUT))
         env = environment(device.type)
         env.update(shape=a.shape, gpus=world, fixed_steps=a.fixed_steps, blocks=a.blocks)
-        data = merge(rows, world, env, out)
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(data, f, indent=1)
-        if os.environ.get("OUT"):
-            with open(os.path.join(os.environ["OUT"], os.path.basename(out)), "w") as f:
-                json.dump(data, f, indent=1)
-        print(f"wrote {out}")
+        write_result(out, merge(rows, world, env, out))
     if world > 1:
         import torch.distributed as dist
 
