@@ -25,8 +25,11 @@ head's memory on every rank (2.2 GB for a 7B model with an untied head).
 Why DTensor on the transformers modules rather than a private copy of sliced weights: the stock
 forward (``HFForward``) runs sharded as it is (the row-wise hooks all-reduce), the lean forward
 (``FastForward``) reads the local shards (``local``) and all-reduces itself, both on the same
-storage, and a training step can reuse the sharded modules (DTensor has autograd; FSDP2 composes
-with it on a 2-D mesh).
+storage, and a training step runs on the sharded modules as they are: DTensor's autograd
+all-reduces the input gradients of the column-wise projections, and ``shard_model`` sums the
+gradients of the per-head norms over the ranks, so a sharded backward gives the gradients of
+one process (tests/python/test_tensor_parallel.py). FSDP2 composes with it on a 2-D mesh
+(``shard_model(model, mesh["tp"])``, then ``fully_shard`` over ``mesh["dp"]``).
 
 Every rank must hold the same weights (load the same checkpoint): each keeps its slice of its
 own copy, nothing is sent (``src_data_rank=None``); ``shard_model`` checks a sample of them.
@@ -133,8 +136,21 @@ def shard_model(model, tp=None) -> TPGroup:
         parallelize_module(model, mesh, plan, src_data_rank=None)
     except TypeError:  # torch < 2.7: no src_data_rank (rank 0's weights are scattered)
         parallelize_module(model, mesh, plan)
+    _sum_grads_over_ranks(model, group_tp)
     setattr(model, _ATTR, group_tp)
     return group_tp
+
+
+def _sum_grads_over_ranks(model, tp: TPGroup) -> None:
+    """Training: Qwen3's q_norm / k_norm weights are replicated, but each rank applies them to
+    its own heads only, so their gradient is the sum over the ranks (transformers' plan calls
+    this "replicated_with_grad_allreduce"). Every other replicated weight acts on the replicated
+    residual stream and gets the same gradient on every rank; the sharded ones are DTensors."""
+    for layer in model.model.layers:
+        for name in ("q_norm", "k_norm"):
+            norm = getattr(layer.self_attn, name, None)
+            if norm is not None:
+                norm.weight.register_hook(lambda g: tp.all_reduce(g.clone()))
 
 
 def resolve(model, tp) -> Optional[TPGroup]:

@@ -80,6 +80,7 @@ def _worker(rank, world, port, backend, names, out_dir, extra):
                             timeout=datetime.timedelta(seconds=120))
     out = {name: _run_case(name, device, **extra) for name in names}
     out["logits"] = _logits_check(device)
+    out["training"] = _training_check(device)
     out["error"] = _error_text(device)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
@@ -118,6 +119,27 @@ def _logits_check(device) -> dict:
         same &= all(torch.equal(g, gathered[0]) for g in gathered)
         diff = max(diff, float((got - ref).abs().max() / ref.abs().max()))
     return {"ranks_equal": same, "rel_diff": diff}
+
+
+def _training_check(device) -> float:
+    """A training step of the stock forward (SDPA) on the sharded model: the largest relative
+    difference of the loss and every parameter's gradient from one process's."""
+    from mage_ext.hf.tensor_parallel import shard_model
+
+    ids = torch.tensor(_prompts()[0][:16], device=device).unsqueeze(0)
+
+    def step(sharded):
+        model = tiny_model("qwen3", seed=6, **MODEL).to(device).train()
+        if sharded:
+            shard_model(model)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                 for n, p in model.named_parameters()}
+        return loss.detach(), grads
+    (loss1, g1), (loss2, g2) = step(False), step(True)
+    diffs = [float((g1[n] - g2[n]).abs().max() / g1[n].abs().max()) for n in g1]
+    return max([abs(float(loss1 - loss2)) / float(loss1)] + diffs)
 
 
 def _error_text(device) -> str:
@@ -209,6 +231,13 @@ def test_every_rank_computes_the_same_logits(runs, world):
 
 
 @pytest.mark.parametrize("world", sorted(WORLD_CASES))
+def test_a_sharded_training_step_gives_the_gradients_of_one_process(runs, world):
+    """What a tensor-parallel MAGE-FT step would reuse: the same sharded modules."""
+    ranks, _ = runs(world)
+    assert all(out["training"] < 1e-5 for out in ranks)
+
+
+@pytest.mark.parametrize("world", sorted(WORLD_CASES))
 def test_kv_heads_that_do_not_split_are_a_clear_error(runs, world):
     ranks, _ = runs(world)
     for out in ranks:
@@ -271,7 +300,7 @@ def test_nccl_ranks_generate_the_tokens_of_one_gpu(tmp_path):
             assert out[name]["tokens"] == ref["tokens"], f"{name}, rank {r}"
             assert out[name]["kv_fraction"] == pytest.approx(ref["kv_fraction"], rel=1e-6)
     assert all(out["logits"]["ranks_equal"] and out["logits"]["rel_diff"] < 1e-5
-               for out in ranks)
+               and out["training"] < 1e-5 for out in ranks)
     assert "is not divisible by 2" in ranks[0]["error"]
 
 
