@@ -35,8 +35,8 @@ def obstacle(policy, device: torch.device, recall_meter, temperature: float = 0.
     if temperature > 0 and generator is not None:
         return "samples from torch's default CUDA generator only; pass generator=None"
     if stock_tp:
-        return ("runs the fused forward under tensor parallelism, not the stock one "
-                "(fused=False)")
+        return ("needs the fused forward under tensor parallelism (the stock forward's DTensor "
+                "hooks are not captured; fused=False was asked)")
     return None
 
 

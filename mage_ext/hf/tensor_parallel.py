@@ -15,12 +15,14 @@ plan is transformers' ``base_model_tp_plan`` for Qwen2 / Qwen3):
 * gate/up_proj column-wise, down_proj row-wise: one all-reduce;
 * embedding, norms and lm_head replicated.
 
-The vocabulary is replicated rather than sharded: the decoding (sampling, top-p, confidences)
-needs whole rows of logits, which a sharded lm_head would have to all-gather every step
-([batch, block, V]: 156 MB at batch 16 for a 152K vocabulary in bf16, more traffic than the head's
-GEMM saves), and with the replicated head every rank computes the same logits from the same
-residual stream and takes the same decisions with no further communication. It costs the
-head's memory on every rank (2.2 GB for a 7B model with an untied head).
+The vocabulary is replicated rather than sharded, the simpler of the two correct layouts: every
+rank computes the same logits from the same residual stream, so the decoding of core/loop.py
+(sampling, top-p, confidences: it needs whole rows of logits) runs unchanged and replicated
+with no further collective. A vocabulary-sharded head would need an all-gather of the logits
+every step ([batch, block, V]: 156 MB at batch 16 for a 152K vocabulary in bf16) or a
+distributed sampler, to save half of the head's GEMM, about 7% of a 7B forward's FLOPs; the
+all-gather would take back much of that. The cost: the embedding and head are held on every rank
+(2.2 GB for a 7B model with an untied head).
 
 Why DTensor on the transformers modules rather than a private copy of sliced weights: the stock
 forward (``HFForward``) runs sharded as it is (the row-wise hooks all-reduce), the lean forward

@@ -300,7 +300,7 @@ def test_nccl_ranks_generate_the_tokens_of_one_gpu(tmp_path):
             assert out[name]["tokens"] == ref["tokens"], f"{name}, rank {r}"
             assert out[name]["kv_fraction"] == pytest.approx(ref["kv_fraction"], rel=1e-6)
     assert all(out["logits"]["ranks_equal"] and out["logits"]["rel_diff"] < 1e-5
-               and out["training"] < 1e-5 for out in ranks)
+               and out["training"] < 1e-4 for out in ranks)
     assert "is not divisible by 2" in ranks[0]["error"]
 
 
