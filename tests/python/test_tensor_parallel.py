@@ -280,6 +280,24 @@ def test_cli_under_torchrun_prints_once_what_one_process_prints(tmp_path, capsys
     assert two.stderr.count("tokens; denoising steps") == 1  # rank 0's summary only
 
 
+def test_cli_ranks_other_than_0_stay_quiet_and_name_themselves(monkeypatch, capsys):
+    import warnings
+
+    from mage_ext import cli_common
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(cli_common.CliError, match="each rank takes its own GPU"):
+        cli_common.init_distributed(torch.device("cuda", 0))
+
+    def main(argv):
+        warnings.warn("a warning")
+        raise ValueError("bad value")
+    with pytest.raises(SystemExit):
+        cli_common.run_cli(main, "prog", [])
+    assert capsys.readouterr().err == "prog: error: [rank 1/2] bad value\n"
+
+
 # -- GPU ----------------------------------------------------------------------------------------
 
 requires_two_gpus = pytest.mark.skipif(not cuda_ready() or torch.cuda.device_count() < 2,
