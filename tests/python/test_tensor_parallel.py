@@ -25,7 +25,7 @@ from tiny_models import MASK_ID, VOCAB, one_thread, tiny_model  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_BD = os.path.join(ROOT, "mage_ext", "assets", "tiny_bd")
-MODEL = dict(layers=3, heads=8, kv_heads=4, head_dim=8)  # 4 KV heads: 2 or 1 per rank
+MODEL = dict(layers=3, heads=8, kv_heads=4)  # 4 KV heads: 2 or 1 per rank
 
 # name -> (family, policy options, style, fused, sampling)
 CASES = {
@@ -53,9 +53,18 @@ def _prompts():
     return [torch.randint(0, VOCAB - 1, (n,), generator=g).tolist() for n in (45, 21)]
 
 
+def _head_dim(device) -> int:
+    return 64 if str(device).startswith("cuda") else 8  # the CUDA kernels take d = 64 / 128
+
+
+def _model(family, seed, device, dtype=torch.float32, **kw):
+    return tiny_model(family, seed=seed, head_dim=_head_dim(device),
+                      **{**MODEL, **kw}).to(device, dtype)
+
+
 def _run_case(name, device="cpu", dtype=torch.float32, **extra):
     family, options, style, fused, sampled = CASES[name]
-    model = tiny_model(family, seed=3, **MODEL).to(device, dtype)
+    model = _model(family, 3, device, dtype)
     torch.manual_seed(7)
     res = generate(model, input_ids=_prompts(), policy=PolicyConfig(**options), style=style,
                    block_size=8, max_new_tokens=16, mask_id=MASK_ID, stop_ids=[], threshold=0.5,
@@ -63,7 +72,7 @@ def _run_case(name, device="cpu", dtype=torch.float32, **extra):
                    top_p=0.9 if sampled else 1.0, **extra)
     k_rows = local(model.model.layers[0].self_attn.k_proj.weight).shape[0]
     return {"tokens": res.token_ids, "kv_fraction": res.kv_fraction,
-            "kv_heads_here": k_rows // MODEL["head_dim"]}
+            "kv_heads_here": k_rows // _head_dim(device)}
 
 
 # -- the ranks --------------------------------------------------------------------------------
@@ -99,7 +108,7 @@ def _logits_check(device) -> dict:
     from mage_ext.hf.enable import enable_mage
     from mage_ext.hf.tensor_parallel import shard_model
 
-    model = tiny_model("qwen3", seed=5, **MODEL).to(device)
+    model = _model("qwen3", 5, device)
     enable_mage(model, PolicyConfig(method="exact"))
     ids = torch.tensor(_prompts()[0][:16], device=device).unsqueeze(0)
     kinds = (fast_forward.FastForward, hf_forward.HFForward)
@@ -129,7 +138,7 @@ def _training_check(device) -> float:
     ids = torch.tensor(_prompts()[0][:16], device=device).unsqueeze(0)
 
     def step(sharded):
-        model = tiny_model("qwen3", seed=6, **MODEL).to(device).train()
+        model = _model("qwen3", 6, device).train()
         if sharded:
             shard_model(model)
         loss = model(input_ids=ids, labels=ids).loss
@@ -147,8 +156,7 @@ def _error_text(device) -> str:
     import torch.distributed as dist
 
     world = dist.get_world_size()
-    model = tiny_model("qwen2", seed=5, layers=1, heads=2 * (world - 1),
-                       kv_heads=world - 1, head_dim=8).to(device)
+    model = _model("qwen2", 5, device, layers=1, heads=2 * (world - 1), kv_heads=world - 1)
     try:
         generate(model, input_ids=[[1, 2, 3]], block_size=8, max_new_tokens=4, mask_id=MASK_ID)
     except ValueError as e:
