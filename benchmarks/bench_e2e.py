@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
-import json
 import os
 import sys
 import time
@@ -36,7 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import RESULTS, copy_bandwidth_tbps, environment  # noqa: E402
+from common import RESULTS, copy_bandwidth_tbps, environment, write_result  # noqa: E402
 
 from mage_ext import PolicyConfig  # noqa: E402
 from mage_ext.core.loop import BlockLoop, DecodeConfig  # noqa: E402
@@ -321,16 +320,10 @@ def main(argv=None):
             torch.cuda.empty_cache()
     out = a.out or (os.path.join("/tmp", "e2e_smoke.json") if a.smoke
                     else str(RESULTS / "e2e_h200.json"))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     payload = {"device": env["device"], "torch": env["torch"], "cuda": env["cuda"],
                "commit": env["commit"], "date": env["date"], "copy_bw_tbps": bw,
                "records": records}
-    with open(out, "w") as f:
-        json.dump(payload, f, indent=1)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], os.path.basename(out)), "w") as f:
-            json.dump(payload, f, indent=1)
-    print(f"wrote {out}")
+    write_result(out, payload)
 
 
 def _print(rows: dict) -> None:

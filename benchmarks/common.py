@@ -157,3 +157,15 @@ def write_results(name: str, payload: dict) -> Path:
     if out:
         Path(out, name).write_text(path.read_text())
     return path
+
+
+def write_result(path, payload) -> None:
+    """Writes a result JSON to ``path`` and, where the device machine collects outputs ($OUT),
+    a copy there."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    targets = [path] + ([os.path.join(os.environ["OUT"], os.path.basename(path))]
+                        if os.environ.get("OUT") else [])
+    for t in targets:
+        with open(t, "w") as f:
+            json.dump(payload, f, indent=1)
+    print(f"wrote {path}")

@@ -9,6 +9,9 @@ decoded; with several, each text is printed when all are done, separated by a li
 per prompt. Progress (on a terminal) and the step times go to stderr. Errors are one line with
 exit status 1 (2 for a bad option); ``--debug`` shows tracebacks. The defaults are those of
 ``mage_generate``.
+
+Under ``torchrun --nproc-per-node N`` the model runs tensor-parallel over the N processes (one
+GPU each, or the CPU with gloo; mage_ext/hf/tensor_parallel.py) and only rank 0 prints.
 """
 from __future__ import annotations
 
@@ -16,8 +19,9 @@ import sys
 from typing import Optional, Sequence
 
 from mage_ext.cli_common import (DTYPES, CliError, Parser, PrefillProgress, StatusLine,
-                                 nonnegative_float, nonnegative_int, positive_int, probability,
-                                 resolve_device, resolve_dtype, run_cli, unit_interval)
+                                 init_distributed, launch_rank, nonnegative_float,
+                                 nonnegative_int, positive_int, probability, resolve_device,
+                                 resolve_dtype, run_cli, unit_interval)
 from mage_ext.core.policy import COMMIT_MODES, METHODS
 
 PROG = "python -m mage_ext.generate"
@@ -89,7 +93,7 @@ def build_parser() -> Parser:
                    help="weights and activations (auto: bfloat16 on CUDA, float32 on the CPU)")
     g.add_argument("--device", metavar="DEV", default="auto",
                    help="cpu, cuda or cuda:N (auto: cuda when a GPU and the CUDA kernels are "
-                        "there)")
+                        "there; under torchrun rank r takes cuda:LOCAL_RANK)")
     g.add_argument("--threads", metavar="N", type=positive_int, default=None,
                    help="CPU threads (default: torch's choice)")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
@@ -120,14 +124,15 @@ def _main(argv) -> None:
     from mage_ext.generation import generate
     from mage_ext.hf.checkpoint import load_model
 
-    device = resolve_device(a.device)
+    device = init_distributed(resolve_device(a.device))
     dtype = resolve_dtype(a.dtype, device)
+    main_rank = launch_rank()[0] == 0  # under torchrun only rank 0 prints
     if a.threads:
         torch.set_num_threads(a.threads)
     policy = PolicyConfig(method=a.policy, k=a.k, adaptive=a.adaptive, dense_layers=a.dense_layers,
                           n_sink=a.n_sink, n_recent=a.n_recent, window=a.window,
                           commit_attention=a.commit_attention)
-    status = StatusLine()
+    status = StatusLine(enabled=main_rank)
     status.update(f"loading {a.model} ({str(dtype).removeprefix('torch.')}, {device})", force=True)
     lm = load_model(a.model, dtype=dtype, device=device)
     stop_ids = list(lm.stop_ids)
@@ -148,7 +153,7 @@ def _main(argv) -> None:
     torch.manual_seed(a.seed)
     block = a.block_size or lm.block_size
     stream = None
-    if a.stream and len(seqs) == 1:
+    if a.stream and len(seqs) == 1 and main_rank:
         stream = Stream(lm.tokenizer if ids is None else None, len(seqs[0]) % block, stop_ids,
                         a.max_new_tokens, status)
     with PrefillProgress(lm.model, status, max(len(s) for s in seqs), block):
@@ -162,10 +167,11 @@ def _main(argv) -> None:
     outputs = (res.texts if ids is None else [" ".join(map(str, t)) for t in res.token_ids])
     if stream is not None:
         stream.finish(outputs[0])
-    else:
+    elif main_rank:
         print(("\n" + "-" * 40 + "\n").join(outputs))
     sys.stdout.flush()
     status.done(_summary(res, device))
+    _end_distributed()
 
 
 class Stream:
@@ -218,6 +224,13 @@ class Stream:
         self.out.write(text[len(self.printed):])
         self.out.flush()
         self.printed = text
+
+
+def _end_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _parse_ids(text: str) -> list:

@@ -8,10 +8,14 @@
 * ``resolve_device`` / ``resolve_dtype``: "auto" means CUDA when a GPU and the CUDA kernels are
   there (then bfloat16), else the CPU (then float32): the C++ binary's defaults too.
 * ``StatusLine``: a progress line on stderr, redrawn in place on a terminal.
+* ``init_distributed``: under ``torchrun --nproc-per-node N`` one process group (NCCL on GPUs,
+  gloo on the CPU) and one GPU per rank; only rank 0 prints output and warnings, errors name
+  their rank.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -50,9 +54,12 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], None], prog: str,
     exit 130); with ``--debug`` in argv they propagate with their traceback."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    rank, world = launch_rank()
+    where = f"[rank {rank}/{world}] " if rank else ""  # under torchrun: rank 0 speaks plainly
     try:
         with warnings.catch_warnings():  # one line each, restored afterwards
-            warnings.showwarning = lambda msg, *a, **k: sys.stderr.write(f"{prog}: warning: {msg}\n")
+            warnings.showwarning = (lambda msg, *a, **k: sys.stderr.write(
+                f"{prog}: warning: {msg}\n") if rank == 0 else None)
             main(args)
     except KeyboardInterrupt:
         if debug:
@@ -63,7 +70,7 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], None], prog: str,
         if debug:
             raise
         sys.stdout.flush()
-        sys.stderr.write(f"{prog}: error: {error_text(e)}\n")
+        sys.stderr.write(f"{prog}: error: {where}{error_text(e)}\n")
         sys.exit(1)
 
 
@@ -179,6 +186,39 @@ def resolve_device(name: str):
     elif dev.type != "cpu":
         raise CliError(f"--device: expected cpu, cuda or cuda:N, got '{name}'")
     return dev
+
+
+def launch_rank() -> tuple:
+    """(rank, world size) of this process as torchrun set them ((0, 1) outside torchrun)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device, option: str = "--device"):
+    """Under torchrun with more than one process: initialises the default process group (NCCL
+    for a GPU, gloo for the CPU) and returns this rank's device (a GPU means cuda:LOCAL_RANK).
+    Returns ``device`` unchanged outside torchrun. Tensor parallelism then follows in
+    ``generate`` (mage_ext/hf/tensor_parallel.py)."""
+    import torch
+
+    rank, world = launch_rank()
+    if world <= 1:
+        return device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        if device.index is not None:
+            raise CliError(f"{option} {device}: under torchrun each rank takes its own GPU "
+                           "(cuda:LOCAL_RANK); pass --device cuda")
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        if local >= torch.cuda.device_count():
+            raise CliError(f"torchrun: local rank {local} has no GPU (only "
+                           f"{torch.cuda.device_count()} visible); use at most that many "
+                           "processes per node, or --device cpu")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
 
 
 def resolve_dtype(name: str, device):

@@ -13,6 +13,10 @@ adapter (mage_ext/hf) and the block loop (mage_ext/core/loop.py, which documents
 On a CUDA model the forwards of a block replay as CUDA graphs by default (``cuda_graphs=None``);
 features that need eager forwards (a recall meter, the baselines, adaptive budgets) fall back
 with a one-line warning.
+
+Under torch.distributed with more than one rank (``torchrun --nproc-per-node N``) the model is
+tensor-parallel by default: its KV heads, KV cache and MLP are split over the ranks
+(mage_ext/hf/tensor_parallel.py) and every rank returns the same result.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from .core.loop import BlockLoop, DecodeConfig, StepRecord, n_blocks_needed
 from .core.policy import PolicyConfig
 from .hf.cache import MageCache
 from .hf.enable import disable_mage, enable_mage, is_enabled
-from .hf import fast_forward
+from .hf import fast_forward, tensor_parallel
 from .hf.forward import HFForward
 from .prompt_checks import warn_about_prompts
 
@@ -82,7 +86,8 @@ def generate(model_or_loaded, tokenizer=None, prompts=None, *, input_ids=None,
              on_block: Optional[Callable] = None, recall_meter=None, progress: bool = False,
              generator: Optional[torch.Generator] = None, prefix: Optional[Prefix] = None,
              keep_prefix: bool = False, cuda_graphs: Optional[bool] = None,
-             fused: Optional[bool] = None, prefill_chunk: int = 4096) -> GenerationResult:
+             fused: Optional[bool] = None, prefill_chunk: int = 4096,
+             tp=None) -> GenerationResult:
     """Generates continuations of ``prompts`` (str or list of str, needs a tokenizer) or
     ``input_ids`` (list of id lists, or a [batch, n] tensor). See the module docstring.
 
@@ -103,6 +108,12 @@ def generate(model_or_loaded, tokenizer=None, prompts=None, *, input_ids=None,
     ``fused``: None (default) runs Qwen2 / Qwen3 models through the lean fused forward
     (mage_ext/hf/fast_forward.py) on a GPU and the stock transformers forward on the CPU; True /
     False force one (True errors for a model the fused forward does not cover).
+    ``tp``: tensor parallelism over torch.distributed (mage_ext/hf/tensor_parallel.py). None
+    (default): the model's sharding if it has one, else when torch.distributed is initialised
+    with more than one rank the model is sharded over all of them on first use (in place; call
+    ``generate`` on every rank with the same arguments); False: none (e.g. data-parallel ranks
+    with prompts of their own); True: over the world; a ProcessGroup or 1-D DeviceMesh: over
+    it. Every rank returns the same result; a ``Prefix`` holds its rank's KV heads.
     """
     model, tokenizer, mask_id, stop_ids, block_size, style = _resolve(
         model_or_loaded, tokenizer, mask_id, stop_ids, block_size, style)
@@ -117,7 +128,13 @@ def generate(model_or_loaded, tokenizer=None, prompts=None, *, input_ids=None,
     if prefix is not None:
         _check_prefix(prefix, seqs, block_size, style)
     device = next(model.parameters()).device
-    use_graphs = _use_graphs(cuda_graphs, policy, device, recall_meter, temperature, generator)
+    tp_group = tensor_parallel.resolve(model, tp)
+    if tp_group is not None and recall_meter is not None:
+        raise ValueError("generate: a recall meter is not supported under tensor parallelism "
+                         "(each rank holds only its KV heads); run it in one process")
+    use_fused = _use_fused(model, fused, device)
+    use_graphs = _use_graphs(cuda_graphs, policy, device, recall_meter, temperature, generator,
+                             stock_tp=tp_group is not None and not use_fused)
     cfg = DecodeConfig(style=style, block_size=block_size, mask_id=mask_id,
                        stop_ids=set(stop_ids), max_new_tokens=max_new_tokens,
                        sub_block=sub_block, threshold=threshold, fixed_steps=fixed_steps,
@@ -134,7 +151,8 @@ def generate(model_or_loaded, tokenizer=None, prompts=None, *, input_ids=None,
             cache = MageCache.for_model(model, len(seqs), capacity, policy)
             cache.recall_meter = recall_meter
             cache.steps_hint = steps if style == "sdar" else None
-            forward = _forward(model, cache, fused, device)
+            forward = (fast_forward.FastForward if use_fused else HFForward)(model, cache)
+            progress = progress and (tp_group is None or tp_group.rank == 0)
             loop = BlockLoop(forward, cache, seqs, cfg, policy=policy,
                              on_block=on_block, progress=progress, use_graphs=use_graphs,
                              prefill_chunk=prefill_chunk)
@@ -147,6 +165,8 @@ def generate(model_or_loaded, tokenizer=None, prompts=None, *, input_ids=None,
     finally:
         if not was_enabled:
             disable_mage(model)
+    if tp_group is not None:  # the decoding ran replicated: make sure it stayed so
+        tp_group.check_same((loop.out, loop.stopped), "the generated tokens", device)
     texts = None
     if tokenizer is not None:
         texts = [_decode(tokenizer, ids) for ids in loop.out]
@@ -154,8 +174,9 @@ def generate(model_or_loaded, tokenizer=None, prompts=None, *, input_ids=None,
                             kept)
 
 
-def _use_graphs(cuda_graphs, policy, device, recall_meter, temperature, generator) -> bool:
-    why = graphs.obstacle(policy, device, recall_meter, temperature, generator)
+def _use_graphs(cuda_graphs, policy, device, recall_meter, temperature, generator,
+                stock_tp: bool = False) -> bool:
+    why = graphs.obstacle(policy, device, recall_meter, temperature, generator, stock_tp)
     if cuda_graphs and why is not None:
         raise ValueError(f"generate: cuda_graphs=True {why}")
     if cuda_graphs is None and why is not None and device.type == "cuda":
@@ -164,12 +185,17 @@ def _use_graphs(cuda_graphs, policy, device, recall_meter, temperature, generato
     return why is None and cuda_graphs is not False
 
 
-def _forward(model, cache, fused, device):
+def _use_fused(model, fused, device) -> bool:
     why = fast_forward.unsupported(model)
     if fused and why is not None:
         raise ValueError(f"generate: fused=True but the fused forward does not cover this model: "
                          f"{why}")
-    if fused or (fused is None and why is None and device.type == "cuda"):
+    return bool(fused or (fused is None and why is None and device.type == "cuda"))
+
+
+def _forward(model, cache, fused, device):
+    """The forward adapter ``generate`` picks for ``fused`` (benchmarks call it too)."""
+    if _use_fused(model, fused, device):
         return fast_forward.FastForward(model, cache)
     return HFForward(model, cache)
 

@@ -15,6 +15,10 @@ sees the same lengths. Nothing here synchronises with the device: the host keeps
 of the lengths (``max_len``) and the KV-read accounting is folded into device totals once per
 block (``end_block``), not per layer, so a forward captured in a CUDA graph replays unchanged.
 
+Under tensor parallelism (``tp``, a ``core.distributed.TPGroup``) the cache holds this rank's KV
+heads only (``n_kv_heads`` is the local count); the selector sees those heads, and
+``kv_fraction`` sums the reads of all ranks.
+
 This module does not import transformers: ``mage_ext.hf.cache.MageCache`` adds the transformers
 Cache interface, the fast forward (``mage_ext.hf.fast_forward``) calls ``attend`` directly.
 """
@@ -39,7 +43,8 @@ def _block_attention_on_gpu() -> bool:
 
 class GenerationCache:
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, capacity: int,
-                 *, dtype=torch.float32, device="cpu", policy: Optional[PolicyConfig] = None):
+                 *, dtype=torch.float32, device="cpu", policy: Optional[PolicyConfig] = None,
+                 tp=None):
         for name, value in (("n_layers", n_layers), ("batch", batch), ("n_kv_heads", n_kv_heads),
                             ("head_dim", head_dim), ("capacity", capacity)):
             if int(value) <= 0:
@@ -50,7 +55,9 @@ class GenerationCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.cache_lens = torch.zeros(batch, dtype=torch.int32, device=device)
         self.policy = policy or PolicyConfig(method="exact")
+        self.tp = tp  # TPGroup the model's KV heads are split over, or None
         self.selector = make_selector(self.policy)
+        self.selector.tp = tp
         self.selector.reset(batch, n_layers)
         self.phase = "prefill"
         self.step = 0
@@ -204,8 +211,11 @@ class GenerationCache:
         """Share of the cache read by denoise/commit forwards (1.0 = dense). Reads the device."""
         if self._block_forwards:
             self.end_block()
-        full = float(self._full)
-        return float(self._read) / full if full > 0 else 1.0
+        totals = torch.stack([self._read, self._full])
+        if self.tp is not None:  # each rank read its own heads: one collective, every rank calls it
+            self.tp.all_reduce(totals)
+        read, full = totals.tolist()
+        return read / full if full > 0 else 1.0
 
     # -- reuse of a prefilled prompt ---------------------------------------------------------
     def copy_filled(self) -> tuple:
@@ -229,7 +239,8 @@ class GenerationCache:
                 if tuple(t.shape) != (batch, hkv, n, dim):
                     raise ValueError(f"{name}: {what}[{layer}] has shape {tuple(t.shape)}, "
                                      f"expected [batch={batch}, Hkv={hkv}, n={n}, d={dim}] "
-                                     "(a prefix of another model or batch?)")
+                                     "(a prefix of another model, batch or tensor-parallel "
+                                     "split?)")
         if tuple(cache_lens.shape) != (batch,):
             raise ValueError(f"{name}: cache_lens has shape {tuple(cache_lens.shape)}, expected "
                              f"[batch={batch}]")

@@ -9,8 +9,10 @@ then on, across blocks; the decoding rule of the step runs inside the graph too,
 
 Eligible (``obstacle``): a CUDA model, ``exact`` or non-adaptive ``mage`` policies, no recall
 meter (it reads results on the host every layer), greedy decoding or sampling from torch's
-default CUDA generator (a user generator is not captured). The ops allocate nothing outside
-torch's caching allocator and never synchronise, which is what capture needs.
+default CUDA generator (a user generator is not captured), and under tensor parallelism the
+fused forward (its NCCL all-reduces are captured; the stock forward's DTensor hooks are not
+meant for capture). The ops allocate nothing outside torch's caching allocator and never
+synchronise, which is what capture needs.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 
 
 def obstacle(policy, device: torch.device, recall_meter, temperature: float = 0.0,
-             generator=None) -> Optional[str]:
+             generator=None, stock_tp: bool = False) -> Optional[str]:
     """Why the forwards cannot be replayed as CUDA graphs, or None when they can."""
     if policy.method not in ("exact", "mage") or policy.adaptive:
         return ("supports the exact and mage (fixed-budget) policies, got method "
@@ -32,6 +34,9 @@ def obstacle(policy, device: torch.device, recall_meter, temperature: float = 0.
         return f"needs a model on a CUDA device, got {device}"
     if temperature > 0 and generator is not None:
         return "samples from torch's default CUDA generator only; pass generator=None"
+    if stock_tp:
+        return ("needs the fused forward under tensor parallelism (the stock forward's DTensor "
+                "hooks are not captured; fused=False was asked)")
     return None
 
 

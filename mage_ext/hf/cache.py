@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..core.cache import GenerationCache
 from ..core.policy import PolicyConfig
+from .tensor_parallel import group_of
 
 try:  # subclassing keeps isinstance(cache, Cache) checks of any transformers version happy
     from transformers.cache_utils import Cache as _HFCache
@@ -45,12 +46,15 @@ class MageCache(GenerationCache, _HFCache):
     @classmethod
     def for_model(cls, model, batch: int, capacity: int, policy: Optional[PolicyConfig] = None,
                   **kw) -> "MageCache":
-        """A cache shaped for ``model`` (a transformers causal LM), on its device and dtype."""
+        """A cache shaped for ``model`` (a transformers causal LM), on its device and dtype; for
+        a tensor-parallel model (mage_ext/hf/tensor_parallel.py) this rank's KV heads."""
         cfg = model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         p = next(model.parameters())
-        return cls(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, head_dim, capacity,
-                   dtype=p.dtype, device=p.device, policy=policy, **kw)
+        tp = group_of(model)
+        hkv = cfg.num_key_value_heads // (1 if tp is None else tp.size)
+        return cls(cfg.num_hidden_layers, batch, hkv, head_dim, capacity,
+                   dtype=p.dtype, device=p.device, policy=policy, tp=tp, **kw)
 
     # -- what transformers calls ------------------------------------------------------------
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):

@@ -13,6 +13,10 @@ reproduce the transformers modules' rounding). The q/k/v and gate/up weights are
 once per model and the modules' own parameters re-pointed at views of the concatenation, so no
 weight is held twice and the stock forward keeps working on the same storage.
 
+Tensor parallelism (a model sharded by mage_ext/hf/tensor_parallel.py): the same forward on this
+rank's shards (its query / KV heads and MLP columns, read as local tensors of the DTensor
+parameters), with an all-reduce after the O GEMM and after the down GEMM.
+
 ``FastForward.unsupported(model)`` says why a model cannot take this path (then ``HFForward``).
 """
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
+from .tensor_parallel import group_of, local
 
 _SUPPORTED = ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
@@ -68,7 +73,8 @@ def unsupported(model) -> Optional[str]:
 def _fuse_rows(linears) -> tuple:
     """One weight (and bias) stacking the linears' output rows; the linears' parameters become
     views of it. Done once per model: a later call finds the views still in place and reuses
-    them (if the model moved or was reloaded since, it fuses again)."""
+    them (if the model moved or was reloaded since, it fuses again). Sharded linears
+    (column-wise DTensors) fuse their local rows and stay DTensors over views of them."""
     kept = getattr(linears[0], "_mage_fused_rows", None)
     if kept is not None and _still_views(linears, *kept):
         return kept
@@ -78,20 +84,34 @@ def _fuse_rows(linears) -> tuple:
         if all(p is None for p in params):
             fused.append(None)
             continue
-        rows = [m.weight.shape[0] for m in linears]
-        parts = [(p if p is not None else linears[0].weight.new_zeros(n)).detach()
+        rows = [local(m.weight).shape[0] for m in linears]
+        parts = [(local(p) if p is not None else local(linears[0].weight).new_zeros(n)).detach()
                  for p, n in zip(params, rows)]
         whole = torch.cat(parts, 0)
         start = 0
         for m, n in zip(linears, rows):
-            if getattr(m, attr) is None:
-                setattr(m, attr, torch.nn.Parameter(whole[start:start + n], requires_grad=False))
-            else:
-                getattr(m, attr).data = whole[start:start + n]
+            _repoint(m, attr, whole[start:start + n])
             start += n
         fused.append(whole)
     linears[0]._mage_fused_rows = tuple(fused)
     return tuple(fused)
+
+
+def _repoint(m, attr: str, view: Tensor) -> None:
+    """Makes ``m.<attr>`` (its local shard when sharded) the storage of ``view``."""
+    p, weight = getattr(m, attr), m.weight
+    if local(weight) is weight:  # a plain module
+        if p is None:
+            setattr(m, attr, torch.nn.Parameter(view, requires_grad=False))
+        else:
+            p.data = view
+        return
+    from torch.distributed.tensor import DTensor
+
+    like = weight if p is None else p  # column-wise: weight and bias both Shard(0)
+    shard = DTensor.from_local(view, like.device_mesh, like.placements, run_check=False)
+    grad = False if p is None else p.requires_grad
+    setattr(m, attr, torch.nn.Parameter(shard, requires_grad=grad))
 
 
 def _still_views(linears, weight: Tensor, bias: Optional[Tensor]) -> bool:
@@ -100,7 +120,7 @@ def _still_views(linears, weight: Tensor, bias: Optional[Tensor]) -> bool:
             continue
         offset = 0
         for m in linears:
-            p = getattr(m, attr)
+            p = local(getattr(m, attr))
             if p is None or p.data_ptr() != whole.data_ptr() + offset * whole.element_size():
                 return False
             offset += p.numel()
@@ -114,8 +134,10 @@ class FastForward:
             raise ValueError(f"FastForward: {why}")
         self.model, self.cache = model, cache
         cfg = model.config
-        self.hq, self.hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.d = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.hq
+        self.tp = group_of(model)  # None: one process holds every head
+        self.d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        size = 1 if self.tp is None else self.tp.size
+        self.hq, self.hkv = cfg.num_attention_heads // size, cfg.num_key_value_heads // size
         self.eps = float(cfg.rms_norm_eps)
         self.scale = self.d ** -0.5
         inner = model.model
@@ -135,8 +157,8 @@ class FastForward:
                     layer.input_layernorm.weight, qkv_w, qkv_b,
                     None if q_norm is None else q_norm.weight,
                     None if k_norm is None else k_norm.weight,
-                    attn.o_proj.weight, layer.post_attention_layernorm.weight, gate_up_w,
-                    mlp.down_proj.weight))
+                    local(attn.o_proj.weight), layer.post_attention_layernorm.weight, gate_up_w,
+                    local(mlp.down_proj.weight)))
 
     def __call__(self, ids: Tensor, keep: Optional[Tensor] = None) -> Tensor:
         """Logits of every position [batch, n, V] (keep None) or of position keep[b] of each
@@ -151,11 +173,16 @@ class FastForward:
             q, k, v = ops.qkv_rope(qkv, pos, self.inv_freq, self.hq, self.hkv, self.d,
                                    w.q_norm, w.k_norm, self.eps)
             a = self.cache.attend(i, q, k, v, self.scale)          # [batch, Hq, n, d]
-            x = F.linear(a.transpose(1, 2).reshape(batch, n, self.hq * self.d), w.o_w)
+            x = self._reduce(F.linear(a.transpose(1, 2).reshape(batch, n, self.hq * self.d),
+                                      w.o_w))
             h, residual = ops.rms_norm(x, w.post_norm, self.eps, residual)
-            x = F.linear(ops.silu_mul(F.linear(h, w.gate_up_w)), w.down_w)
+            x = self._reduce(F.linear(ops.silu_mul(F.linear(h, w.gate_up_w)), w.down_w))
         if keep is not None:  # the final norm is per position: keep only what is needed
             rows = torch.arange(batch, device=ids.device)
             x, residual = x[rows, keep].unsqueeze(1), residual[rows, keep].unsqueeze(1)
         h, _ = ops.rms_norm(x, self.final_norm, self.eps, residual)
         return F.linear(h, self.lm_head)
+
+    def _reduce(self, partial: Tensor) -> Tensor:
+        """The sum over ranks of a row-parallel GEMM's partial outputs (identity on one rank)."""
+        return partial if self.tp is None else self.tp.all_reduce(partial)

@@ -67,6 +67,10 @@ class Selector:
     name = "exact"
 
     config = None  # the PolicyConfig, set by make_selector
+    # Under tensor parallelism the TPGroup the KV heads are split over (the cache sets it); this
+    # selector then sees its rank's heads. Per-head rules need nothing from it; rules over all
+    # heads of a layer (MAGE's adaptive budgets) reduce over it.
+    tp = None
 
     def reset(self, batch: int, n_layers: int) -> None:
         """A new generation starts: drop all state."""

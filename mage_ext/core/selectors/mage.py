@@ -88,11 +88,14 @@ class MageSelector(Selector):
         layers = sorted(self._pending)
         mean_budget = self.config.budget(layers[0], self.n_layers)
         # Budgets are per sequence so a sequence's tokens do not depend on its batch mates.
-        per_seq = []
-        for b in range(self.batch):
-            s = [dispersion_score(self._pending[l][2][b].tolist(), self._pending[l][3][b].tolist())
-                 for l in layers]
-            per_seq.append(adaptive_budgets(s, mean_budget, self.config.k_min))
+        dispersion = [[dispersion_score(self._pending[l][2][b].tolist(),
+                                        self._pending[l][3][b].tolist()) for l in layers]
+                      for b in range(self.batch)]
+        if self.tp is not None:  # a layer's score is the max over its heads, held by all ranks
+            device = self._pending[layers[0]][0].device
+            dispersion = self.tp.all_reduce(torch.tensor(dispersion, dtype=torch.float64,
+                                                         device=device), "max").tolist()
+        per_seq = [adaptive_budgets(s, mean_budget, self.config.k_min) for s in dispersion]
         for i, layer in enumerate(layers):
             scores, lens = self._pending[layer][0], self._pending[layer][1]
             self._keep(layer, _select(scores, lens, [ks[i] for ks in per_seq], self.config))
