@@ -1,0 +1,155 @@
+"""Block-diffusion noising (spec section 5) and MAGE-FT's objective (spec section 3).
+
+Per sequence of L = n_blocks * B tokens, one noisy draw per block: t ~ U(0, 1) and each token is
+masked with probability (1 - 1e-3) t + 1e-3; the complementary copy masks exactly the others
+(both copies share one clean x_0). CE on the masked positions of the noisy copies; with the token
+shift (Fast-dLLM v2) position p is predicted from the hidden state of p - 1 -- the same copy's
+previous slot, or at a block start the clean copy's p - 1 (what the commit forward provides at
+inference); without it (SDAR) from p itself.
+
+MAGE-FT, per batch (mage_ft_loss):
+  1. no grad: [all-[MASK] blocks (select) | noisy copies (oracle: exact, the teacher) | x_0] --
+     the all-[MASK] copy's exact scores pick the top-k clean entries per (layer, block, KV head);
+     the teacher's own per-block top-k measures the selection's set / mass recall;
+  2. with grad: [noisy copies (sparse) | x_0] -- the noisy blocks read only their selections in
+     layers >= dense_layers (the student);
+  3. loss = CE(student) + lambda * KL(p_student || p_teacher) on the masked positions (weighted
+     means over the same positions), gradients through the student only.
+CE and KL run over chunks of positions, each chunk under activation checkpointing: its
+[chunk x vocab] fp32 logits exist only while the chunk is computed (and again in the backward),
+never the whole [positions x vocab].
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .layout import TrainLayout, causal_lm
+
+MASK_EPS = 1e-3
+
+
+def noise(tokens: torch.Tensor, force_mask: torch.Tensor, keep: torch.Tensor, xt_blocks: list[int],
+          block_size: int, mask_id: int, gen: torch.Generator | None = None):
+    """x_t token ids for the entries (N, n_xt) and which of them are masked.
+
+    `xt_blocks` is the list of distinct blocks; each gets two entries (mask m, then its complement),
+    so the returned entry list is xt_blocks + xt_blocks. Per (sequence, block) t ~ U(0,1) and
+    P(mask) = (1 - 1e-3) t + 1e-3; force_mask / keep override both copies."""
+    n = tokens.shape[0]
+    idx = torch.cat([b * block_size + torch.arange(block_size) for b in xt_blocks])
+    tok, force, kp = tokens[:, idx], force_mask[:, idx], keep[:, idx]
+    t = torch.rand(n, len(xt_blocks), 1, generator=gen).expand(-1, -1, block_size).reshape(n, -1)
+    m = torch.rand(tok.shape, generator=gen) < (1 - MASK_EPS) * t + MASK_EPS
+    masked = torch.cat([m, ~m], dim=1)
+    masked = (masked | force.repeat(1, 2)) & ~kp.repeat(1, 2)
+    xt = torch.where(masked, torch.full_like(tok.repeat(1, 2), mask_id), tok.repeat(1, 2))
+    return xt, masked, idx.repeat(2)
+
+
+def shift_sources(xt_blocks: list[int], block_size: int) -> torch.Tensor:
+    """For each x_t slot, the layout index whose hidden state predicts it (-1: nothing, block 0 start)."""
+    n_xt = len(xt_blocks) * block_size
+    src = torch.empty(n_xt, dtype=torch.long)
+    for e, b in enumerate(xt_blocks):
+        base = e * block_size
+        src[base + 1: base + block_size] = torch.arange(base, base + block_size - 1)
+        src[base] = n_xt + b * block_size - 1 if b > 0 else -1
+    return src
+
+
+def _chunk_terms(head, h_student, h_teacher, targets, weights):
+    logp = head(h_student).float().log_softmax(-1)
+    ce = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    ce_sum = (ce * weights).sum()
+    if h_teacher is None:
+        return ce_sum, ce_sum.new_zeros(())
+    with torch.no_grad():
+        logq = head(h_teacher).float().log_softmax(-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)                 # KL(p_student || p_teacher)
+    return ce_sum, (kl * weights).sum()
+
+
+def chunked_ce_kl(head, h_student, h_teacher, targets, weights, chunk: int):
+    """(sum of weights * CE, sum of weights * KL) over positions, ``chunk`` positions at a time;
+    h_student [M, hidden] (grad), h_teacher [M, hidden] or None (no KL), targets [M], weights [M]."""
+    ce = kl = h_student.new_zeros((), dtype=torch.float32)
+    for c0 in range(0, h_student.shape[0], chunk):
+        c = slice(c0, c0 + chunk)
+        ht = None if h_teacher is None else h_teacher[c]
+        if torch.is_grad_enabled() and h_student.requires_grad:
+            a, b = checkpoint(_chunk_terms, head, h_student[c], ht, targets[c], weights[c],
+                              use_reentrant=False)
+        else:
+            a, b = _chunk_terms(head, h_student[c], ht, targets[c], weights[c])
+        ce, kl = ce + a, kl + b
+    return ce, kl
+
+
+@dataclass
+class MageFTObjective:
+    """The per-batch settings of mage_ft_loss (validated by the finetune config)."""
+    block_size: int
+    mask_id: int
+    k: int
+    dense_layers: int = 2
+    lam: float = 1.0                 # weight of KL(p_sparse || p_exact)
+    token_shift: bool = True         # Fast-dLLM v2: True; SDAR: False
+    complementary: bool = True       # a second noisy copy with the complementary mask
+    n_sink: int = 0
+    n_recent: int = 0
+    loss_chunk: int = 1024           # positions per CE / KL chunk
+    score_elements: int = 1 << 26    # bound on one selection chunk's fp32 scores
+
+
+def mage_ft_loss(model, tokens, weight, force_mask, keep, obj: MageFTObjective,
+                 gen: Optional[torch.Generator] = None, recall: bool = True):
+    """One MAGE-FT loss on a batch: tokens [batch, L] (L a multiple of the block size) and
+    per-token weight / force_mask / keep (CPU); returns (loss, stats). ``recall`` measures the
+    selection against the teacher (its scores cost one attention_with_scores per block chunk)."""
+    lm = causal_lm(model)
+    device = lm.get_input_embeddings().weight.device
+    bs = obj.block_size
+    batch, length = tokens.shape
+    blocks = list(range(length // bs))
+    xt, masked, idx = noise(tokens, force_mask, keep, blocks, bs, obj.mask_id, gen)
+    n = 2 if obj.complementary else 1
+    xt, masked, idx = xt[:, :n * length], masked[:, :n * length], idx[:n * length]
+    copies = [c.to(device) for c in xt.split(length, 1)]
+    src = (shift_sources(blocks * n, bs) if obj.token_shift else torch.arange(n * length))
+    x0 = tokens.to(device)
+    layout = TrainLayout(bs, length, length, k=obj.k, dense_layers=obj.dense_layers,
+                         n_sink=obj.n_sink, n_recent=obj.n_recent,
+                         score_elements=obj.score_elements)
+    teacher = obj.lam > 0 or recall
+    t0 = time.perf_counter()
+    with torch.no_grad():  # 1. selection (+ teacher, sharing one forward and one clean copy)
+        modes = ["select"] + ([("oracle" if recall else "exact")] * n if teacher else [])
+        h_t = layout.hidden_states(model, [torch.full_like(x0, obj.mask_id)]
+                                   + (copies if teacher else []), x0, modes)
+    t1 = time.perf_counter()
+    h_s = layout.hidden_states(model, copies, x0, ["sparse"] * n)       # 2. the student
+
+    w = weight[:, idx] * masked * (src >= 0)
+    rows, cols = (w > 0).nonzero(as_tuple=True)
+    stats = {"tokens": int(rows.numel()), "t_select": t1 - t0}
+    if recall:
+        stats.update({k: v for k, v in layout.recall_summary().items() if k != "per_layer"})
+    if rows.numel() == 0:
+        return h_s.sum() * 0.0, dict(stats, ce=0.0, kl=0.0)
+    at = src[cols]
+    hs = h_s[rows.to(device), at.to(device)]
+    ht = h_t[rows.to(device), (at + length).to(device)] if obj.lam > 0 else None
+    targets = tokens[:, idx][rows, cols].to(device)
+    wsel = w[rows, cols].to(device, torch.float32)
+    ce_sum, kl_sum = chunked_ce_kl(lm.lm_head, hs, ht, targets, wsel, obj.loss_chunk)
+    total = wsel.sum()
+    ce, kl = ce_sum / total, kl_sum / total
+    loss = ce + obj.lam * kl if obj.lam > 0 else ce
+    stats.update(ce=float(ce.detach()), kl=float(kl.detach()))
+    return loss, stats
