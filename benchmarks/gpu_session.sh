@@ -37,6 +37,7 @@ for stage in "$@"; do
     cuda-tests) python3 -m pytest tests/python/test_cuda.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log" | tail -5 ;;
     e2e) python3 benchmarks/bench_e2e.py --out "$OUT/e2e_h200.json" 2>&1 | tr '\r' '\n' \
            | grep -v '^prefill' | tee "$OUT/e2e.log" ;;
+    train-attention) python3 benchmarks/bench_train_attention.py 2>&1 | tee "$OUT/train_attention.log" | tail -60 ;;
     profile) python3 benchmarks/profile_ops.py 2>&1 | grep -E "^---|mage::" | tee "$OUT/profile.log" ;;
     ncu) ncu --set full --import-source no --kernel-name regex:"attention_tile|attention_wgmma|scores_kernel|scores_wgmma|topk|merge" \
            -f -o "$OUT/ncu" python3 benchmarks/ncu_steps.py >"$OUT/ncu_run.log" 2>&1
