@@ -4,7 +4,7 @@
 # here), then runs the stages named on the command line, logging each under $OUT.
 #   bash benchmarks/gpu_session.sh tests bench-quick
 # Stages: tests (pytest, CUDA included), cuda-tests (tests/python/test_cuda.py), bench-quick,
-#         bench-full, e2e, profile, ncu (Nsight Compute, full set, of benchmarks/ncu_steps.py), sanitize (compute-sanitizer memcheck + racecheck),
+#         bench-full, e2e, train-attention (bench_train_attention.py), profile, ncu (Nsight Compute, full set, of benchmarks/ncu_steps.py), sanitize (compute-sanitizer memcheck + racecheck),
 #         gpu-tests (tests/run_gpu.sh: CUDA pytest suites + memcheck / racecheck / synccheck,
 #         recorded in $OUT/gpu_h200.json; gpu-tests-pytest / gpu-tests-sanitize: one half each,
 #         merged into a tests/results/gpu_h200.json of the same commit), <cmd...>
