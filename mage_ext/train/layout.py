@@ -291,6 +291,10 @@ def train_attention(module, query, key, value, attention_mask=None, scaling=None
     if dropout:
         raise NotImplementedError("mage_train attention: attention dropout is not supported; set "
                                   "config.attention_dropout = 0")
+    kind = query.device.type
+    if torch.is_autocast_enabled(kind):  # as SDPA under autocast: one low-precision dtype
+        dtype = torch.get_autocast_dtype(kind)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     out = layout.attend(module.layer_idx, query, key, value, scale)
     return out.transpose(1, 2), None

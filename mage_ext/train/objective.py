@@ -128,10 +128,13 @@ def mage_ft_loss(model, tokens, weight, force_mask, keep, obj: MageFTObjective,
                          score_elements=obj.score_elements)
     teacher = obj.lam > 0 or recall
     t0 = time.perf_counter()
+    training = model.training
+    model.eval()           # (LoRA dropout off for the selection and the teacher)
     with torch.no_grad():  # 1. selection (+ teacher, sharing one forward and one clean copy)
         modes = ["select"] + ([("oracle" if recall else "exact")] * n if teacher else [])
         h_t = layout.hidden_states(model, [torch.full_like(x0, obj.mask_id)]
                                    + (copies if teacher else []), x0, modes)
+    model.train(training)
     t1 = time.perf_counter()
     h_s = layout.hidden_states(model, copies, x0, ["sparse"] * n)       # 2. the student
 
