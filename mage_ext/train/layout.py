@@ -156,6 +156,8 @@ class TrainLayout:
             raise RuntimeError(f"mage_train attention: the layout has {n} noisy copies of {T} "
                                f"tokens and {N} clean tokens, the layer got {q.shape[2]} tokens")
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # cache-layout rows for the ops
+        if k.stride() != v.stride():  # the ops want one layout (a single KV head's stride may differ)
+            k, v = torch.stack((k, v)).unbind(0)
         sizes = [T] * n + [N]
         qs, ks, vs = q.split(sizes, 2), k.split(sizes, 2), v.split(sizes, 2)
         batch = q.shape[0]

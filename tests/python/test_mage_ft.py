@@ -5,6 +5,7 @@ outputs that load with mage_ext.load_model, and clear errors with nothing half-w
 A tiny checkpoint in the project's vocabulary (2 layers, hidden 32, block 8) keeps every run to
 a fraction of a second per step on the CPU."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -18,13 +19,15 @@ import mage_ext
 from mage_ext.train.config import ConfigError, load_config
 from mage_ext.train.mage_ft import INTERRUPTED_EXIT, finetune
 from mage_ext.train.objective import MageFTObjective, chunked_ce_kl, mage_ft_loss
+from conftest import requires_cuda
 from tiny_models import one_thread  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BS = 8
 
 
-def make_checkpoint(path, family="qwen2", mask=True, seed=0):
+def make_checkpoint(path, family="qwen2", mask=True, seed=0, heads=4, kv_heads=2, head_dim=8,
+                    block=BS):
     """A loadable checkpoint directory: a tiny random model in the project's vocabulary."""
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
@@ -34,10 +37,11 @@ def make_checkpoint(path, family="qwen2", mask=True, seed=0):
     cls_cfg, cls = (Qwen2Config, Qwen2ForCausalLM) if family == "qwen2" else (Qwen3Config,
                                                                             Qwen3ForCausalLM)
     extra = {"mask_token_id": ids[V.MASK]} if mask else {}
-    cfg = cls_cfg(vocab_size=len(V.vocabulary()), hidden_size=32, intermediate_size=48,
-                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                  max_position_embeddings=512, bos_token_id=ids[V.EOS], eos_token_id=ids[V.EOS],
-                  pad_token_id=ids[V.PAD], bd_size=BS, tie_word_embeddings=False,
+    cfg = cls_cfg(vocab_size=len(V.vocabulary()), hidden_size=heads * head_dim,
+                  intermediate_size=48, num_hidden_layers=2, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=512,
+                  bos_token_id=ids[V.EOS], eos_token_id=ids[V.EOS], pad_token_id=ids[V.PAD],
+                  bd_size=block, tie_word_embeddings=False,
                   initializer_range=0.2, **extra)
     torch.manual_seed(seed)
     cls(cfg).save_pretrained(path, safe_serialization=True)
@@ -326,3 +330,23 @@ def test_cli_reports_config_errors_in_one_line(ckpt, tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["mage_ft: error: config key 'k': expected an int "
                                              ">= 1, got 0"]
+
+
+@requires_cuda
+@pytest.mark.parametrize("family, precision", [("qwen2", "bf16"), ("qwen3", "fp32")])
+def test_cuda_run_and_resume(family, precision, tmp_path):
+    """MAGE-FT on the GPU (head dim 64, block 16, LoRA): finite losses, a loadable result, and a
+    resumed run that repeats the uninterrupted one's losses (to 1e-3: the CUDA backward may sum
+    in another order)."""
+    ck = make_checkpoint(tmp_path / "ck", family, heads=2, kv_heads=1, head_dim=64, block=16)
+    kw = dict(device="cuda", seq_len=128, k=24, precision=precision, steps=4, save_every=100,
+              data={"synthetic": {"filler": 1, "niah_single": 1}})
+    a = finetune(config(ck, tmp_path / "a", **kw))
+    assert a["status"] == "done"
+    log_a = read_log(tmp_path / "a")
+    assert all(math.isfinite(r["loss"]) and r["mass_recall"] is not None for r in log_a)
+    mage_ext.load_model(a["final"])
+    assert finetune(config(ck, tmp_path / "b", **kw), _stop_after=2)["status"] == "interrupted"
+    assert finetune(config(ck, tmp_path / "b", **kw))["status"] == "done"
+    for ra, rb in zip(log_a, read_log(tmp_path / "b")):
+        assert ra["step"] == rb["step"] and ra["loss"] == pytest.approx(rb["loss"], rel=1e-3)
