@@ -168,6 +168,8 @@ class _Stop:
         return self
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signal is not None:
+            raise KeyboardInterrupt   # a second Ctrl-C: stop now (the last checkpoint stays)
         self.signal = signum
 
     def __exit__(self, *exc):
@@ -208,9 +210,12 @@ def finetune(config, *, _stop_after=None) -> dict:
     out = cfg.output_dir
     ckpt_path, log_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "log.jsonl")
     resume = os.path.isfile(ckpt_path)
-    if not resume and os.path.isdir(out) and os.listdir(out):
-        raise ConfigError(f"config key 'output_dir': {out!r} is not empty and holds no "
-                          "checkpoint.pt to resume; choose a new directory")
+    # A run stopped before its first checkpoint leaves only these; anything else is not ours.
+    foreign = (sorted(set(os.listdir(out)) - {"config.json", "log.jsonl"})
+               if os.path.isdir(out) and not resume else [])
+    if foreign:
+        raise ConfigError(f"config key 'output_dir': {out!r} holds {foreign[:3]} and no "
+                          "checkpoint.pt to resume; choose a new or empty directory")
     saved = None
     if resume:
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -243,7 +248,7 @@ def finetune(config, *, _stop_after=None) -> dict:
         _set_rng_state(saved["rng"])
         data.load_state_dict(saved["data"])
         step = saved["step"]
-        _truncate_log(log_path, step)
+    _truncate_log(log_path, step)    # lines past the checkpoint (or all, on a fresh start)
     os.makedirs(out, exist_ok=True)
     atomic_write_text(os.path.join(out, "config.json"), json.dumps(cfg.to_json(), indent=1))
 

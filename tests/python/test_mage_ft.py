@@ -318,8 +318,13 @@ def test_resume_refuses_a_changed_config_and_a_foreign_output_dir(ckpt, tmp_path
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="is not empty and holds no checkpoint.pt"):
+    with pytest.raises(ConfigError, match=r"holds \['notes.txt'\] and no checkpoint.pt"):
         finetune(config(ckpt, other))
+    early = tmp_path / "early"   # stopped before its first checkpoint: starts afresh
+    early.mkdir()
+    (early / "log.jsonl").write_text('{"step": 1, "loss": 0}\n')
+    assert finetune(config(ckpt, early, steps=1))["status"] == "done"
+    assert [r["step"] for r in read_log(early)] == [1]
 
 
 def test_cli_reports_config_errors_in_one_line(ckpt, tmp_path):
