@@ -110,52 +110,84 @@ class MageFTObjective:
     score_elements: int = 1 << 26    # bound on one selection chunk's fp32 scores
 
 
+class _Batch:
+    """One batch noised for the layout: the noisy copies (device), x_0, the loss positions."""
+
+    def __init__(self, model, tokens, weight, force_mask, keep, obj, gen):
+        self.lm = causal_lm(model)
+        self.device = self.lm.get_input_embeddings().weight.device
+        bs, (_, self.length) = obj.block_size, tokens.shape
+        blocks = list(range(self.length // bs))
+        xt, masked, idx = noise(tokens, force_mask, keep, blocks, bs, obj.mask_id, gen)
+        n = 2 if obj.complementary else 1
+        xt, masked, idx = xt[:, :n * self.length], masked[:, :n * self.length], idx[:n * self.length]
+        self.copies = [c.to(self.device) for c in xt.split(self.length, 1)]
+        self.x0 = tokens.to(self.device)
+        src = shift_sources(blocks * n, bs) if obj.token_shift else torch.arange(n * self.length)
+        w = weight[:, idx] * masked * (src >= 0)
+        rows, cols = (w > 0).nonzero(as_tuple=True)
+        self.n_positions = int(rows.numel())
+        self.rows, self.at = rows.to(self.device), src[cols].to(self.device)
+        self.targets = tokens[:, idx][rows, cols].to(self.device)
+        self.weights = w[rows, cols].to(self.device, torch.float32)
+
+    def layout(self, obj) -> TrainLayout:
+        return TrainLayout(obj.block_size, self.length, self.length, k=obj.k,
+                           dense_layers=obj.dense_layers, n_sink=obj.n_sink,
+                           n_recent=obj.n_recent, score_elements=obj.score_elements)
+
+    def terms(self, h_student, h_teacher, offset, chunk):
+        """(CE, KL) weighted means at the loss positions; KL 0 without a teacher."""
+        hs = h_student[self.rows, self.at]
+        ht = None if h_teacher is None else h_teacher[self.rows, self.at + offset]
+        ce, kl = chunked_ce_kl(self.lm.lm_head, hs, ht, self.targets, self.weights, chunk)
+        total = self.weights.sum()
+        return ce / total, kl / total
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":   # (the pass times are read on the host)
+        torch.cuda.synchronize(device)
+
+
+def bd_loss(model, tokens, weight, force_mask, keep, obj: MageFTObjective,
+            gen: Optional[torch.Generator] = None):
+    """The plain block-diffusion CE through the ops (exact attention, one forward): what a
+    MAGE-FT step is compared with. Returns (loss, stats)."""
+    b = _Batch(model, tokens, weight, force_mask, keep, obj, gen)
+    h = b.layout(obj).hidden_states(model, b.copies, b.x0, ["exact"] * len(b.copies))
+    if b.n_positions == 0:
+        return h.sum() * 0.0, {"tokens": 0, "ce": 0.0}
+    ce, _ = b.terms(h, None, 0, obj.loss_chunk)
+    return ce, {"tokens": b.n_positions, "ce": float(ce.detach())}
+
+
 def mage_ft_loss(model, tokens, weight, force_mask, keep, obj: MageFTObjective,
                  gen: Optional[torch.Generator] = None, recall: bool = True):
     """One MAGE-FT loss on a batch: tokens [batch, L] (L a multiple of the block size) and
     per-token weight / force_mask / keep (CPU); returns (loss, stats). ``recall`` measures the
-    selection against the teacher (its scores cost one attention_with_scores per block chunk)."""
-    lm = causal_lm(model)
-    device = lm.get_input_embeddings().weight.device
-    bs = obj.block_size
-    batch, length = tokens.shape
-    blocks = list(range(length // bs))
-    xt, masked, idx = noise(tokens, force_mask, keep, blocks, bs, obj.mask_id, gen)
-    n = 2 if obj.complementary else 1
-    xt, masked, idx = xt[:, :n * length], masked[:, :n * length], idx[:n * length]
-    copies = [c.to(device) for c in xt.split(length, 1)]
-    src = (shift_sources(blocks * n, bs) if obj.token_shift else torch.arange(n * length))
-    x0 = tokens.to(device)
-    layout = TrainLayout(bs, length, length, k=obj.k, dense_layers=obj.dense_layers,
-                         n_sink=obj.n_sink, n_recent=obj.n_recent,
-                         score_elements=obj.score_elements)
+    selection against the teacher (its scores cost one attention_with_scores per block chunk).
+    stats["t_select"]: seconds of the no-grad selection + teacher forward."""
+    b = _Batch(model, tokens, weight, force_mask, keep, obj, gen)
+    layout = b.layout(obj)
     teacher = obj.lam > 0 or recall
     t0 = time.perf_counter()
     training = model.training
     model.eval()           # (LoRA dropout off for the selection and the teacher)
     with torch.no_grad():  # 1. selection (+ teacher, sharing one forward and one clean copy)
-        modes = ["select"] + ([("oracle" if recall else "exact")] * n if teacher else [])
-        h_t = layout.hidden_states(model, [torch.full_like(x0, obj.mask_id)]
-                                   + (copies if teacher else []), x0, modes)
+        modes = ["select"] + ([("oracle" if recall else "exact")] * len(b.copies) if teacher else [])
+        h_t = layout.hidden_states(model, [torch.full_like(b.x0, obj.mask_id)]
+                                   + (b.copies if teacher else []), b.x0, modes)
     model.train(training)
+    _sync(b.device)
     t1 = time.perf_counter()
-    h_s = layout.hidden_states(model, copies, x0, ["sparse"] * n)       # 2. the student
-
-    w = weight[:, idx] * masked * (src >= 0)
-    rows, cols = (w > 0).nonzero(as_tuple=True)
-    stats = {"tokens": int(rows.numel()), "t_select": t1 - t0}
+    h_s = layout.hidden_states(model, b.copies, b.x0, ["sparse"] * len(b.copies))  # 2. student
+    stats = {"tokens": b.n_positions, "t_select": t1 - t0}
     if recall:
         stats.update({k: v for k, v in layout.recall_summary().items() if k != "per_layer"})
-    if rows.numel() == 0:
+    if b.n_positions == 0:
         return h_s.sum() * 0.0, dict(stats, ce=0.0, kl=0.0)
-    at = src[cols]
-    hs = h_s[rows.to(device), at.to(device)]
-    ht = h_t[rows.to(device), (at + length).to(device)] if obj.lam > 0 else None
-    targets = tokens[:, idx][rows, cols].to(device)
-    wsel = w[rows, cols].to(device, torch.float32)
-    ce_sum, kl_sum = chunked_ce_kl(lm.lm_head, hs, ht, targets, wsel, obj.loss_chunk)
-    total = wsel.sum()
-    ce, kl = ce_sum / total, kl_sum / total
+    ce, kl = b.terms(h_s, h_t if obj.lam > 0 else None, b.length, obj.loss_chunk)
     loss = ce + obj.lam * kl if obj.lam > 0 else ce
     stats.update(ce=float(ce.detach()), kl=float(kl.detach()))
     return loss, stats

@@ -18,7 +18,7 @@ import torch
 import mage_ext
 from mage_ext.train.config import ConfigError, load_config
 from mage_ext.train.mage_ft import INTERRUPTED_EXIT, finetune
-from mage_ext.train.objective import MageFTObjective, chunked_ce_kl, mage_ft_loss
+from mage_ext.train.objective import MageFTObjective, bd_loss, chunked_ce_kl, mage_ft_loss
 from conftest import requires_cuda
 from tiny_models import one_thread  # noqa: F401
 
@@ -122,7 +122,8 @@ def _batch(gen, batch=2, length=64):
 @pytest.mark.parametrize("shift", [True, False])
 def test_full_budget_student_equals_teacher(ckpt, shift, gen):
     """With k covering every prefix the sparse student is the exact model: KL = 0 and the loss
-    is the plain block-diffusion CE (the SDPA path of finetune/bd_objective on the same noise)."""
+    is the plain block-diffusion CE (objective.bd_loss, and the SDPA path of
+    finetune/bd_objective, on the same noise)."""
     sys.path.insert(0, os.path.join(ROOT, "finetune"))
     import bd_objective as BD
 
@@ -134,6 +135,10 @@ def test_full_budget_student_equals_teacher(ckpt, shift, gen):
     loss, st = mage_ft_loss(lm.model, tokens, w, force, keep, obj, torch.Generator().manual_seed(seed))
     assert abs(st["kl"]) < 1e-9 and st["tokens"] > 0
     assert st["set_recall"] is None          # no prefix holds more than k entries
+    plain, plain_st = bd_loss(lm.model, tokens, w, force, keep, obj,
+                              torch.Generator().manual_seed(seed))
+    assert plain_st["tokens"] == st["tokens"]
+    assert abs(float(loss.detach()) - float(plain.detach())) < 1e-6
     if shift:
         ref, ref_st = BD.loss(lm.model, tokens, w, force, keep, list(range(64 // BS)), BS,
                               lm.mask_id, torch.Generator().manual_seed(seed))
