@@ -136,11 +136,15 @@ class _Batch:
                            dense_layers=obj.dense_layers, n_sink=obj.n_sink,
                            n_recent=obj.n_recent, score_elements=obj.score_elements)
 
-    def terms(self, h_student, h_teacher, offset, chunk):
-        """(CE, KL) weighted means at the loss positions; KL 0 without a teacher."""
-        hs = h_student[self.rows, self.at]
-        ht = None if h_teacher is None else h_teacher[self.rows, self.at + offset]
-        ce, kl = chunked_ce_kl(self.lm.lm_head, hs, ht, self.targets, self.weights, chunk)
+    def rows_of(self, hidden, offset=0):
+        """The hidden states that predict the loss positions (the noisy copies start at
+        ``offset`` in the layout)."""
+        return hidden[self.rows, self.at + offset]
+
+    def terms(self, h_student, teacher_rows, chunk):
+        """(CE, KL) weighted means at the loss positions; KL 0 without teacher rows."""
+        ce, kl = chunked_ce_kl(self.lm.lm_head, self.rows_of(h_student), teacher_rows,
+                               self.targets, self.weights, chunk)
         total = self.weights.sum()
         return ce / total, kl / total
 
@@ -158,7 +162,7 @@ def bd_loss(model, tokens, weight, force_mask, keep, obj: MageFTObjective,
     h = b.layout(obj).hidden_states(model, b.copies, b.x0, ["exact"] * len(b.copies))
     if b.n_positions == 0:
         return h.sum() * 0.0, {"tokens": 0, "ce": 0.0}
-    ce, _ = b.terms(h, None, 0, obj.loss_chunk)
+    ce, _ = b.terms(h, None, obj.loss_chunk)
     return ce, {"tokens": b.n_positions, "ce": float(ce.detach())}
 
 
@@ -178,6 +182,9 @@ def mage_ft_loss(model, tokens, weight, force_mask, keep, obj: MageFTObjective,
         modes = ["select"] + ([("oracle" if recall else "exact")] * len(b.copies) if teacher else [])
         h_t = layout.hidden_states(model, [torch.full_like(b.x0, obj.mask_id)]
                                    + (b.copies if teacher else []), b.x0, modes)
+        # only the teacher rows the KL reads are kept ([all-[MASK] | copies | x_0]: offset L)
+        teacher_rows = b.rows_of(h_t, b.length) if obj.lam > 0 and b.n_positions else None
+        del h_t
     model.train(training)
     _sync(b.device)
     t1 = time.perf_counter()
@@ -187,7 +194,7 @@ def mage_ft_loss(model, tokens, weight, force_mask, keep, obj: MageFTObjective,
         stats.update({k: v for k, v in layout.recall_summary().items() if k != "per_layer"})
     if b.n_positions == 0:
         return h_s.sum() * 0.0, dict(stats, ce=0.0, kl=0.0)
-    ce, kl = b.terms(h_s, h_t if obj.lam > 0 else None, b.length, obj.loss_chunk)
+    ce, kl = b.terms(h_s, teacher_rows, obj.loss_chunk)
     loss = ce + obj.lam * kl if obj.lam > 0 else ce
     stats.update(ce=float(ce.detach()), kl=float(kl.detach()))
     return loss, stats
