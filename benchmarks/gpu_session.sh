@@ -4,7 +4,7 @@
 # here), then runs the stages named on the command line, logging each under $OUT.
 #   bash benchmarks/gpu_session.sh tests bench-quick
 # Stages: tests (pytest, CUDA included), cuda-tests (tests/python/test_cuda.py), bench-quick,
-#         bench-full, e2e, profile, ncu (Nsight Compute, full set, of benchmarks/ncu_steps.py), sanitize (compute-sanitizer memcheck + racecheck),
+#         bench-full, e2e, train-attention (bench_train_attention.py), mage-ft (bench_mage_ft.py), profile, ncu (Nsight Compute, full set, of benchmarks/ncu_steps.py), sanitize (compute-sanitizer memcheck + racecheck),
 #         gpu-tests (tests/run_gpu.sh: CUDA pytest suites + memcheck / racecheck / synccheck,
 #         recorded in $OUT/gpu_h200.json; gpu-tests-pytest / gpu-tests-sanitize: one half each,
 #         merged into a tests/results/gpu_h200.json of the same commit), <cmd...>
@@ -37,6 +37,8 @@ for stage in "$@"; do
     cuda-tests) python3 -m pytest tests/python/test_cuda.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log" | tail -5 ;;
     e2e) python3 benchmarks/bench_e2e.py --out "$OUT/e2e_h200.json" 2>&1 | tr '\r' '\n' \
            | grep -v '^prefill' | tee "$OUT/e2e.log" ;;
+    train-attention) python3 benchmarks/bench_train_attention.py 2>&1 | tee "$OUT/train_attention.log" | tail -60 ;;
+    mage-ft) python3 benchmarks/bench_mage_ft.py 2>&1 | tee "$OUT/mage_ft.log" | tail -20 ;;
     profile) python3 benchmarks/profile_ops.py 2>&1 | grep -E "^---|mage::" | tee "$OUT/profile.log" ;;
     ncu) ncu --set full --import-source no --kernel-name regex:"attention_tile|attention_wgmma|scores_kernel|scores_wgmma|topk|merge" \
            -f -o "$OUT/ncu" python3 benchmarks/ncu_steps.py >"$OUT/ncu_run.log" 2>&1

@@ -20,7 +20,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-MASK_EPS = 1e-3
+from mage_ext.train import TrainLayout
+from mage_ext.train.objective import MASK_EPS, noise, shift_sources  # noqa: F401 (re-exported)
+
+ATTENTIONS = ("sdpa", "mage")
 
 
 def layout(xt_blocks: list[int], block_size: int, n_x0: int | None = None):
@@ -70,35 +73,6 @@ def cached_mask(xt_blocks, block_size, n_x0, device, window=None) -> torch.Tenso
     return _MASKS[key]
 
 
-def shift_sources(xt_blocks: list[int], block_size: int) -> torch.Tensor:
-    """For each x_t slot, the layout index whose hidden state predicts it (-1: nothing, block 0 start)."""
-    n_xt = len(xt_blocks) * block_size
-    src = torch.empty(n_xt, dtype=torch.long)
-    for e, b in enumerate(xt_blocks):
-        base = e * block_size
-        src[base + 1: base + block_size] = torch.arange(base, base + block_size - 1)
-        src[base] = n_xt + b * block_size - 1 if b > 0 else -1
-    return src
-
-
-def noise(tokens: torch.Tensor, force_mask: torch.Tensor, keep: torch.Tensor, xt_blocks: list[int],
-          block_size: int, mask_id: int, gen: torch.Generator | None = None):
-    """x_t token ids for the entries (N, n_xt) and which of them are masked.
-
-    `xt_blocks` is the list of distinct blocks; each gets two entries (mask m, then its complement),
-    so the returned entry list is xt_blocks + xt_blocks. Per (sequence, block) t ~ U(0,1) and
-    P(mask) = (1 - 1e-3) t + 1e-3; force_mask / keep override both copies."""
-    n = tokens.shape[0]
-    idx = torch.cat([b * block_size + torch.arange(block_size) for b in xt_blocks])
-    tok, force, kp = tokens[:, idx], force_mask[:, idx], keep[:, idx]
-    t = torch.rand(n, len(xt_blocks), 1, generator=gen).expand(-1, -1, block_size).reshape(n, -1)
-    m = torch.rand(tok.shape, generator=gen) < (1 - MASK_EPS) * t + MASK_EPS
-    masked = torch.cat([m, ~m], dim=1)
-    masked = (masked | force.repeat(1, 2)) & ~kp.repeat(1, 2)
-    xt = torch.where(masked, torch.full_like(tok.repeat(1, 2), mask_id), tok.repeat(1, 2))
-    return xt, masked, idx.repeat(2)
-
-
 def hidden_states(model, input_ids, mask, positions):
     """Final hidden states of a stock HF causal LM under an explicit boolean 4D mask."""
     out = model.model(input_ids=input_ids, attention_mask=mask[None, None],
@@ -106,18 +80,37 @@ def hidden_states(model, input_ids, mask, positions):
     return out.last_hidden_state
 
 
-def loss(model, tokens, weight, force_mask, keep, xt_blocks, block_size, mask_id, gen=None):
-    """Weighted CE over masked x_t slots of both copies; returns (loss, stats dict)."""
+def mage_hidden_states(model, xt, x0, xt_blocks, block_size):
+    """The same hidden states through the MAGE ops (mage_ext.train.TrainLayout): no L x L mask.
+    xt [N, 2 n_xt] holds both copies; xt_blocks must be consecutive blocks."""
+    b0 = xt_blocks[0]
+    if list(xt_blocks) != list(range(b0, b0 + len(xt_blocks))):
+        raise ValueError(f"attention='mage' needs consecutive xt_blocks, got {xt_blocks}")
+    n_xt = len(xt_blocks) * block_size
+    lay = TrainLayout(block_size, n_xt, x0.shape[1], start_block=b0)
+    return lay.hidden_states(model, [xt[:, :n_xt], xt[:, n_xt:]], x0, ["exact", "exact"])
+
+
+def loss(model, tokens, weight, force_mask, keep, xt_blocks, block_size, mask_id, gen=None,
+         attention: str = "sdpa"):
+    """Weighted CE over masked x_t slots of both copies; returns (loss, stats dict).
+    attention: "sdpa" (stock SDPA with the dense mask: the reference) or "mage" (the ops)."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     device = next(model.parameters()).device
     xt, masked, idx = noise(tokens, force_mask, keep, xt_blocks, block_size, mask_id, gen)
     entries = list(xt_blocks) + list(xt_blocks)
     n_x0 = max(entries) * block_size
-    ids = torch.cat([xt, tokens[:, :n_x0]], dim=1).to(device)
-    mask = cached_mask(entries, block_size, n_x0, device)
-    _, _, pos = layout(entries, block_size, n_x0)
     src = shift_sources(entries, block_size)
     w = weight[:, idx] * masked * (src >= 0)
-    h = hidden_states(model, ids, mask, pos.to(device))
+    if attention == "mage":
+        h = mage_hidden_states(model, xt.to(device), tokens[:, :n_x0].to(device), xt_blocks,
+                               block_size)
+    else:
+        ids = torch.cat([xt, tokens[:, :n_x0]], dim=1).to(device)
+        mask = cached_mask(entries, block_size, n_x0, device)
+        _, _, pos = layout(entries, block_size, n_x0)
+        h = hidden_states(model, ids, mask, pos.to(device))
     sel = w > 0
     rows, cols = sel.nonzero(as_tuple=True)
     if rows.numel() == 0:

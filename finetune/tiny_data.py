@@ -10,6 +10,7 @@ import torch
 
 from mage_ext.eval import tasks as T
 from mage_ext.eval import vocab as V
+from mage_ext.train.data import synthetic_example, to_batch
 
 
 def mqar_example(length: int, rng: random.Random, block_size: int = 32,
@@ -36,20 +37,12 @@ def mqar_example(length: int, rng: random.Random, block_size: int = 32,
     return T.TrainExample(tokens, weight, force, keep)
 
 
-def filler_example(length: int, rng: random.Random) -> T.TrainExample:
-    n = length
-    return T.TrainExample(T.filler(n, rng), [1.0] * n, [False] * n, [False] * n)
-
-
 def example(kind: str, length: int, rng: random.Random, block_size: int = 32,
             answer_weight: float = 1.0) -> T.TrainExample:
     if kind == "mqar":   # one query block for the shortest sequences, two otherwise
         return mqar_example(length, rng, block_size, query_blocks=1 if length <= 3 * block_size else 2)
-    if kind == "filler":
-        return filler_example(length, rng)
-    if kind in T.TASKS:
-        s = T.make_sample(kind, length, rng.randrange(2**31), block_size=block_size)
-        return T.to_train_example(s, block_size, answer_weight)
+    if kind == "filler" or kind in T.TASKS:
+        return synthetic_example(kind, length, rng, block_size, answer_weight)
     raise ValueError(f"data kind must be 'mqar', 'filler' or one of {T.TASKS}, got {kind!r}")
 
 
@@ -57,13 +50,7 @@ def batch(mix: dict[str, float], length: int, n: int, rng: random.Random, block_
           answer_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """n examples of one length, kinds drawn from `mix` (name -> relative weight)."""
     kinds = rng.choices(list(mix), weights=list(mix.values()), k=n)
-    ex = [example(k, length, rng, block_size, answer_weight) for k in kinds]
-    return {
-        "tokens": torch.tensor([e.tokens for e in ex], dtype=torch.long),
-        "weight": torch.tensor([e.weight for e in ex], dtype=torch.float32),
-        "force_mask": torch.tensor([e.force_mask for e in ex], dtype=torch.bool),
-        "keep": torch.tensor([e.keep for e in ex], dtype=torch.bool),
-    }
+    return to_batch([example(k, length, rng, block_size, answer_weight) for k in kinds])
 
 
 class PhaseBatches(torch.utils.data.IterableDataset):

@@ -44,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="2 steps per phase, short lengths, tiny eval")
     p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--attention", choices=BD.ATTENTIONS, default="sdpa",
+                   help="training attention: stock SDPA with the dense layout mask, or the MAGE ops "
+                        "(mage_ext.train.TrainLayout: no L x L mask)")
     p.add_argument("--workers", type=int, default=None,
                    help="data-building processes (default: 6 on CUDA, 0 on CPU)")
     a = p.parse_args(argv)
@@ -171,7 +174,7 @@ def train(args) -> dict:
                 g["lr"] = lr
             with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
                 loss, st = BD.loss(model, b["tokens"], b["weight"], b["force_mask"], b["keep"], xtb, bs,
-                                   mask_id, gen)
+                                   mask_id, gen, attention=args.attention)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.get("grad_clip", 1.0))

@@ -3,7 +3,9 @@
 No remote code: Fast-dLLM v2 (model_type ``Fast_dLLM_Qwen``) is Qwen2.5 with QKV bias and loads
 into ``Qwen2ForCausalLM``; SDAR (``sdar``) is Qwen3 with q/k norm and loads into
 ``Qwen3ForCausalLM``. The directory holds config.json, ``*.safetensors`` (one file, or shards
-listed by ``model.safetensors.index.json``) and tokenizer.json.
+listed by ``model.safetensors.index.json``) and tokenizer.json. A peft adapter directory
+(adapter_config.json naming a local base checkpoint, as MAGE-FT writes) loads as its base with
+the adapter merged.
 
     lm = load_model("/ckpt/Fast_dLLM_v2_1.5B", dtype=torch.bfloat16, device="cuda")
     lm.model, lm.tokenizer, lm.mask_id, lm.stop_ids, lm.block_size, lm.family
@@ -50,6 +52,9 @@ def load_model(path: str, *, dtype: torch.dtype = torch.float32, device="cpu",
     if not os.path.isdir(path):
         raise NotADirectoryError(f"load_model: '{path}' is a file; expected a checkpoint "
                                  "directory (config.json, *.safetensors, tokenizer.json)")
+    if (os.path.isfile(os.path.join(path, "adapter_config.json"))
+            and not os.path.isfile(os.path.join(path, "config.json"))):
+        return _load_adapter(path, dtype, device, tokenizer)
     raw = _read_json(os.path.join(path, "config.json"), "config.json")
     model_type = raw.get("model_type")
     if model_type not in MODEL_TYPES:
@@ -85,6 +90,32 @@ def load_model(path: str, *, dtype: torch.dtype = torch.float32, device="cpu",
         raise ValueError(f"load_model: {path}/config.json gives block size {block!r}; expected a "
                          "positive int (bd_size / block_size / block_length)")
     return LoadedModel(model, tok, int(mask_id), stop_ids, block, family)
+
+
+def _load_adapter(path: str, dtype, device, tokenizer: bool) -> LoadedModel:
+    """A peft (LoRA) adapter directory, e.g. MAGE-FT's output_dir/adapter: its base model
+    (adapter_config.json base_model_name_or_path, a checkpoint directory) with the adapter merged."""
+    raw = _read_json(os.path.join(path, "adapter_config.json"), "adapter_config.json")
+    base = raw.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"load_model: {path}/adapter_config.json names no base model "
+                         "(base_model_name_or_path)")
+    base = base if os.path.isabs(base) else os.path.join(path, base)
+    if not os.path.isdir(base):
+        raise FileNotFoundError(f"load_model: the adapter in {path} is for the base model "
+                                f"'{base}', which is not a checkpoint directory here")
+    try:
+        from peft import PeftModel
+    except ImportError as e:
+        raise ImportError(f"load_model: {path} is a peft adapter; loading it needs peft "
+                          "(pip install 'mage_ext[finetune]')") from e
+    import warnings
+
+    lm = load_model(base, dtype=dtype, device=device, tokenizer=tokenizer)
+    with warnings.catch_warnings():  # peft calls transformers' deprecated names
+        warnings.simplefilter("ignore", FutureWarning)
+        lm.model = PeftModel.from_pretrained(lm.model, path).merge_and_unload().eval()
+    return lm
 
 
 def _check_ids_in_vocab(path: str, vocab: int, mask_id: int, stop_ids: tuple) -> None:
