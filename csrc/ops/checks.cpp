@@ -522,6 +522,8 @@ void check_silu_mul_outputs(const char* op, const at::Tensor& gate_up, const at:
   shape.back() /= 2;
   check_shape(op, "out", out, shape, "[..., I] (gate_up's shape with the last dim halved)");
   check_contiguous_output(op, "out", out);
+}
+
 namespace {
 
 double resolve_scale(const char* op, std::optional<double> scale, int64_t dim) {
