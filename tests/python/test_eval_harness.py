@@ -60,6 +60,58 @@ def test_command_line(tiny_dir, tmp_path):
     data = json.loads(out.read_text())
     assert {"model", "commit", "date", "records"} <= set(data)
     assert [r["method"] for r in data["records"]] == ["exact", "mage", "control"]
+    assert data["stage"] is None and data["records"][0]["stage"] is None
+
+
+def test_command_line_stage_seeds_and_dense_settings(tiny_dir, tmp_path):
+    from mage_ext.cli_common import CliError
+    from mage_ext.eval.__main__ import _main
+
+    out = tmp_path / "before.json"
+    base = ["--model", tiny_dir, "--tasks", "niah_multivalue_distract", "--lengths", "128",
+            "--depths", "0.5", "--samples", "1", "--ks", "32", "--device", "cpu", "--no-recall"]
+    _main(base + ["--methods", "exact,mage,random,recent", "--dense-layers", "0,2",
+                  "--seeds", "0,1", "--stage", "before", "--note", "smoke", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["stage"] == "before" and data["steps"] == 0 and data["lambda"] is None
+    assert data["torch"] == torch.__version__ and data["note"] == "smoke"
+    assert data["config"]["seeds"] == [0, 1] and data["config"]["samples_per_cell"] == 1
+    recs = data["records"]
+    assert len(recs) == 2 * (1 + 3 * 2)                 # seeds x (exact + 3 methods x 2 dense)
+    keys = {"stage", "method", "k", "dense_layers", "task", "context_len", "seed", "accuracy",
+            "recall", "mass_recall", "kv_fraction"}
+    assert all(keys <= set(r) and r["stage"] == "before" for r in recs)
+    assert sorted({r["seed"] for r in recs}) == [0, 1]
+    after = tmp_path / "after.json"
+    _main(base + ["--methods", "mage", "--stage", "after", "--steps", "200", "--lambda", "0.5",
+                  "--out", str(after)])
+    data = json.loads(after.read_text())
+    assert (data["stage"], data["steps"], data["lambda"]) == ("after", 200, 0.5)
+    with pytest.raises(CliError, match="--steps and --lambda"):
+        _main(base + ["--stage", "after", "--steps", "3", "--out", str(after)])
+    with pytest.raises(CliError, match="--stage"):
+        _main(base + ["--lambda", "1", "--out", str(after)])
+
+
+def test_dense_layer_settings_seeds_and_matched_controls(tiny_dir):
+    from mage_ext.eval.harness import EvalConfig, evaluate, summary_table
+
+    cfg = EvalConfig(tasks=("niah_multivalue",), lengths=(192,), depths=(0.5,), samples_per_depth=2,
+                     methods=("exact", "mage", "random", "recent", "mage_l1"), ks=(16, 32),
+                     dense_layers=(0, 2), batch_size=2, recall=True, needle_mass=False,
+                     seed=3, progress=False)
+    recs = evaluate(tiny_dir, cfg)["records"]
+    got = sorted((r["method"], r["k"] or 0, -1 if r["dense_layers"] is None else r["dense_layers"])
+                 for r in recs)
+    want = sorted([("exact", 0, -1), ("mage_l1", 16, 1), ("mage_l1", 32, 1)] +
+                  [(m, k, d) for m in ("mage", "random", "recent") for k in (16, 32) for d in (0, 2)])
+    assert got == want and all(r["seed"] == 3 and r["n"] == 2 for r in recs)
+    for r in recs:
+        if r["method"] in ("random", "recent"):   # a selection at later steps: recall measured
+            assert 0.0 <= r["recall"] <= 1.0 and r["kv_fraction"] < 1.0
+    table = summary_table(recs)
+    assert "| random | 16 | 0 |" in table and "| random | 16 | 2 |" in table
+    assert "| exact | - | - |" in table
 
 
 def test_bad_config():
@@ -71,3 +123,5 @@ def test_bad_config():
         EvalConfig(methods=("mage", "magic"))
     with pytest.raises(ValueError, match="depths"):
         EvalConfig(depths=(1.5,))
+    with pytest.raises(ValueError, match="dense_layers"):
+        EvalConfig(dense_layers=(2, -1))
