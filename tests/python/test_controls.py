@@ -8,6 +8,7 @@ from mage_ext.core.selectors import make_selector
 from mage_ext.core.selectors.controls import (RandomSelector, RecentSelector, hash_scores,
                                               recency_scores)
 from mage_ext.core.selectors.window import last_window
+from conftest import requires_cuda
 from test_baselines import FakeLoop, ref_out
 
 METHODS = ("random", "recent")
@@ -122,3 +123,24 @@ def test_configs_and_call_order(cls, method, gen):
     loop.sel.begin_block()
     with pytest.raises(RuntimeError, match="step 0 of the block must run first"):
         loop.attend(1, "denoise", 0, loop.kv[0])
+
+
+@requires_cuda
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_selection_equals_cpu(method, gen):
+    """The hash and the top-k run on the device: the same draws as on the CPU (scores hold 24
+    bits, so a tie at the cut is possible in principle; at 300 entries it has ~0.3% odds)."""
+    from mage_ext.core.selectors import LayerKV, StepContext
+
+    lens = torch.tensor([300, 17, 250], dtype=torch.int32)
+    k = torch.randn(3, 2, 300, 8, generator=gen)
+    picks = {}
+    for device in ("cpu", "cuda"):
+        sel = make_selector(PolicyConfig(method=method, k=40, dense_layers=0, selection_seed=9))
+        sel.reset(3, 2)
+        sel.begin_block()
+        kv = LayerKV(k.to(device), k.to(device), lens.to(device))
+        s = sel.select(StepContext(1, 2, 0, "denoise", 0.3), kv)
+        picks[device] = (s.indices.cpu(), s.counts.cpu())
+    assert torch.equal(picks["cpu"][0], picks["cuda"][0])
+    assert torch.equal(picks["cpu"][1], picks["cuda"][1])
