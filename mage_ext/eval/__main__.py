@@ -5,7 +5,8 @@ seed, and writes the records to runs/eval/eval-<UTC time>.json (git-ignored) unl
 a file: top-level model, commit, device, torch, dtype, date, stage, steps, lambda, note, config,
 records (stage, method, k, adaptive, dense_layers, task, context_len, seed, accuracy, recall,
 mass_recall, kv_fraction, n), heatmap, needle_mass. --stage before / after marks a run before or
-after MAGE-FT (with the fine-tuning's --steps and --lambda). Prints markdown tables and, with
+after MAGE-FT (with the fine-tuning's --steps and --lambda; python -m mage_ext.eval.stages joins a
+before and an after file). Prints markdown tables and, with
 --heatmaps DIR, one needle heatmap per method. A committed file (git ls-files) is never
 overwritten without --force. docs/evaluation.md describes the tasks, the metrics and the
 committed results.

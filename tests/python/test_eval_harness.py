@@ -82,11 +82,27 @@ def test_command_line_stage_seeds_and_dense_settings(tiny_dir, tmp_path):
             "recall", "mass_recall", "kv_fraction"}
     assert all(keys <= set(r) and r["stage"] == "before" for r in recs)
     assert sorted({r["seed"] for r in recs}) == [0, 1]
-    after = tmp_path / "after.json"
-    _main(base + ["--methods", "mage", "--stage", "after", "--steps", "200", "--lambda", "0.5",
+    after, other = tmp_path / "after.json", tmp_path / "other.json"
+    _main(base + ["--methods", "exact,mage,random,recent", "--dense-layers", "0,2",
+                  "--seeds", "0,1", "--stage", "after", "--steps", "200", "--lambda", "0.5",
                   "--out", str(after)])
     data = json.loads(after.read_text())
     assert (data["stage"], data["steps"], data["lambda"]) == ("after", 200, 0.5)
+    # one evidence file from the two runs
+    from mage_ext.eval.stages import _main as stages_main
+
+    both = tmp_path / "both.json"
+    stages_main([str(out), str(after), "--out", str(both)])
+    data = json.loads(both.read_text())
+    assert (data["steps"], data["lambda"], data["torch"]) == (200, 0.5, torch.__version__)
+    assert [r["stage"] for r in data["records"]] == ["before"] * len(recs) + ["after"] * len(recs)
+    assert set(data["runs"]) == {"before", "after"} and data["runs"]["before"]["note"] == "smoke"
+    _main(base + ["--methods", "mage", "--stage", "after", "--steps", "1", "--lambda", "1",
+                  "--out", str(other)])
+    with pytest.raises(CliError, match="different grids: methods"):
+        stages_main([str(out), str(other), "--out", str(both)])
+    with pytest.raises(CliError, match="stage 'before'"):
+        stages_main([str(after), str(other), "--out", str(both)])
     with pytest.raises(CliError, match="--steps and --lambda"):
         _main(base + ["--stage", "after", "--steps", "3", "--out", str(after)])
     with pytest.raises(CliError, match="--stage"):
