@@ -6,10 +6,9 @@ a file: top-level model, commit, device, torch, dtype, date, stage, steps, lambd
 records (stage, method, k, adaptive, dense_layers, task, context_len, seed, accuracy, recall,
 mass_recall, kv_fraction, n), heatmap, needle_mass. --stage before / after marks a run before or
 after MAGE-FT (with the fine-tuning's --steps and --lambda; python -m mage_ext.eval.stages joins a
-before and an after file). Prints markdown tables and, with
---heatmaps DIR, one needle heatmap per method. A committed file (git ls-files) is never
-overwritten without --force. docs/evaluation.md describes the tasks, the metrics and the
-committed results.
+before and an after file). Prints markdown tables and, with --heatmaps DIR, one needle heatmap
+per method. A committed file (git ls-files) is never overwritten without --force.
+docs/evaluation.md describes the tasks, the metrics and the committed results.
 """
 from __future__ import annotations
 
