@@ -141,3 +141,27 @@ def test_bad_config():
         EvalConfig(depths=(1.5,))
     with pytest.raises(ValueError, match="dense_layers"):
         EvalConfig(dense_layers=(2, -1))
+
+
+def test_heatmaps_one_file_per_dense_setting_seeds_averaged(tmp_path, monkeypatch):
+    """plots.heatmaps with a stand-in matplotlib (not a dependency): names and averaged cells."""
+    import sys
+    import types
+    from unittest import mock
+
+    from mage_ext.eval.plots import heatmaps
+
+    ax, fig = mock.MagicMock(), mock.MagicMock()
+    plt = types.SimpleNamespace(subplots=lambda **kw: (fig, ax), close=lambda f: None)
+    mpl = types.SimpleNamespace(use=lambda name: None, pyplot=plt)
+    monkeypatch.setitem(sys.modules, "matplotlib", mpl)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", plt)
+    heat = [dict(method=m, k=k, dense_layers=d, task="t", context_len=1024, depth=0.5, seed=s,
+                 accuracy=acc)
+            for m, k, d, s, acc in [("exact", None, None, 0, 1.0), ("mage", 64, 0, 0, 0.0),
+                                    ("mage", 64, 0, 1, 1.0), ("mage", 64, 2, 0, 1.0)]]
+    paths = heatmaps(heat, str(tmp_path))
+    assert [p.rsplit("/", 1)[1] for p in paths] == [
+        "needle_t_exact.png", "needle_t_mage_k64_dl0.png", "needle_t_mage_k64_dl2.png"]
+    grids = [c.args[0] for c in ax.imshow.call_args_list]
+    assert grids == [[[1.0]], [[0.5]], [[1.0]]]          # the two seeds of dense 0 averaged
