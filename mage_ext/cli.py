@@ -34,6 +34,8 @@ METHOD_HELP = {
     "tidal": "Tidal baseline (selection layers pick for the layers after them)",
     "sparsed": "SparseD baseline (full steps first, then a pooled block pattern)",
     "window": "control: the last --window cache entries only",
+    "random": "matched control of mage: k random entries, drawn at a block's first step",
+    "recent": "matched control of mage: the last k entries, from a block's first step on",
 }
 
 

@@ -139,6 +139,11 @@ def positive_int_list(text: str) -> tuple:
     return tuple(positive_int(x) for x in text.split(",") if x.strip()) or _empty(text)
 
 
+def nonnegative_int_list(text: str) -> tuple:
+    """Comma-separated integers >= 0: "0,1,2"."""
+    return tuple(nonnegative_int(x) for x in text.split(",") if x.strip()) or _empty(text)
+
+
 def unit_interval_list(text: str) -> tuple:
     return tuple(unit_interval(x) for x in text.split(",") if x.strip()) or _empty(text)
 

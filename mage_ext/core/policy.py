@@ -1,14 +1,14 @@
 """PolicyConfig: every option of the attention policy in one validated object.
 
-One config drives every method (exact, mage, quest, tidal, sparsed) so baselines run in the same
-loop at the same budget. Defaults follow the spec (docs: ../shared/design/mage-spec.md sections 2, 6).
+One config drives every method (exact, mage, quest, tidal, sparsed and the controls) so baselines
+run in the same loop at the same budget. Defaults follow the spec (docs: ../shared/design/mage-spec.md sections 2, 6).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 from typing import Sequence, Tuple, Union
 
-METHODS = ("exact", "mage", "quest", "tidal", "sparsed", "window")
+METHODS = ("exact", "mage", "quest", "tidal", "sparsed", "window", "random", "recent")
 COMMIT_MODES = ("sparse", "exact")
 
 
@@ -34,6 +34,8 @@ class PolicyConfig:
     sparsed_steps: int = 8            # steps per block assumed when the loop cannot know (threshold)
     # window: the last `window` cache entries only (with dense_layers=0: the evaluation's control)
     window: int = 32
+    # random (a matched control of MAGE, selectors/controls.py): seed of the per-block draws
+    selection_seed: int = 0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -51,7 +53,7 @@ class PolicyConfig:
                      "window"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"PolicyConfig.{name}: must be > 0, got {getattr(self, name)}")
-        for name in ("dense_layers", "n_sink", "n_recent"):
+        for name in ("dense_layers", "n_sink", "n_recent", "selection_seed"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"PolicyConfig.{name}: must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.sparsed_skip <= 1.0:

@@ -3,11 +3,16 @@
     from mage_ext.eval.harness import EvalConfig, evaluate
     report = evaluate("mage_ext/assets/tiny", EvalConfig(tasks=("passkey",), lengths=(4096,)))
 
-Every method runs in the same generation loop (mage_ext.generate) at the same budget k:
+Every method runs in the same generation loop (mage_ext.generate) at the same budget k, and
+each budgeted method once per entry of ``dense_layers`` (the first layers that read the whole
+cache):
   exact              dense attention everywhere
-  mage / mage_l1     MAGE with the default dense layers / with only the first layer dense
+  mage / mage_l1     MAGE / MAGE with only the first layer dense (whatever dense_layers says)
   mage_adaptive      MAGE with the adaptive per-layer budget (mean budget k)
   quest, tidal, sparsed   the baselines (spec section 6)
+  random / recent    matched controls of the mage row (same dense layers, budget k, exact first
+                     step, selection reused by the later steps): k random / the last k entries
+                     instead of the top-k (selectors/controls.py)
   control            every layer reads only the last prompt block (window = block size): if
                      accuracy does not fall to chance here, the task does not need the cache
 Recall (set and mass, spec section 4) is measured at every later denoising step against that
@@ -19,7 +24,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -28,8 +33,19 @@ from . import tasks as T
 from .meters import MeterGroup, NeedleMassMeter, needle_positions
 from .recall import RecallMeter
 
-METHOD_NAMES = ("exact", "mage", "mage_l1", "mage_adaptive", "quest", "tidal", "sparsed",
-                "control")
+# harness name -> (PolicyConfig method, dense layers (None: each of EvalConfig.dense_layers),
+# adaptive)
+_BUDGETED = {
+    "mage": ("mage", None, False),
+    "mage_l1": ("mage", 1, False),
+    "mage_adaptive": ("mage", None, True),
+    "quest": ("quest", None, False),
+    "tidal": ("tidal", None, False),
+    "sparsed": ("sparsed", None, False),
+    "random": ("random", None, False),
+    "recent": ("recent", None, False),
+}
+METHOD_NAMES = ("exact", *_BUDGETED, "control")
 
 
 @dataclass
@@ -40,7 +56,7 @@ class EvalConfig:
     samples_per_depth: int = 2
     methods: Sequence[str] = METHOD_NAMES
     ks: Sequence[int] = (64, 128, 256, 512, 1024, 2048)
-    dense_layers: int = 2            # MAGE / baselines default (mage_l1 uses 1)
+    dense_layers: Union[int, Sequence[int]] = 2   # one or several settings (mage_l1 uses 1)
     batch_size: int = 8
     recall: bool = True
     needle_mass: bool = True         # per-layer attention mass on the needle (exact only)
@@ -61,27 +77,34 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.depths: must lie in [0, 1], got {self.depths}")
         if self.samples_per_depth <= 0 or self.batch_size <= 0:
             raise ValueError("EvalConfig: samples_per_depth and batch_size must be > 0")
+        dense = self.dense_layers
+        self.dense_layers = (dense,) if isinstance(dense, int) else tuple(dense)
+        if not self.dense_layers or any(int(d) < 0 for d in self.dense_layers):
+            raise ValueError(f"EvalConfig.dense_layers: expected integers >= 0, got {dense}")
+        if int(self.seed) < 0:
+            raise ValueError(f"EvalConfig.seed: must be >= 0, got {self.seed}")
 
 
-def method_policies(name: str, ks: Sequence[int], dense_layers: int, block_size: int):
-    """(k or None, adaptive, PolicyConfig) for each budget of one method."""
+def method_policies(name: str, ks: Sequence[int], dense_layers: Union[int, Sequence[int]],
+                    block_size: int, seed: int = 0):
+    """(k or None, adaptive, PolicyConfig) for each dense-layer setting and budget of one method
+    (seed: the random control's draws)."""
     if name == "exact":
         return [(None, False, PolicyConfig(method="exact"))]
     if name == "control":
         return [(block_size, False, PolicyConfig(method="window", window=block_size,
                                                  dense_layers=0, k=block_size))]
-    out = []
-    for k in ks:
-        if name == "mage":
-            p = PolicyConfig(method="mage", k=k, dense_layers=dense_layers)
-        elif name == "mage_l1":
-            p = PolicyConfig(method="mage", k=k, dense_layers=1)
-        elif name == "mage_adaptive":
-            p = PolicyConfig(method="mage", k=k, adaptive=True, dense_layers=dense_layers)
-        else:
-            p = PolicyConfig(method=name, k=k, dense_layers=dense_layers)
-        out.append((k, name == "mage_adaptive", p))
-    return out
+    method, fixed, adaptive = _BUDGETED[name]
+    settings = [fixed] if fixed is not None else (
+        [dense_layers] if isinstance(dense_layers, int) else list(dense_layers))
+    return [(k, adaptive, PolicyConfig(method=method, k=k, adaptive=adaptive, dense_layers=dense,
+                                       selection_seed=seed))
+            for dense in settings for k in ks]
+
+
+def dense_of(policy: PolicyConfig) -> Optional[int]:
+    """The dense layers a record reports: None for exact (every layer reads the whole cache)."""
+    return None if policy.method == "exact" else policy.dense_layers
 
 
 class _Progress:
@@ -130,7 +153,7 @@ def evaluate(model, cfg: Optional[EvalConfig] = None, *, device=None, dtype=None
         model, device=device or "cpu", dtype=dtype or torch.float32)
     block = lm.block_size
     grid = [(m, k, ad, p) for m in cfg.methods
-            for (k, ad, p) in method_policies(m, cfg.ks, cfg.dense_layers, block)]
+            for (k, ad, p) in method_policies(m, cfg.ks, cfg.dense_layers, block, cfg.seed)]
     cells = [(t, n) for t in cfg.tasks for n in cfg.lengths]
     prog = _Progress(len(grid) * len(cells), cfg.progress)
     records, heat, needle = [], [], []
@@ -157,54 +180,62 @@ def evaluate(model, cfg: Optional[EvalConfig] = None, *, device=None, dtype=None
                     prog.step(f"{task} {length} {method} k={k}")
         for cell, (method, k, adaptive, policy) in zip(acc, grid):
             summ = cell.recall.summary() if cell.recall is not None else {}
-            rec = dict(method=method, k=k, adaptive=adaptive, dense_layers=policy.dense_layers,
-                       task=task, context_len=length,
+            rec = dict(method=method, k=k, adaptive=adaptive, dense_layers=dense_of(policy),
+                       task=task, context_len=length, seed=cfg.seed,
                        accuracy=sum(c for _, c in cell.correct) / len(cell.correct),
                        recall=summ.get("set_recall"), mass_recall=summ.get("mass_recall"),
                        kv_fraction=sum(cell.kv_fracs) / len(cell.kv_fracs), n=len(cell.correct))
             records.append(rec)
             for depth in cfg.depths:
                 vals = [c for d, c in cell.correct if d == depth]
-                heat.append(dict(method=method, k=k, task=task, context_len=length, depth=depth,
+                heat.append(dict(method=method, k=k, dense_layers=dense_of(policy), task=task,
+                                 context_len=length, depth=depth, seed=cfg.seed,
                                  accuracy=sum(vals) / len(vals)))
             if cell.mass is not None:
-                needle.append(dict(task=task, context_len=length, per_layer=cell.mass.per_layer()))
+                needle.append(dict(task=task, context_len=length, seed=cfg.seed,
+                                   per_layer=cell.mass.per_layer()))
             if on_record is not None:
                 on_record(rec)
     return dict(records=records, heatmap=heat, needle_mass=needle)
 
 
+def _dense(r) -> str:
+    return "-" if r.get("dense_layers") is None else str(r["dense_layers"])
+
+
 def records_table(records: list) -> str:
-    """Markdown table: accuracy / recall / mass recall / KV fraction per method and k."""
-    lines = ["| method | k | task | context | accuracy | set recall | mass recall | KV read |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    """Markdown table: accuracy / recall / mass recall / KV fraction per record."""
+    lines = ["| method | k | dense | task | context | seed | accuracy | set recall | mass recall "
+             "| KV read |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for r in records:
-        lines.append(f"| {r['method']} | {r['k'] or '-'} | {r['task']} | {r['context_len']} | "
-                     f"{r['accuracy']:.3f} | {f(r['recall'])} | {f(r['mass_recall'])} | "
-                     f"{r['kv_fraction']:.3f} |")
+        lines.append(f"| {r['method']} | {r['k'] or '-'} | {_dense(r)} | {r['task']} | "
+                     f"{r['context_len']} | {r.get('seed', '-')} | {r['accuracy']:.3f} | "
+                     f"{f(r['recall'])} | {f(r['mass_recall'])} | {r['kv_fraction']:.3f} |")
     return "\n".join(lines)
 
 
 def summary_table(records: list) -> str:
-    """Markdown table, one row per (method, k): accuracy per context length (mean over tasks),
-    overall accuracy, set / mass recall and KV read (means over tasks and lengths)."""
+    """Markdown table, one row per (method, k, dense layers): accuracy per context length (mean
+    over tasks and seeds), overall accuracy, set / mass recall and KV read (means over tasks,
+    lengths and seeds)."""
     lengths = sorted({r["context_len"] for r in records})
     rows: dict = {}
     for r in records:
-        rows.setdefault((r["method"], r["k"], r["adaptive"]), []).append(r)
+        rows.setdefault((r["method"], r["k"], r["adaptive"], _dense(r)), []).append(r)
 
     def mean(vals):
         vals = [v for v in vals if v is not None]
         return sum(vals) / len(vals) if vals else None
 
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    head = "| method | k | " + " | ".join(f"acc {n // 1024}K" for n in lengths) + \
+    head = "| method | k | dense | " + " | ".join(f"acc {n // 1024}K" for n in lengths) + \
         " | acc mean | set recall | mass recall | KV read |"
-    lines = [head, "|" + " --- |" * 2 + " ---: |" * (len(lengths) + 4)]
-    for (method, k, _), rs in rows.items():
+    lines = [head, "|" + " --- |" * 2 + " ---: |" * (len(lengths) + 5)]
+    for (method, k, _, dense), rs in rows.items():
         accs = [mean([r["accuracy"] for r in rs if r["context_len"] == n]) for n in lengths]
-        lines.append(f"| {method} | {k or '-'} | " + " | ".join(f(a) for a in accs) +
+        lines.append(f"| {method} | {k or '-'} | {dense} | " + " | ".join(f(a) for a in accs) +
                      f" | {f(mean([r['accuracy'] for r in rs]))} | {f(mean([r['recall'] for r in rs]))}"
                      f" | {f(mean([r['mass_recall'] for r in rs]))} | "
                      f"{f(mean([r['kv_fraction'] for r in rs]))} |")

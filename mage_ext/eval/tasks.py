@@ -15,6 +15,14 @@ Tasks: passkey, niah_single (one word-key needle), niah_multikey (4 word-key nee
 niah_multikey_number (7 digit-token keys), niah_multikey_uuid (4 hex pairs joined by "-": 7 tokens),
 niah_multivalue (4 values of one key), vt (variable tracking, chain of 4), fwe (three most frequent
 words). `make_sample(task, length, seed, depth)` is a pure function of its arguments.
+
+Tasks that separate attention policies (docs/evaluation.md, "Tasks that separate methods"): a
+one-token answer follows the asked key, which is given, so the model fixes it at the block's first
+(all-[MASK]) step, and that step reads the whole cache under MAGE and its controls alike. Answers
+of several tokens are mostly fixed at later steps, whose attention the policy decides:
+niah_multivalue_6 (6 values of one key), niah_multivalue_distract (2 values of the asked key among
+8 needles of other keys). niah_multikey_16 (16 word-key needles, one-token answer) is harder
+for the lookup itself and separates policies only where the first layers are sparse too.
 """
 from __future__ import annotations
 
@@ -24,9 +32,10 @@ from dataclasses import dataclass, field
 from . import vocab as V
 
 TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multikey_number", "niah_multikey_uuid",
-         "niah_multivalue", "vt", "fwe")
+         "niah_multivalue", "vt", "fwe", "niah_multikey_16", "niah_multivalue_6",
+         "niah_multivalue_distract")
 # Tasks whose answer is a set: scored by the share of expected words present (RULER string_match_all).
-SET_ANSWER_TASKS = ("niah_multivalue", "vt", "fwe")
+SET_ANSWER_TASKS = ("niah_multivalue", "vt", "fwe", "niah_multivalue_6", "niah_multivalue_distract")
 
 
 @dataclass
@@ -205,11 +214,18 @@ def _niah(make_key, n_needles):
     return build
 
 
-def _multivalue(rng, depth, n_ctx, n_values=4):
+def _multivalue(rng, depth, n_ctx, n_values=4, n_other=0):
+    """n_values needles of one key (the answer, in order of appearance) and n_other needles of
+    other keys (distractors: same format, other key, a value not in the answer)."""
     key = _word_key(rng)
     vals = rng.sample(V.VALUES, n_values)
     depths = sorted([depth] + [rng.random() for _ in range(n_values - 1)])
     pieces = [_piece(f"remember : {key[0]} {v} .", {key[0], v}) for v in vals]
+    if n_other:
+        others = rng.sample([k for k in V.KEYS if k != key[0]], n_other)
+        other_vals = rng.sample([v for v in V.VALUES if v not in vals], n_other)
+        pieces += [_piece(f"remember : {k} {v} .", {k, v}) for k, v in zip(others, other_vals)]
+        depths += [rng.random() for _ in range(n_other)]
     return pieces, depths, ["recall", "all", ":"] + key, vals   # answer in order of appearance
 
 
@@ -253,6 +269,10 @@ _TASK_BUILDERS = {
     "niah_multikey_uuid": _niah(_uuid_key, 4),
     "niah_multivalue": _multivalue,
     "vt": _vt,
+    "niah_multikey_16": _niah(_word_key, 16),
+    "niah_multivalue_6": lambda rng, depth, n_ctx: _multivalue(rng, depth, n_ctx, n_values=6),
+    "niah_multivalue_distract": lambda rng, depth, n_ctx: _multivalue(rng, depth, n_ctx,
+                                                                      n_values=2, n_other=8),
 }
 
 

@@ -295,8 +295,8 @@ def test_sparsed_uses_config_steps_without_hint_and_short_blocks(gen):
 # All three
 
 
-@pytest.mark.parametrize("method", ["quest", "tidal", "sparsed"])
-def test_budget_covering_the_cache_gives_the_exact_output(method, gen):
+@pytest.mark.parametrize("method", ["quest", "tidal", "sparsed", "random", "recent"])
+def test_budget_covering_the_cache_gives_the_exact_output(method, gen):  # + MAGE's controls
     cfg = PolicyConfig(method=method, k=64, dense_layers=1, tidal_selection_layers=(1,),
                        quest_page_size=4, sparsed_kv_block=8, sparsed_steps=3)
     loop = FakeLoop(make_selector(cfg), n_layers=3, lens=[37, 5, 20], capacity=64, gen=gen)

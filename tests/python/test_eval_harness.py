@@ -60,6 +60,74 @@ def test_command_line(tiny_dir, tmp_path):
     data = json.loads(out.read_text())
     assert {"model", "commit", "date", "records"} <= set(data)
     assert [r["method"] for r in data["records"]] == ["exact", "mage", "control"]
+    assert data["stage"] is None and data["records"][0]["stage"] is None
+
+
+def test_command_line_stage_seeds_and_dense_settings(tiny_dir, tmp_path):
+    from mage_ext.cli_common import CliError
+    from mage_ext.eval.__main__ import _main
+
+    out = tmp_path / "before.json"
+    base = ["--model", tiny_dir, "--tasks", "niah_multivalue_distract", "--lengths", "128",
+            "--depths", "0.5", "--samples", "1", "--ks", "32", "--device", "cpu", "--no-recall"]
+    _main(base + ["--methods", "exact,mage,random,recent", "--dense-layers", "0,2",
+                  "--seeds", "0,1", "--stage", "before", "--note", "smoke", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["stage"] == "before" and data["steps"] == 0 and data["lambda"] is None
+    assert data["torch"] == torch.__version__ and data["note"] == "smoke"
+    assert data["config"]["seeds"] == [0, 1] and data["config"]["samples_per_cell"] == 1
+    recs = data["records"]
+    assert len(recs) == 2 * (1 + 3 * 2)                 # seeds x (exact + 3 methods x 2 dense)
+    keys = {"stage", "method", "k", "dense_layers", "task", "context_len", "seed", "accuracy",
+            "recall", "mass_recall", "kv_fraction"}
+    assert all(keys <= set(r) and r["stage"] == "before" for r in recs)
+    assert sorted({r["seed"] for r in recs}) == [0, 1]
+    after, other = tmp_path / "after.json", tmp_path / "other.json"
+    _main(base + ["--methods", "exact,mage,random,recent", "--dense-layers", "0,2",
+                  "--seeds", "0,1", "--stage", "after", "--steps", "200", "--lambda", "0.5",
+                  "--out", str(after)])
+    data = json.loads(after.read_text())
+    assert (data["stage"], data["steps"], data["lambda"]) == ("after", 200, 0.5)
+    # one evidence file from the two runs
+    from mage_ext.eval.stages import _main as stages_main
+
+    both = tmp_path / "both.json"
+    stages_main([str(out), str(after), "--out", str(both)])
+    data = json.loads(both.read_text())
+    assert (data["steps"], data["lambda"], data["torch"]) == (200, 0.5, torch.__version__)
+    assert [r["stage"] for r in data["records"]] == ["before"] * len(recs) + ["after"] * len(recs)
+    assert set(data["runs"]) == {"before", "after"} and data["runs"]["before"]["note"] == "smoke"
+    _main(base + ["--methods", "mage", "--stage", "after", "--steps", "1", "--lambda", "1",
+                  "--out", str(other)])
+    with pytest.raises(CliError, match="different grids: methods"):
+        stages_main([str(out), str(other), "--out", str(both)])
+    with pytest.raises(CliError, match="stage 'before'"):
+        stages_main([str(after), str(other), "--out", str(both)])
+    with pytest.raises(CliError, match="--steps and --lambda"):
+        _main(base + ["--stage", "after", "--steps", "3", "--out", str(after)])
+    with pytest.raises(CliError, match="--stage"):
+        _main(base + ["--lambda", "1", "--out", str(after)])
+
+
+def test_dense_layer_settings_seeds_and_matched_controls(tiny_dir):
+    from mage_ext.eval.harness import EvalConfig, evaluate, summary_table
+
+    cfg = EvalConfig(tasks=("niah_multivalue",), lengths=(192,), depths=(0.5,), samples_per_depth=2,
+                     methods=("exact", "mage", "random", "recent", "mage_l1"), ks=(16, 32),
+                     dense_layers=(0, 2), batch_size=2, recall=True, needle_mass=False,
+                     seed=3, progress=False)
+    recs = evaluate(tiny_dir, cfg)["records"]
+    got = sorted((r["method"], r["k"] or 0, -1 if r["dense_layers"] is None else r["dense_layers"])
+                 for r in recs)
+    want = sorted([("exact", 0, -1), ("mage_l1", 16, 1), ("mage_l1", 32, 1)] +
+                  [(m, k, d) for m in ("mage", "random", "recent") for k in (16, 32) for d in (0, 2)])
+    assert got == want and all(r["seed"] == 3 and r["n"] == 2 for r in recs)
+    for r in recs:
+        if r["method"] in ("random", "recent"):   # a selection at later steps: recall measured
+            assert 0.0 <= r["recall"] <= 1.0 and r["kv_fraction"] < 1.0
+    table = summary_table(recs)
+    assert "| random | 16 | 0 |" in table and "| random | 16 | 2 |" in table
+    assert "| exact | - | - |" in table
 
 
 def test_bad_config():
@@ -71,3 +139,29 @@ def test_bad_config():
         EvalConfig(methods=("mage", "magic"))
     with pytest.raises(ValueError, match="depths"):
         EvalConfig(depths=(1.5,))
+    with pytest.raises(ValueError, match="dense_layers"):
+        EvalConfig(dense_layers=(2, -1))
+
+
+def test_heatmaps_one_file_per_dense_setting_seeds_averaged(tmp_path, monkeypatch):
+    """plots.heatmaps with a stand-in matplotlib (not a dependency): names and averaged cells."""
+    import sys
+    import types
+    from unittest import mock
+
+    from mage_ext.eval.plots import heatmaps
+
+    ax, fig = mock.MagicMock(), mock.MagicMock()
+    plt = types.SimpleNamespace(subplots=lambda **kw: (fig, ax), close=lambda f: None)
+    mpl = types.SimpleNamespace(use=lambda name: None, pyplot=plt)
+    monkeypatch.setitem(sys.modules, "matplotlib", mpl)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", plt)
+    heat = [dict(method=m, k=k, dense_layers=d, task="t", context_len=1024, depth=0.5, seed=s,
+                 accuracy=acc)
+            for m, k, d, s, acc in [("exact", None, None, 0, 1.0), ("mage", 64, 0, 0, 0.0),
+                                    ("mage", 64, 0, 1, 1.0), ("mage", 64, 2, 0, 1.0)]]
+    paths = heatmaps(heat, str(tmp_path))
+    assert [p.rsplit("/", 1)[1] for p in paths] == [
+        "needle_t_exact.png", "needle_t_mage_k64_dl0.png", "needle_t_mage_k64_dl2.png"]
+    grids = [c.args[0] for c in ax.imshow.call_args_list]
+    assert grids == [[[1.0]], [[0.5]], [[1.0]]]          # the two seeds of dense 0 averaged

@@ -43,7 +43,7 @@ def _find(seq, sub):
 
 
 @pytest.mark.parametrize("task", ["niah_single", "niah_multikey", "niah_multikey_number",
-                                  "niah_multikey_uuid"])
+                                  "niah_multikey_uuid", "niah_multikey_16"])
 def test_needle_answer_in_prompt(task):
     for seed in range(5):
         s = T.make_sample(task, 2048, seed)
@@ -72,6 +72,38 @@ def test_passkey_multivalue_vt_fwe_recoverable():
     top = sorted(set(w), key=lambda x: -w.count(x))[:3]
     assert top == s.answer_words()
     assert len({w.count(x) for x in top} | {w.count(sorted(set(w), key=lambda x: -w.count(x))[3])}) == 4
+
+
+@pytest.mark.parametrize("task,n_values,n_other", [("niah_multivalue", 4, 0),
+                                                   ("niah_multivalue_6", 6, 0),
+                                                   ("niah_multivalue_distract", 2, 8)])
+@pytest.mark.parametrize("length", [256, 2048])
+def test_multivalue_variants(task, n_values, n_other, length):
+    for seed in range(4):
+        s = T.make_sample(task, length, seed, depth=seed / 3)
+        w = V.words_of(s.context)
+        needles = [(w[i + 2], w[i + 3]) for i in range(len(w) - 4)
+                   if w[i:i + 2] == ["remember", ":"] and w[i + 4] == "."]
+        key = V.words_of(s.prefix)[-1]
+        assert V.words_of(s.prefix) == ["recall", "all", ":", key]
+        assert len(needles) == n_values + n_other
+        # the asked key's values, in order of appearance, are the answer
+        assert [v for k, v in needles if k == key] == s.answer_words()
+        others = [(k, v) for k, v in needles if k != key]
+        assert len(others) == n_other and len({k for k, _ in others}) == n_other
+        assert not {v for _, v in others} & set(s.answer_words())
+        # each needle's key and value have weight 0 (unpredictable); the template words do not
+        assert sum(wt == 0.0 for wt in s.ctx_weight) == 2 * (n_values + n_other)
+        # scoring: the share of the asked values present, distractor values count for nothing
+        assert T.score(s, s.answer) == 1.0
+        assert T.score(s, V.ids([v for _, v in others]) or [0]) == 0.0
+        assert T.score(s, s.answer[:1]) == pytest.approx(1 / n_values)
+
+
+def test_new_tasks_keep_the_layout_at_the_shortest_length():
+    for task in ("niah_multikey_16", "niah_multivalue_6", "niah_multivalue_distract"):
+        s = T.make_sample(task, 4 * B, 0)
+        assert len(s.context) == 3 * B and len(s.prefix) + len(s.answer) < B
 
 
 def test_scoring():

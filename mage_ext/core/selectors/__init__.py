@@ -13,6 +13,8 @@ _REGISTRY = {
     "tidal": ("tidal", "TidalSelector"),
     "sparsed": ("sparsed", "SparseDSelector"),
     "window": ("window", "WindowSelector"),
+    "random": ("controls", "RandomSelector"),
+    "recent": ("controls", "RecentSelector"),
 }
 
 

@@ -1,0 +1,76 @@
+"""python -m mage_ext.eval.stages BEFORE AFTER --out FILE: one MAGE-FT evidence file from two runs.
+
+BEFORE and AFTER are files of ``python -m mage_ext.eval --stage before`` / ``--stage after``
+over the same grid (tasks, lengths, depths, samples, methods, budgets, dense layers, seeds;
+checked). The output keeps every record of both (each carries its ``stage``), the after run's
+``steps`` and ``lambda``, the top-level ``device``, ``torch``, ``commit`` and ``date`` of the after
+run, and each run's own header under ``runs``. A committed file is never overwritten without
+--force.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..cli_common import CliError, Parser, refuse_committed, run_cli
+
+PROG = "python -m mage_ext.eval.stages"
+# config entries that must agree (the rest, e.g. batch size or progress, may differ)
+GRID = ("tasks", "lengths", "depths", "samples_per_depth", "methods", "ks", "dense_layers",
+        "seeds", "recall")
+HEADER = ("model", "commit", "device", "torch", "dtype", "date", "stage", "steps", "lambda", "note")
+
+
+def combine(before: dict, after: dict) -> dict:
+    """The evidence file of a before and an after run of the same grid (dicts as written)."""
+    for name, run, stage in (("before", before, "before"), ("after", after, "after")):
+        if run.get("stage") != stage:
+            raise ValueError(f"{name}: expected a run with stage '{stage}', got "
+                             f"{run.get('stage')!r} (python -m mage_ext.eval --stage {stage})")
+    differ = [k for k in GRID if before["config"].get(k) != after["config"].get(k)]
+    if differ:
+        raise ValueError(f"the runs used different grids: {', '.join(differ)} differ")
+    if before.get("device") != after.get("device") or before.get("dtype") != after.get("dtype"):
+        raise ValueError(f"the runs ran on different devices / dtypes: {before.get('device')} "
+                         f"{before.get('dtype')} and {after.get('device')} {after.get('dtype')}")
+    return dict(device=after["device"], torch=after.get("torch"), commit=after["commit"],
+                date=after["date"], steps=after["steps"], **{"lambda": after["lambda"]},
+                config=after["config"],
+                runs={r["stage"]: {k: r.get(k) for k in HEADER} for r in (before, after)},
+                records=before["records"] + after["records"])
+
+
+def build_parser() -> Parser:
+    p = Parser(PROG, __doc__)
+    p.add_argument("before", metavar="BEFORE", help="results of the --stage before run")
+    p.add_argument("after", metavar="AFTER", help="results of the --stage after run")
+    p.add_argument("--out", required=True, metavar="FILE", help="the combined file")
+    p.add_argument("--force", action="store_true", help="allow --out to replace a committed file")
+    return p
+
+
+def _load(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CliError(f"{path}: cannot read an evaluation file ({e})") from None
+
+
+def _main(argv) -> None:
+    a = build_parser().parse_args(argv)
+    refuse_committed(a.out, a.force, "--out")
+    try:
+        data = combine(_load(a.before), _load(a.after))
+    except (KeyError, ValueError) as e:
+        raise CliError(f"{a.before} + {a.after}: {e}") from None
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {a.out} ({len(data['records'])} records)")
+
+
+def main(argv=None):
+    run_cli(_main, PROG, argv)
+
+
+if __name__ == "__main__":
+    main()
