@@ -38,15 +38,22 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def replace_dir(path: str, build) -> None:
     """Calls build(tmp_dir) and swaps the result in at ``path``."""
-    tmp, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
-    for p in (tmp, old):
-        shutil.rmtree(p, ignore_errors=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         build(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    swap_in(tmp, path)
+
+
+def swap_in(tmp: str, path: str) -> None:
+    """Moves the finished directory ``tmp`` to ``path`` by two renames (the old one, if any, is
+    removed after)."""
+    old = f"{path}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(path):
         os.replace(path, old)
     os.replace(tmp, path)

@@ -27,24 +27,29 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from . import sharded_checkpoint
 from .checkpoint import atomic_torch_save, atomic_write_text, export_model, saved_dtype
 from .config import RESUMABLE_CHANGES, ConfigError, FTConfig, load_config
 from .data import make_source
 from .layout import causal_lm
 from .objective import MageFTObjective, mage_ft_loss
+from .sharded import LossModule, Ranks, clip_grad_norm, shard
 
 INTERRUPTED_EXIT = 143   # the CLI's exit status after a SIGTERM (checkpoint saved)
 
 
-def _device(cfg: FTConfig) -> torch.device:
+def _device(cfg: FTConfig, ranks: Ranks) -> torch.device:
     if cfg.device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(cfg.device)
-    except RuntimeError as e:
-        raise ConfigError(f"config key 'device': {e}") from e
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(cfg.device)
+        except RuntimeError as e:
+            raise ConfigError(f"config key 'device': {e}") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"config key 'device': {cfg.device!r} but no CUDA device is available")
+    if ranks.sharded and dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())   # each rank's own (torchrun)
     return dev
 
 
@@ -204,21 +209,25 @@ def finetune(config, *, _stop_after=None) -> dict:
     {"status": "done" | "interrupted", "step", "output_dir", "final", "log"}.
     _stop_after (tests): behave as if SIGTERM arrived during that optimizer step."""
     cfg = load_config(config)
+    ranks = Ranks.current()
+    rows = ranks.rows(cfg.batch_size)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = _device(cfg)
+    device = _device(cfg, ranks)
     out = cfg.output_dir
-    ckpt_path, log_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "log.jsonl")
-    resume = os.path.isfile(ckpt_path)
+    ckpt_path, log_path = _checkpoint_path(out, ranks), os.path.join(out, "log.jsonl")
+    resume = os.path.exists(ckpt_path)
     # A run stopped before its first checkpoint leaves only these; anything else is not ours.
-    foreign = (sorted(set(os.listdir(out)) - {"config.json", "log.jsonl"})
+    foreign = (sorted(set(os.listdir(out)) - {"config.json", "log.jsonl", "checkpoint.tmp"})
                if os.path.isdir(out) and not resume else [])
     if foreign:
         raise ConfigError(f"config key 'output_dir': {out!r} holds {foreign[:3]} and no "
-                          "checkpoint.pt to resume; choose a new or empty directory")
+                          f"{os.path.basename(ckpt_path)} to resume; choose a new or empty "
+                          "directory")
     saved = None
     if resume:
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved = (sharded_checkpoint.read_meta(ckpt_path) if ranks.sharded else
+                 torch.load(ckpt_path, map_location="cpu", weights_only=False))
         _check_resumable(saved["config"], cfg, ckpt_path)
 
     torch.manual_seed(cfg.seed)
@@ -226,7 +235,10 @@ def finetune(config, *, _stop_after=None) -> dict:
     bs = _check_against_model(cfg, lm, device)
     data = make_source(cfg, lm, bs)
     model = _prepare(cfg, lm)
-    params = [p for p in model.parameters() if p.requires_grad]
+    root = LossModule(model)
+    if ranks.sharded:
+        shard(root, causal_lm(model).model.layers, device, ranks.world)
+    params = [p for p in model.parameters() if p.requires_grad]   # (sharded: DTensors)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas),
                             weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
@@ -237,35 +249,43 @@ def finetune(config, *, _stop_after=None) -> dict:
         complementary=cfg.complementary, n_sink=cfg.n_sink, n_recent=cfg.n_recent,
         loss_chunk=cfg.loss_chunk)
     step = 0
-    if saved is not None:
+    if saved is not None and ranks.sharded:
+        sharded_checkpoint.load(ckpt_path, root, opt)
+    elif saved is not None:
         named = dict(model.named_parameters())
         with torch.no_grad():
             for n, t in saved["trainable"].items():
                 named[n].copy_(t)
         opt.load_state_dict(saved["optimizer"])
+    if saved is not None:
         sched.load_state_dict(saved["scheduler"])
         gen.set_state(saved["noise_rng"])
         _set_rng_state(saved["rng"])
         data.load_state_dict(saved["data"])
         step = saved["step"]
-    _truncate_log(log_path, step)    # lines past the checkpoint (or all, on a fresh start)
-    os.makedirs(out, exist_ok=True)
-    atomic_write_text(os.path.join(out, "config.json"), json.dumps(cfg.to_json(), indent=1))
+    if ranks.main:   # only rank 0 writes (the data, noise and step are the same on every rank)
+        _truncate_log(log_path, step)    # lines past the checkpoint (or all, on a fresh start)
+        os.makedirs(out, exist_ok=True)
+        atomic_write_text(os.path.join(out, "config.json"), json.dumps(cfg.to_json(), indent=1))
 
     def save_checkpoint():
-        atomic_torch_save({"step": step, "config": cfg.to_json(),
-                           "trainable": _trainable_state(model), "optimizer": opt.state_dict(),
-                           "scheduler": sched.state_dict(), "noise_rng": gen.get_state(),
-                           "rng": _rng_state(), "data": data.state_dict()}, ckpt_path)
+        meta = {"step": step, "config": cfg.to_json(), "scheduler": sched.state_dict(),
+                "noise_rng": gen.get_state(), "rng": _rng_state(), "data": data.state_dict()}
+        if ranks.sharded:
+            sharded_checkpoint.save(ckpt_path, root, opt, meta, ranks)
+        else:
+            atomic_torch_save(dict(meta, trainable=_trainable_state(model),
+                                   optimizer=opt.state_dict()), ckpt_path)
 
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else nullcontext())
     bar = None
-    if cfg.progress:
+    if cfg.progress and ranks.main:
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=step, desc="MAGE-FT", dynamic_ncols=True)
     status = "done"
-    with _Stop() as stop, open(log_path, "a", encoding="utf-8") as log:
+    log_file = open(log_path, "a", encoding="utf-8") if ranks.main else nullcontext()
+    with _Stop() as stop, log_file as log:
         while step < cfg.steps:
             t0 = time.perf_counter()
             recall = cfg.recall_every > 0 and step % cfg.recall_every == 0
@@ -273,11 +293,12 @@ def finetune(config, *, _stop_after=None) -> dict:
             for _ in range(cfg.grad_accum):
                 b = data.next_batch(cfg.batch_size)
                 with autocast:
-                    loss, st = mage_ft_loss(model, b["tokens"], b["weight"], b["force_mask"],
-                                            b["keep"], obj, gen, recall=recall)
+                    loss, st = root(lambda m: mage_ft_loss(
+                        m, b["tokens"], b["weight"], b["force_mask"], b["keep"], obj, gen,
+                        recall=recall, rows=rows))
                 (loss / cfg.grad_accum).backward()
                 stats.append(dict(st, loss=float(loss.detach())))
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            grad_norm = clip_grad_norm(params, cfg.grad_clip)
             lr = opt.param_groups[0]["lr"]
             opt.step()
             sched.step()
@@ -288,14 +309,16 @@ def finetune(config, *, _stop_after=None) -> dict:
                       for k in ("loss", "ce", "kl", "set_recall", "mass_recall", "t_select")},
                    "tokens": sum(s["tokens"] for s in stats),
                    "seconds": time.perf_counter() - t0}
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            rec = ranks.reduce_stats(rec, device)
+            if ranks.main and (step % cfg.log_every == 0 or step == cfg.steps):
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
             if bar is not None:
                 bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss", "kl", "mass_recall")
                                  if rec[k] is not None}, refresh=False)
                 bar.update(1)
-            stopping = stop.signal is not None or (_stop_after is not None and step >= _stop_after)
+            stopping = ranks.any(stop.signal is not None
+                                 or (_stop_after is not None and step >= _stop_after), device)
             if step % cfg.save_every == 0 or step == cfg.steps or stopping:
                 save_checkpoint()
             if stopping and step < cfg.steps:
@@ -304,9 +327,39 @@ def finetune(config, *, _stop_after=None) -> dict:
     if bar is not None:
         bar.close()
     result = {"status": status, "step": step, "output_dir": out, "log": log_path, "final": None}
-    if status == "done":
+    if status == "done" and ranks.sharded:
+        result["final"] = _export_sharded(cfg, root, ranks)
+    elif status == "done":
         result["final"] = _export(cfg, model)
     return result
+
+
+def _checkpoint_path(out: str, ranks: Ranks) -> str:
+    """checkpoint.pt (one process) or checkpoint/ (sharded, DCP); the other kind is an error."""
+    plain = os.path.join(out, "checkpoint.pt")
+    dcp_dir = os.path.join(out, sharded_checkpoint.DIRNAME)
+    if ranks.sharded and os.path.exists(plain):
+        raise ConfigError(f"config key 'output_dir': {out!r} holds a one-process checkpoint.pt; "
+                          "resume it without torch.distributed (plain python, not torchrun) or "
+                          "choose a new output_dir")
+    if not ranks.sharded and os.path.isdir(dcp_dir):
+        raise ConfigError(f"config key 'output_dir': {out!r} holds a sharded checkpoint/ "
+                          "(written under torch.distributed); resume it under torchrun, with "
+                          "any number of processes (1 included), or choose a new output_dir")
+    return dcp_dir if ranks.sharded else plain
+
+
+def _export_sharded(cfg: FTConfig, root, ranks: Ranks) -> str:
+    """Gathers the whole model on rank 0, which loads it into an unsharded copy (LoRA: the
+    same peft wrapper) and exports that as a one-process run does."""
+    state = sharded_checkpoint.full_model_state(root)
+    final = os.path.join(cfg.output_dir, "final")
+    if ranks.main:
+        copy = LossModule(_prepare(cfg, _load(cfg, torch.device("cpu"))))
+        copy.load_state_dict(state)
+        final = _export(cfg, copy.model)
+    ranks.barrier()
+    return final
 
 
 def _export(cfg: FTConfig, model) -> str:

@@ -113,18 +113,22 @@ class MageFTObjective:
 class _Batch:
     """One batch noised for the layout: the noisy copies (device), x_0, the loss positions."""
 
-    def __init__(self, model, tokens, weight, force_mask, keep, obj, gen):
+    def __init__(self, model, tokens, weight, force_mask, keep, obj, gen, rows=slice(None)):
         self.lm = causal_lm(model)
         self.device = self.lm.get_input_embeddings().weight.device
         bs, (_, self.length) = obj.block_size, tokens.shape
         blocks = list(range(self.length // bs))
+        # The whole batch is noised and weighed, then ``rows`` kept: a data-parallel rank draws
+        # the noise one process would draw for its rows, and normalises by the whole batch.
         xt, masked, idx = noise(tokens, force_mask, keep, blocks, bs, obj.mask_id, gen)
         n = 2 if obj.complementary else 1
         xt, masked, idx = xt[:, :n * self.length], masked[:, :n * self.length], idx[:n * self.length]
-        self.copies = [c.to(self.device) for c in xt.split(self.length, 1)]
-        self.x0 = tokens.to(self.device)
         src = shift_sources(blocks * n, bs) if obj.token_shift else torch.arange(n * self.length)
         w = weight[:, idx] * masked * (src >= 0)
+        self.total = w.sum().to(self.device)
+        tokens, xt, w = tokens[rows], xt[rows], w[rows]
+        self.copies = [c.to(self.device) for c in xt.split(self.length, 1)]
+        self.x0 = tokens.to(self.device)
         rows, cols = (w > 0).nonzero(as_tuple=True)
         self.n_positions = int(rows.numel())
         self.rows, self.at = rows.to(self.device), src[cols].to(self.device)
@@ -142,11 +146,16 @@ class _Batch:
         return hidden[self.rows, self.at + offset]
 
     def terms(self, h_student, teacher_rows, chunk):
-        """(CE, KL) weighted means at the loss positions; KL 0 without teacher rows."""
+        """(CE, KL) weighted sums at this batch's loss positions over the whole batch's weight
+        (the weighted means when the batch is whole); KL 0 without teacher rows."""
         ce, kl = chunked_ce_kl(self.lm.lm_head, self.rows_of(h_student), teacher_rows,
                                self.targets, self.weights, chunk)
-        total = self.weights.sum()
-        return ce / total, kl / total
+        return ce / self.total, kl / self.total
+
+    def zero_loss(self, hidden):
+        """A zero loss whose backward reaches every trained parameter (lm_head too): the ranks of
+        a data-parallel step must all reduce gradients of the same parameters."""
+        return (hidden.sum() + self.lm.lm_head(hidden[:, :1]).sum()) * 0.0
 
 
 def _sync(device) -> None:
@@ -161,18 +170,21 @@ def bd_loss(model, tokens, weight, force_mask, keep, obj: MageFTObjective,
     b = _Batch(model, tokens, weight, force_mask, keep, obj, gen)
     h = b.layout(obj).hidden_states(model, b.copies, b.x0, ["exact"] * len(b.copies))
     if b.n_positions == 0:
-        return h.sum() * 0.0, {"tokens": 0, "ce": 0.0}
+        return b.zero_loss(h), {"tokens": 0, "ce": 0.0}
     ce, _ = b.terms(h, None, obj.loss_chunk)
     return ce, {"tokens": b.n_positions, "ce": float(ce.detach())}
 
 
 def mage_ft_loss(model, tokens, weight, force_mask, keep, obj: MageFTObjective,
-                 gen: Optional[torch.Generator] = None, recall: bool = True):
+                 gen: Optional[torch.Generator] = None, recall: bool = True,
+                 rows: slice = slice(None)):
     """One MAGE-FT loss on a batch: tokens [batch, L] (L a multiple of the block size) and
     per-token weight / force_mask / keep (CPU); returns (loss, stats). ``recall`` measures the
     selection against the teacher (its scores cost one attention_with_scores per block chunk).
-    stats["t_select"]: seconds of the no-grad selection + teacher forward."""
-    b = _Batch(model, tokens, weight, force_mask, keep, obj, gen)
+    stats["t_select"]: seconds of the no-grad selection + teacher forward.
+    ``rows`` (data parallelism): only these sequences run; loss, ce and kl are their share of the
+    whole batch's (summed over disjoint rows they give the whole batch's), with the same noise."""
+    b = _Batch(model, tokens, weight, force_mask, keep, obj, gen, rows)
     layout = b.layout(obj)
     teacher = obj.lam > 0 or recall
     t0 = time.perf_counter()
@@ -193,7 +205,7 @@ def mage_ft_loss(model, tokens, weight, force_mask, keep, obj: MageFTObjective,
     if recall:
         stats.update({k: v for k, v in layout.recall_summary().items() if k != "per_layer"})
     if b.n_positions == 0:
-        return h_s.sum() * 0.0, dict(stats, ce=0.0, kl=0.0)
+        return b.zero_loss(h_s), dict(stats, ce=0.0, kl=0.0)
     ce, kl = b.terms(h_s, teacher_rows, obj.loss_chunk)
     loss = ce + obj.lam * kl if obj.lam > 0 else ce
     stats.update(ce=float(ce.detach()), kl=float(kl.detach()))
