@@ -198,15 +198,16 @@ def launch_rank() -> tuple:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(device, option: str = "--device"):
-    """Under torchrun with more than one process: initialises the default process group (NCCL
-    for a GPU, gloo for the CPU) and returns this rank's device (a GPU means cuda:LOCAL_RANK).
-    Returns ``device`` unchanged outside torchrun. Tensor parallelism then follows in
-    ``generate`` (mage_ext/hf/tensor_parallel.py)."""
+def init_distributed(device, option: str = "--device", min_world: int = 2):
+    """Under torchrun with at least ``min_world`` processes: initialises the default process
+    group (NCCL for a GPU, gloo for the CPU) and returns this rank's device (a GPU means
+    cuda:LOCAL_RANK). Returns ``device`` unchanged otherwise. Tensor parallelism then follows in
+    ``generate`` (mage_ext/hf/tensor_parallel.py); MAGE-FT takes min_world=1, so that one
+    process under torchrun resumes a sharded checkpoint."""
     import torch
 
     rank, world = launch_rank()
-    if world <= 1:
+    if world < min_world or "WORLD_SIZE" not in os.environ:
         return device
     import torch.distributed as dist
 

@@ -10,7 +10,6 @@ machine); the tests compare what they wrote against one-process references compu
 import datetime
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from conftest import cuda_ready
+from gloo_ranks import free_port, launch
 from mage_ext import PolicyConfig, generate
 from mage_ext.hf.tensor_parallel import local
 from tiny_models import MASK_ID, VOCAB, one_thread, tiny_model  # noqa: F401
@@ -164,31 +164,11 @@ def _error_text(device) -> str:
     return ""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(world, backend, names, tmp_path, extra=None, timeout=300):
     """Runs ``_worker`` on ``world`` processes; returns each rank's results and the seconds."""
-    import torch.multiprocessing as mp
-
-    # fork: the children inherit the imported modules (a spawn re-imports torch and transformers
-    # per process, most of a run on a 2-core machine); CUDA needs spawn.
-    method = "spawn" if backend == "nccl" else "fork"
     tmp_path.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), backend, names, str(tmp_path),
-                                            extra or {}),
-                             nprocs=world, join=False, start_method=method)
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"tensor-parallel ranks did not finish within {timeout} s")
-    seconds = time.perf_counter() - t0
+    seconds = launch(_worker, world, (backend, names, str(tmp_path), extra or {}), timeout,
+                     spawn=backend == "nccl")
     ranks = []
     for r in range(world):
         with open(tmp_path / f"rank{r}.json") as f:
@@ -279,7 +259,7 @@ def test_cli_under_torchrun_prints_once_what_one_process_prints(tmp_path, capsys
     one = capsys.readouterr().out
     t0 = time.perf_counter()
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", str(_free_port()), "-m", "mage_ext.generate", *args],
+                          "--master-port", str(free_port()), "-m", "mage_ext.generate", *args],
                          cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"),
                          capture_output=True, text=True, timeout=300)
     print(f"\ntorchrun, 2 ranks: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
