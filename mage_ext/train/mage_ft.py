@@ -277,8 +277,11 @@ def finetune(config, *, _stop_after=None) -> dict:
             atomic_torch_save(dict(meta, trainable=_trainable_state(model),
                                    optimizer=opt.state_dict()), ckpt_path)
 
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
-                else nullcontext())
+    # Sharded: no autocast weight cache. FSDP2 reuses one unsharded parameter object across the
+    # selection and student forwards; casts cached from it reached the gradients a step late
+    # (grad norm 0 at step 1 with activation checkpointing; tests/python/test_mage_ft_fsdp.py).
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not ranks.sharded)
+                if cfg.precision == "bf16" else nullcontext())
     bar = None
     if cfg.progress and ranks.main:
         from tqdm import tqdm

@@ -20,12 +20,21 @@ from mage_ext.train.mage_ft import finetune
 from test_mage_ft import LOSS_KEYS, config, make_checkpoint, read_log
 from tiny_models import one_thread  # noqa: F401
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY_BD = os.path.join(ROOT, "mage_ext", "assets", "tiny_bd")
+
 # name -> config changes; every job's global batch is 2 sequences (1 per rank on 2 ranks)
 JOBS = {
     "full": dict(mode="full", batch_size=2, grad_accum=2, steps=3),
     "lora": dict(batch_size=2, steps=3),
     "resume": dict(batch_size=2, steps=4, save_every=100),
+    # bf16 autocast and activation checkpointing (the GPU settings): the same run, bf16 rounding
+    "bf16": dict(batch_size=2, steps=2, precision="bf16", gradient_checkpointing=True),
+    # the shipped model ties lm_head to the embeddings: both in the root's FSDP unit
+    "tied": dict(model=TINY_BD, batch_size=2, steps=2, seq_len=128, k=32,
+                 data={"synthetic": {"filler": 1}}),
 }
+TOLERANCE = {"bf16": 2e-2}
 ERRORS = {
     "odd_batch": (dict(batch_size=3), "config key 'batch_size': 3 sequences per micro-batch "
                                       r"\(the global batch\) do not split over 2 ranks"),
@@ -73,7 +82,9 @@ def runs(tmp_path_factory):
     then 1 rank finishing the resume job."""
     root = tmp_path_factory.mktemp("fsdp")
     ck = make_checkpoint(root / "ck")
-    cfg = {name: (lambda out, kw=kw: config(ck, out, **kw)) for name, kw in JOBS.items()}
+    cfg = {name: (lambda out, kw=kw: config(kw.get("model", ck), out,
+                                            **{k: v for k, v in kw.items() if k != "model"}))
+           for name, kw in JOBS.items()}
     one = {name: finetune(make(root / "one" / name)) for name, make in cfg.items()}
     plain = finetune(config(ck, root / "plain", **ERRORS["plain_checkpoint"][0]))  # checkpoint.pt
     jobs = [(name, make(root / "two" / name), 2 if name == "resume" else None)
@@ -85,27 +96,28 @@ def runs(tmp_path_factory):
     return {"root": root, "ck": ck, "one": one, "plain": plain, "two": two, "resumed": resumed}
 
 
-def _same_losses(got, want):
+def _same_losses(got, want, rel=1e-4):
     assert [r["step"] for r in got] == [r["step"] for r in want]
     for g, w in zip(got, want):
         for k in LOSS_KEYS:
             if w[k] is None:
                 assert g[k] is None
             else:
-                assert g[k] == pytest.approx(w[k], rel=1e-4), (k, g["step"])
+                assert g[k] == pytest.approx(w[k], rel=rel), (k, g["step"])
 
 
-@pytest.mark.parametrize("name", ["full", "lora"])
+@pytest.mark.parametrize("name", ["full", "lora", "bf16", "tied"])
 def test_two_ranks_give_the_losses_of_one_process(runs, name):
     for r in runs["two"]:
         assert r[name] == {"status": "done", "step": JOBS[name]["steps"]}
     root = runs["root"]
-    _same_losses(read_log(root / "two" / name), read_log(root / "one" / name))
+    _same_losses(read_log(root / "two" / name), read_log(root / "one" / name),
+                 TOLERANCE.get(name, 1e-4))
     assert os.path.isdir(root / "two" / name / "checkpoint")       # DCP, not checkpoint.pt
     assert not os.path.exists(root / "two" / name / "checkpoint.pt")
 
 
-@pytest.mark.parametrize("name", ["full", "lora"])
+@pytest.mark.parametrize("name", ["full", "lora", "tied"])
 def test_the_gathered_final_model_equals_one_process(runs, name):
     root = runs["root"]
     ids = torch.randint(10, 1900, (1, 24), generator=torch.Generator().manual_seed(0))
