@@ -5,7 +5,7 @@ over the same grid (tasks, lengths, depths, samples, methods, budgets, dense lay
 checked). The output keeps every record of both (each carries its ``stage``), the after run's
 ``steps`` and ``lambda``, the top-level ``device``, ``torch``, ``commit`` and ``date`` of the after
 run, and each run's own header under ``runs``. A committed file is never overwritten without
---force.
+--force. It then prints a before / after table (accuracy per task, mass recall; means over seeds).
 """
 from __future__ import annotations
 
@@ -40,6 +40,38 @@ def combine(before: dict, after: dict) -> dict:
                 records=before["records"] + after["records"])
 
 
+def _mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def table(evidence: dict) -> str:
+    """Markdown: one row per (method, dense layers, k), each task's accuracy and the mass recall
+    before -> after, each a mean over the seeds (records weighted alike: equal prompts a cell)."""
+    tasks = evidence["config"]["tasks"]
+    cells: dict = {}
+    for r in evidence["records"]:
+        key = (r["method"], r.get("dense_layers"), r.get("k"))
+        cells.setdefault(key, {}).setdefault(r["stage"], []).append(r)
+    head = ["method", "dense layers", "k"] + tasks + ["mass recall"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def pair(rows_by_stage, pick) -> str:
+        b, a = (_mean(pick(rows_by_stage.get(st, []))) for st in ("before", "after"))
+        return "—" if b != b and a != a else f"{b:.3f} -> {a:.3f}"
+
+    order = {m: i for i, m in enumerate(evidence["config"]["methods"])}
+    for key in sorted(cells, key=lambda c: (order.get(c[0], 99), -(c[1] or 0), c[2] or 0)):
+        method, dense, k = key
+        by_stage = cells[key]
+        row = [method, "all" if dense is None else str(dense), "—" if k is None else str(k)]
+        for t in tasks:
+            row.append(pair(by_stage, lambda rs: [r["accuracy"] for r in rs if r["task"] == t]))
+        row.append(pair(by_stage, lambda rs: [r.get("mass_recall") for r in rs]))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def build_parser() -> Parser:
     p = Parser(PROG, __doc__)
     p.add_argument("before", metavar="BEFORE", help="results of the --stage before run")
@@ -66,6 +98,7 @@ def _main(argv) -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(data, indent=1) + "\n")
     print(f"wrote {a.out} ({len(data['records'])} records)")
+    print(table(data))
 
 
 def main(argv=None):

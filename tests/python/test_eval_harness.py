@@ -97,6 +97,11 @@ def test_command_line_stage_seeds_and_dense_settings(tiny_dir, tmp_path):
     assert (data["steps"], data["lambda"], data["torch"]) == (200, 0.5, torch.__version__)
     assert [r["stage"] for r in data["records"]] == ["before"] * len(recs) + ["after"] * len(recs)
     assert set(data["runs"]) == {"before", "after"} and data["runs"]["before"]["note"] == "smoke"
+    from mage_ext.eval.stages import table
+
+    rows = table(data).splitlines()  # a header, a rule, one row per (method, dense layers, k)
+    assert len(rows) == 2 + len({(r["method"], r["dense_layers"], r["k"]) for r in recs})
+    assert rows[2].startswith("| exact | all | — |") and " -> " in rows[2]
     _main(base + ["--methods", "mage", "--stage", "after", "--steps", "1", "--lambda", "1",
                   "--out", str(other)])
     with pytest.raises(CliError, match="different grids: methods"):
