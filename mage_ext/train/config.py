@@ -15,9 +15,10 @@ from .objective import DEFAULT_LAMBDA
 LORA_DEFAULTS = {"r": 16, "alpha": 32, "dropout": 0.0,
                  "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                     "up_proj", "down_proj"]}
-# Measured on the shipped tiny model (finetune/results/mage_ft_cpu, README "MAGE-FT"): LoRA at
-# 1e-3 with lambda 10 was stable; full fine-tuning's rate is the usual one for 1-7B models.
-LR_DEFAULTS = {"lora": 1e-3, "full": 2e-5}
+# Measured on the shipped tiny model (finetune/results/mage_ft_cpu, finetune/README.md MAGE-FT):
+# LoRA at 2e-4 was stable with both small and large KL terms, 1e-3 with lambda 10 was not once the
+# KL was large; full fine-tuning's rate is the usual one for 1-7B models.
+LR_DEFAULTS = {"lora": 2e-4, "full": 2e-5}
 # Keys that may change between a run and its resumption (the rest must match the checkpoint).
 RESUMABLE_CHANGES = ("steps", "save_every", "log_every", "device", "threads", "progress",
                      "output_dir", "recall_every")

@@ -32,9 +32,11 @@ from torch.utils.checkpoint import checkpoint
 from .layout import TrainLayout, causal_lm
 
 MASK_EPS = 1e-3
-# The KL weight. The KL per masked token is ~1e-3 nats at k / prefix ~ 1/4 on the shipped model
-# against a CE ~3: with weight 1 it would be noise (finetune/README.md, MAGE-FT).
-DEFAULT_LAMBDA = 10.0
+# The KL weight. The KL per masked token grows as k / prefix shrinks: ~1e-3 nats on the shipped
+# model with 2 dense layers and k / prefix ~ 1/4, ~0.2 with no dense layer and k = 64 of 2K, where
+# weight 10 (lr 1e-3) wrecked the model's CE in 27 steps and weight 1 (lr 2e-4) did not
+# (finetune/README.md, MAGE-FT: runs a-e). Long contexts sit at the large-KL end.
+DEFAULT_LAMBDA = 1.0
 
 
 def noise(tokens: torch.Tensor, force_mask: torch.Tensor, keep: torch.Tensor, xt_blocks: list[int],
