@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <utility>
 #include <string>
 #include <vector>
@@ -25,6 +26,18 @@ void check_same_device(const char* op, const char* name, const at::Tensor& t,
                        const at::Device& device, const char* ref = "q") {
   TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(), " but ", ref,
               " is on ", device, "; all inputs must be on one device");
+}
+
+// Each named tensor has q's dtype and device; `together` names the group in the message.
+void check_like_q(const char* op, const at::Tensor& q,
+                  std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors,
+                  const char* together) {
+  for (auto [name, t] : tensors) {
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), op, ": ", name, " has dtype ",
+                t->scalar_type(), " but q has ", q.scalar_type(), "; ", together,
+                " must share one dtype");
+    check_same_device(op, name, *t, q.device());
+  }
 }
 
 void check_dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType want) {
@@ -88,12 +101,8 @@ AttentionDims check_attention_inputs(const char* op, const at::Tensor& q,
                   (dtype == at::kDouble && q.is_cpu()),
               op, ": q must be float16, bfloat16 or float32 (float64 on the CPU only), got ",
               dtype, " on ", q.device());
-  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{n.k_cache, &k_cache},
-                         {n.v_cache, &v_cache}, {n.k_block, &k_block}, {n.v_block, &v_block}}) {
-    TORCH_CHECK(t->scalar_type() == dtype, op, ": ", name, " has dtype ", t->scalar_type(),
-                " but q has ", dtype, "; q, caches and block keys/values must share one dtype");
-    check_same_device(op, name, *t, q.device());
-  }
+  check_like_q(op, q, {{n.k_cache, &k_cache}, {n.v_cache, &v_cache}, {n.k_block, &k_block},
+                       {n.v_block, &v_block}}, "q, caches and block keys/values");
 
   AttentionDims d;
   d.batch = q.size(0);
@@ -550,12 +559,8 @@ BlockAttentionDims check_block_attention_inputs(const char* op, const at::Tensor
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
                   dtype == at::kDouble,
               op, ": q must be float16, bfloat16, float32 or float64, got ", dtype);
-  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"k_ctx", &k_ctx},
-                         {"v_ctx", &v_ctx}, {"k_own", &k_own}, {"v_own", &v_own}}) {
-    TORCH_CHECK(t->scalar_type() == dtype, op, ": ", name, " has dtype ", t->scalar_type(),
-                " but q has ", dtype, "; q, k/v context and own k/v must share one dtype");
-    check_same_device(op, name, *t, q.device());
-  }
+  check_like_q(op, q, {{"k_ctx", &k_ctx}, {"v_ctx", &v_ctx}, {"k_own", &k_own}, {"v_own", &v_own}},
+               "q, k/v context and own k/v");
 
   BlockAttentionDims d;
   d.batch = q.size(0);
