@@ -14,7 +14,8 @@
 # its stage `gpu-tests` runs this). Environment: MAGE_COMMIT (the commit, where the tree has no
 # git history), MAGE_GPU_JSON (another path), MAGE_SANITIZE_TOOLS (default
 # "memcheck racecheck synccheck"), MAGE_SANITIZE_TIMEOUT (seconds per tool, default 1200), OUT
-# (logs go to $OUT/gpu_tests, and the JSON is copied to $OUT).
+# (logs go to $OUT/gpu_tests, and the JSON is copied to $OUT), MAGE_PYTEST_ARGS (extra pytest
+# arguments for every suite, e.g. "-n 8" with pytest-xdist to spread the suites over the cores).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 parts=" ${*:-pytest sanitize} "
@@ -45,7 +46,7 @@ if [[ $parts == *" pytest "* ]]; then
     files=${suite#*|}
     echo "== pytest: $name =="
     # shellcheck disable=SC2086
-    python3 -m pytest $files -q -p no:cacheprovider --junitxml="$logs/$name.xml" \
+    python3 -m pytest $files -q -p no:cacheprovider ${MAGE_PYTEST_ARGS:-} --junitxml="$logs/$name.xml" \
       >"$logs/$name.log" 2>&1 || status=1
     tail -3 "$logs/$name.log"
     report+=(--suite "$name=$logs/$name.xml")
