@@ -49,13 +49,14 @@ BLOCK, K, DENSE, LAMBDA = 32, 512, 2, 10.0
 def build(shape: str, mode: str, device):
     import peft
     from transformers import Qwen2Config, Qwen2ForCausalLM
+    from mage_ext.train.layout import enable_activation_checkpointing
 
     cfg = Qwen2Config(max_position_embeddings=65536, rope_theta=1e6, **MODEL_SHAPES[shape])
     cfg._attn_implementation = "sdpa"
     base_dtype = torch.bfloat16 if mode == "lora" and device.type == "cuda" else torch.float32
     with torch.device(device):
         model = Qwen2ForCausalLM(cfg).to(base_dtype)
-    model.activation_checkpointing_enable({"use_reentrant": False})
+    enable_activation_checkpointing(model)
     if mode == "lora":
         with warnings.catch_warnings():   # peft calls transformers' deprecated names
             warnings.simplefilter("ignore", FutureWarning)

@@ -52,6 +52,14 @@ def causal_lm(model):
     return get() if callable(get) else model
 
 
+def enable_activation_checkpointing(lm) -> None:
+    """Non-reentrant activation checkpointing of a transformers causal LM, under the method's
+    new name (transformers >= 5.2x) or the old one (``gradient_checkpointing_enable``)."""
+    enable = getattr(lm, "activation_checkpointing_enable", None) or \
+        lm.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
 class TrainLayout:
     """Geometry, selections and recall of the training layout; one per batch shape.
 

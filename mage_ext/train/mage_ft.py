@@ -31,7 +31,7 @@ from . import sharded_checkpoint
 from .checkpoint import atomic_torch_save, atomic_write_text, export_model, saved_dtype
 from .config import RESUMABLE_CHANGES, ConfigError, FTConfig, load_config
 from .data import make_source
-from .layout import causal_lm
+from .layout import causal_lm, enable_activation_checkpointing
 from .objective import MageFTObjective, mage_ft_loss
 from .sharded import LossModule, Ranks, clip_grad_norm, shard
 
@@ -112,10 +112,7 @@ def _prepare(cfg: FTConfig, lm):
         for p in model.parameters():
             p.requires_grad_(True)
     if cfg.gradient_checkpointing:
-        base = causal_lm(model)
-        enable = getattr(base, "activation_checkpointing_enable", None) or \
-            base.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
+        enable_activation_checkpointing(causal_lm(model))
     model.train()
     return model
 

@@ -17,8 +17,12 @@ def launch(worker, world: int, args: tuple, timeout: float = 300, spawn: bool = 
     do not finish within ``timeout`` s (or one fails); returns the seconds they took.
 
     fork by default: the children inherit the imported modules (a spawn re-imports torch and
-    transformers per process, most of a run on a 2-core machine); CUDA needs ``spawn``."""
+    transformers per process, most of a run on a 2-core machine); CUDA needs ``spawn``, and so
+    does a parent that has used CUDA (autograd's device threads cannot be forked)."""
+    import torch
     import torch.multiprocessing as mp
+
+    spawn = spawn or torch.cuda.is_initialized()
 
     t0 = time.perf_counter()
     ctx = mp.start_processes(worker, args=(world, free_port(), *args), nprocs=world, join=False,

@@ -407,8 +407,11 @@ def test_cuda_kernels_forward_backward(kernel, shape, monkeypatch, gen):
         out.backward(dout)
         g64 = reference_grads(t, block, start, dout)
         g_pt = reference_grads(t, block, start, dout, dtype=dtype)
+        # fp32 gradients: the CPU fp32 reference is nearly exact, so the 2x rule alone is
+        # tighter than the GPU kernels' other summation order (seen: 26 ulps, SDPA efficient)
+        units = 64.0 if dtype == torch.float32 else 1.0
         for k in INPUTS:
-            assert_close_fa(t[k].grad, g64[k], g_pt[k], dtype, f"{what} d{k}")
+            assert_close_fa(t[k].grad, g64[k], g_pt[k], dtype, f"{what} d{k}", units)
 
 
 @requires_cuda

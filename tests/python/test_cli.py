@@ -421,7 +421,8 @@ def test_generate_subprocess_answers_without_warnings():
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[:1] == [str(s.answer[0])]
     err = r.stderr.strip().splitlines()
-    assert len(err) == 1 and "KV read" in err[0] and "CPU" in err[0], r.stderr
+    device = "GPU" if torch.cuda.is_available() else "CPU"
+    assert len(err) == 1 and "KV read" in err[0] and device in err[0], r.stderr
     bad = subprocess.run([sys.executable, "-m", "mage_ext.eval", "--model", TINY, "--samples",
                           "-1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

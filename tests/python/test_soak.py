@@ -132,8 +132,10 @@ def test_gpu_soak_with_a_1_5b_shaped_model():
     stops = pick_stop_ids(probe.token_ids, 32)
     res, samples = soak(model, prompts, max_new, torch.cuda.memory_allocated, stop_ids=stops,
                         **kw)
+    # No growth: never above the first sample after warm-up (it may fall once, when finished
+    # rows release their buffers), and flat over the last 10 blocks.
     tail = samples[WARMUP_BLOCKS:]
-    assert len(tail) >= 10 and max(tail) == min(tail), (
+    assert len(tail) >= 10 and max(tail) == tail[0] and len(set(tail[-10:])) == 1, (
         f"device memory changes per block: {[s - tail[0] for s in tail]} bytes")
     assert any(res.stopped) and not all(res.stopped), "the stop ids should end some sequences"
     for i, p in enumerate(prompts):

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from mage_ext.train import TrainLayout
-from mage_ext.train.layout import causal_lm, disable_train_attention
+from mage_ext.train.layout import (causal_lm, disable_train_attention,
+                                   enable_activation_checkpointing)
 from conftest import requires_cuda
 from tiny_models import MASK_ID, VOCAB, one_thread, tiny_model  # noqa: F401
 
@@ -261,7 +262,7 @@ def test_gradient_checkpointing_and_peft_lora(gen):
         lay = TrainLayout(bs, T, T, k=3, dense_layers=1)
         base = causal_lm(lora)
         if ckpt:
-            base.activation_checkpointing_enable({"use_reentrant": False})
+            enable_activation_checkpointing(base)
         base.train()
         with torch.no_grad():
             lay.hidden_states(lora, [torch.full_like(x0, MASK_ID)], x0, ["select"])
