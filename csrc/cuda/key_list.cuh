@@ -84,13 +84,15 @@ MAGE_DEVICE void report_key_list_errors(const AttentionArgs& a, int b, int h, bo
   const int64_t row = static_cast<int64_t>(b) * a.hkv + h;
   if constexpr (kSparse) {
     const int given = a.counts[row];
-    if (first && (given < 0 || given > a.kmax)) {
+    if (given < 0 || given > a.kmax) {
+      // Every CTA of (b, h) names the count, the cause: a count past k makes the loop read the
+      // -1 padding, which would otherwise race the first CTA's report as a bad index.
       report_error(a.err, DeviceError::kCount, b, h, 0, given, a.kmax);
+      return;
     }
     if (!poisoned) return;
     const int32_t* indices = a.indices + row * a.kmax;
-    const int n = clamp_int(given, 0, a.kmax);
-    for (int i = 0; i < n; ++i) {
+    for (int i = 0; i < given; ++i) {
       const int pos = indices[i];
       if (pos < 0 || pos >= a.capacity) {
         report_error(a.err, DeviceError::kSelectedIndex, b, h, i, pos, a.capacity);

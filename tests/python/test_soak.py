@@ -120,8 +120,10 @@ def test_gpu_soak_with_a_1_5b_shaped_model():
                       max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True,
                       initializer_range=0.3, mask_token_id=151665, eos_token_id=None)
     cfg._attn_implementation = "sdpa"
+    # fp32: the batch of 8 and the single-prompt runs must give equal tokens, and in bf16 the
+    # GEMMs of 8 rows and of 1 round differently (seen on the H200: a token apart after 45).
     with torch.device("cuda"):
-        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16).eval()
+        model = Qwen2ForCausalLM(cfg).float().eval()
     g = torch.Generator().manual_seed(5)
     lengths = [3000, 1029, 4100, 77, 2048, 3333, 512, 1500]
     prompts = [torch.randint(0, 151000, (n,), generator=g).tolist() for n in lengths]
