@@ -101,6 +101,9 @@ def build_parser() -> Parser:
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
                    help="run eager forwards on a GPU (default: the forwards of a block replay "
                         "as CUDA graphs where possible)")
+    g.add_argument("--prefill-chunk", type=positive_int, default=4096, metavar="N",
+                   help="prompt tokens per prefill forward, rounded down to whole blocks "
+                        "(default 4096)")
     g.add_argument("--no-stream", dest="stream", action="store_false",
                    help="print the output when it is complete (default: stream it block by "
                         "block when there is one prompt)")
@@ -165,6 +168,7 @@ def _main(argv) -> None:
                        remasking=a.remasking, fixed_steps=a.fixed_steps,
                        max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                        top_p=a.top_p, stop_ids=stop_ids, cuda_graphs=a.cuda_graphs,
+                       prefill_chunk=a.prefill_chunk,
                        on_block=stream.on_block if stream else None)
     outputs = (res.texts if ids is None else [" ".join(map(str, t)) for t in res.token_ids])
     if stream is not None:

@@ -46,7 +46,7 @@ KVCache::KVCache(int64_t n_layers, int64_t batch, int64_t n_kv_heads, int64_t he
 void KVCache::end_forward(int64_t block_len) {
   if (phase_ != Phase::Prefill) ++step_;
   if (phase_ != Phase::Denoise) {  // lengths advance after every layer has written
-    if (advance_.defined()) lens_.add_(advance_.to(at::kInt) * block_len);
+    if (advance_.defined()) lens_.add_(advance_);
     else lens_.add_(block_len);
     max_len_ += block_len;  // an upper bound of the longest row, kept on the host
   }
@@ -57,14 +57,23 @@ at::Tensor KVCache::attend(int64_t layer, const at::Tensor& q, const at::Tensor&
   if (phase_ != Phase::Denoise && max_len_ + k.size(2) > capacity_)
     throw std::runtime_error("KVCache: writing " + std::to_string(k.size(2)) +
                              " entries past the capacity " + std::to_string(capacity_));
-  at::Tensor out = phase_ == Phase::Prefill ? prefill_attention(layer, q, k, v, scale)
-                                            : select_and_attend(layer, q, k, v, scale);
-  if (phase_ != Phase::Denoise) mage::append_kv(keys_[layer], values_[layer], lens_, k, v);
+  // A prefill chunk is written first: block j of a multi-block chunk reads the chunk's blocks
+  // before it from the cache (the lengths advance only in end_forward, so nothing else changes).
+  if (phase_ == Phase::Prefill) {
+    mage::append_kv(keys_[layer], values_[layer], lens_, k, v);
+    return prefill_attention(layer, q, k, v, scale);
+  }
+  at::Tensor out = select_and_attend(layer, q, k, v, scale);
+  if (phase_ == Phase::Commit) mage::append_kv(keys_[layer], values_[layer], lens_, k, v);
   return out;
 }
 
 at::Tensor KVCache::prefill_attention(int64_t layer, const at::Tensor& q, const at::Tensor& k,
                                       const at::Tensor& v, double scale) {
+  const int64_t n = q.size(2);
+  if (block_ > 0 && n != block_ && !starts_.empty())
+    return std::get<0>(mage::block_attention(q, keys_[layer], values_[layer], k, v, block_,
+                                             starts_, scale));
   return std::get<0>(mage::dense_attention(q, keys_[layer], values_[layer], lens_, k, v, scale));
 }
 

@@ -38,11 +38,17 @@ class KVCache {
           at::Device device = at::Device(at::kCPU));
 
   // Phases, as MageCache: begin_* before a forward, end_forward() after it.
-  // Prefill of a prompt chunk: only rows with `advance` true (bool [batch] on the device;
-  // undefined: all) keep it; the others are scratch rows, written past their length, never read.
-  void begin_prefill(at::Tensor advance = {}) {
+  // Prefill of a prompt chunk of whole blocks of `block` tokens (0: the chunk is one block):
+  // row b keeps its first `advance[b]` tokens (int32 [batch] on the device; undefined: all);
+  // the rest of a row is scratch, written past its length and never read. `starts`: the cache
+  // lengths before the chunk, known on the host, which lets a multi-block chunk run as one
+  // mage::block_attention call.
+  void begin_prefill(at::Tensor advance = {}, int64_t block = 0,
+                     std::vector<int64_t> starts = {}) {
     phase_ = Phase::Prefill;
     advance_ = std::move(advance);
+    block_ = block;
+    starts_ = std::move(starts);
   }
   void begin_block() { step_ = 0; }
   void begin_step(bool commit) {
@@ -65,8 +71,8 @@ class KVCache {
   double kv_fraction() const;
 
  private:
-  // Prefill attention of a chunk over the cache before it (dense, block-causal). Today a chunk
-  // is one block (dense_attention); a multi-block chunk goes to mage::block_attention here.
+  // Prefill attention of a chunk over the cache before it (dense, block-causal): one block is
+  // a dense_attention call, several blocks one mage::block_attention call.
   at::Tensor prefill_attention(int64_t layer, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, double scale);
   at::Tensor select_and_attend(int64_t layer, const at::Tensor& q, const at::Tensor& k,
@@ -75,7 +81,9 @@ class KVCache {
 
   std::vector<at::Tensor> keys_, values_;
   at::Tensor lens_;                       // int32 [batch], shared by all layers
-  at::Tensor advance_;                    // rows whose lengths the prefill advances
+  at::Tensor advance_;                    // tokens of the chunk each row keeps (prefill)
+  int64_t block_ = 0;                     // the prefill chunk's block size
+  std::vector<int64_t> starts_;           // cache lengths before the prefill chunk (host)
   std::vector<at::Tensor> indices_, counts_;  // MAGE's selection per layer (sparse layers only)
   std::vector<bool> selected_;            // a step 0 has filled the layer's selection
   Policy policy_;

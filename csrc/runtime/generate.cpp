@@ -122,8 +122,8 @@ class Run {
                model.config().head_dim, capacity(), model.dtype(), o.policy, model.device()),
         generator_(make_generator(model.device(), o.seed)), timeline_(model.device()) {
     const bool graphs = o.cuda_graphs && device_.is_cuda();
-    for (int k = 0; k < 4; ++k) {
-      const bool last_only = k == StepTime::Prefill || k == StepTime::Commit;
+    for (int k = StepTime::FirstStep; k < 4; ++k) {  // prefill chunks run eagerly (prefill())
+      const bool last_only = k == StepTime::Commit;
       forwards_[k] = std::make_unique<GraphedForward>(
           [this, last_only](const at::Tensor& ids) { return logits_of(ids, last_only); }, graphs);
     }
@@ -170,11 +170,6 @@ class Run {
   }
 
  private:
-  // Prompt blocks per prefill forward. The cache's prefill attention takes one block today;
-  // with mage::block_attention a chunk of several blocks (block-causal inside, the cache before
-  // it) makes this larger (the last chunk shorter), and nothing else here changes.
-  static constexpr int64_t kPrefillBlocks = 1;
-
   std::vector<int64_t> split(int which) const {  // per prompt: full blocks (0), remainder (1)
     std::vector<int64_t> v;
     for (const auto& p : prompts_) {
@@ -191,10 +186,10 @@ class Run {
   }
 
   // The forward itself: positions from the cache lengths on the device, [MASK] never output.
-  at::Tensor logits_of(const at::Tensor& ids, bool last_only) {
+  at::Tensor logits_of(const at::Tensor& ids, bool last_only, const at::Tensor& keep = {}) {
     const auto longs = at::TensorOptions().dtype(at::kLong).device(device_);
     at::Tensor pos = cache_.cache_lens().to(at::kLong).unsqueeze(1) + at::arange(ids.size(1), longs);
-    at::Tensor logits = model_.forward(ids, pos, cache_, last_only);
+    at::Tensor logits = model_.forward(ids, pos, cache_, last_only, keep);
     logits.select(-1, mask_).fill_(-std::numeric_limits<double>::infinity());
     return logits;
   }
@@ -216,36 +211,57 @@ class Run {
     return sample(logits, o_.temperature, o_.top_p, generator_);
   }
 
+  // The prompts' full blocks, prefill_chunk tokens (whole blocks) per forward, as
+  // mage_ext/core/loop.py prefill: a row whose full blocks end inside a chunk keeps only those
+  // tokens (the rest of its row is scratch); Fast-dLLM v2 takes the token after a block-aligned
+  // prompt from the logits of its last position. Chunks run eagerly (their start lengths are
+  // host arguments of mage::block_attention, and the last chunk is shorter).
   void prefill() {
-    const int64_t blocks = *std::max_element(full_.begin(), full_.end());
-    if (blocks == 0) return;
-    // One upload: every row's full blocks ([MASK] where a row has fewer: scratch), which rows
-    // each block advances, and where a block-aligned prompt ends (its next token comes from
-    // that block's logits, Fast-dLLM v2).
-    at::Tensor ids = at::full({n_, blocks * B_}, mask_, at::kLong);
-    at::Tensor advance = at::zeros({blocks, n_}, at::kBool);
-    at::Tensor ends = at::zeros({blocks, n_}, at::kBool);
+    const int64_t total = *std::max_element(full_.begin(), full_.end()) * B_;
+    if (total == 0) return;
+    const int64_t C = std::max(B_, o_.prefill_chunk / B_ * B_);
+    const int64_t chunks = (total + C - 1) / C;
+    // One upload: every row's full blocks ([MASK] where a row has fewer: scratch) and, per
+    // chunk, the tokens each row keeps, the position whose logits it needs, where a prompt ends.
+    at::Tensor ids = at::full({n_, total}, mask_, at::kLong);
+    at::Tensor kept = at::zeros({chunks, n_}, at::kInt);
+    at::Tensor keep = at::zeros({chunks, n_}, at::kLong);
+    at::Tensor ends = at::zeros({chunks, n_}, at::kBool);
+    std::vector<std::vector<int64_t>> starts(chunks, std::vector<int64_t>(n_));
+    std::vector<bool> any_end(chunks, false);
     for (int64_t b = 0; b < n_; ++b) {
       const int64_t len = full_[b] * B_;
       if (len) ids[b].slice(0, 0, len).copy_(at::tensor(std::vector<int64_t>(prompts_[b].begin(), prompts_[b].begin() + len)));
-      advance.slice(0, 0, full_[b]).select(1, b).fill_(true);
-      if (gen_start_[b] == 0 && full_[b] > 0) ends[full_[b] - 1][b] = true;
+      for (int64_t i = 0; i < chunks; ++i) {
+        const int64_t c0 = i * C, n = std::min(C, total - c0);
+        const int64_t mine = std::clamp<int64_t>(len - c0, 0, n);
+        kept[i][b] = mine;
+        keep[i][b] = std::max<int64_t>(mine, 1) - 1;
+        starts[i][b] = std::min(len, c0);
+        if (gen_start_[b] == 0 && len - c0 > 0 && len - c0 <= n) {
+          ends[i][b] = true;
+          any_end[i] = true;
+        }
+      }
     }
-    const at::Tensor ends_host = ends;
     ids = ids.to(device_);
-    advance = advance.to(device_);
+    kept = kept.to(device_);
+    keep = keep.to(device_);
     ends = ends.to(device_);
     SyncCheck check(device_.is_cuda());
-    for (int64_t i = 0; i < blocks; i += kPrefillBlocks) {
-      const int64_t n = std::min(kPrefillBlocks, blocks - i);
-      cache_.begin_prefill(advance[i]);
-      at::Tensor logits = forward(StepTime::Prefill, -1, ids.slice(1, i * B_, (i + n) * B_));
+    for (int64_t i = 0; i < chunks; ++i) {
+      const int64_t c0 = i * C, n = std::min(C, total - c0);
+      cache_.begin_prefill(kept[i], B_, starts[i]);
+      timeline_.begin(StepTime::Prefill, -1);
+      at::Tensor logits = logits_of(ids.slice(1, c0, c0 + n), /*last_only=*/false, keep[i]);
+      cache_.end_forward(n);
+      timeline_.end();
       // A draw only where a block-aligned prompt ends (as Python: a single prompt then draws
       // the same random numbers whatever the prefill chunking).
-      if (style_ != Style::FastDllm || !ends_host[i + n - 1].any().item<bool>()) continue;
+      if (style_ != Style::FastDllm || !any_end[i]) continue;
       at::Tensor tok = draw(logits.select(1, -1)).first;
       at::Tensor first = x_.select(1, 0);
-      first.copy_(at::where(ends[i + n - 1], tok, first));
+      first.copy_(at::where(ends[i], tok, first));
     }
   }
 
@@ -368,6 +384,7 @@ void check(const QwenModel& model, const std::vector<std::vector<int64_t>>& prom
     bad("temperature must be a finite number >= 0");
   if (!(o.top_p > 0.0 && o.top_p <= 1.0)) bad("top_p must lie in (0, 1]");
   if (o.max_new_tokens <= 0) bad("max_new_tokens must be > 0");
+  if (o.prefill_chunk <= 0) bad("prefill_chunk must be > 0, got " + std::to_string(o.prefill_chunk));
   if (c.max_positions > 0 && static_cast<int64_t>(n) + o.max_new_tokens > c.max_positions)
     bad("prompt (" + std::to_string(n) + ") + max_new_tokens (" +
         std::to_string(o.max_new_tokens) + ") exceeds max_position_embeddings (" +

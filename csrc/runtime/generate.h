@@ -9,9 +9,10 @@
 // positions; a row that is done keeps running but its extra tokens are dropped, so each row's
 // tokens equal a batch-of-one run.
 //
-// On CUDA the whole generation runs on one stream, each kind of forward (prefill chunk, a
-// block's first (selecting) step, its later steps, the commit) is replayed as a CUDA graph after
-// its first call, and inside a block the host reads the device once per step (whether any [MASK]
+// The prompts are prefilled `prefill_chunk` tokens per forward (block-causal inside a chunk:
+// one mage::block_attention call). On CUDA the whole generation runs on one stream, each kind
+// of block forward (a block's first (selecting) step, its later steps, the commit) is replayed
+// as a CUDA graph after its first call (prefill chunks run eagerly), and inside a block the host reads the device once per step (whether any [MASK]
 // is left); timings come from CUDA events read at block boundaries.
 #pragma once
 
@@ -40,6 +41,7 @@ struct GenerateOptions {
   uint64_t seed = 0;           // the sampling generator's seed (temperature > 0)
   int64_t mask_id = -1;        // -1: the checkpoint's mask_token_id
   bool cuda_graphs = true;     // replay repeated forwards as CUDA graphs (CUDA models)
+  int64_t prefill_chunk = 4096;  // prompt tokens per prefill forward (whole blocks, >= 1 block)
   // After each block: the tokens it added to each prompt's output (possibly none), in order.
   std::function<void(const std::vector<std::vector<int64_t>>&)> on_block;
 };

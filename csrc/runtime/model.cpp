@@ -137,13 +137,15 @@ at::Tensor QwenModel::mlp(const Layer& w, const at::Tensor& x) const {
   return project(at::silu(project(x, w.gate_w)) * project(x, w.up_w), w.down_w);
 }
 
-at::Tensor QwenModel::head(const at::Tensor& x, bool last_only) const {
-  at::Tensor h = last_only ? x.slice(1, x.size(1) - 1) : x;
+at::Tensor QwenModel::head(const at::Tensor& x, bool last_only, const at::Tensor& keep) const {
+  at::Tensor h = keep.defined() ? x.gather(1, keep.view({-1, 1, 1}).expand({-1, 1, x.size(2)}))
+                 : last_only    ? x.slice(1, x.size(1) - 1)
+                                : x;
   return project(h, lm_head_).to(at::kFloat);
 }
 
 at::Tensor QwenModel::forward(const at::Tensor& ids, const at::Tensor& positions, KVCache& cache,
-                              bool last_only) const {
+                              bool last_only, const at::Tensor& keep) const {
   at::Tensor x = embed(ids);
   const Rotary rot = rotary(positions, x.scalar_type());
   const double scale = std::pow(static_cast<double>(config_.head_dim), -0.5);
@@ -157,7 +159,7 @@ at::Tensor QwenModel::forward(const at::Tensor& ids, const at::Tensor& positions
     const at::Tensor& next = l + 1 < layers_.size() ? layers_[l + 1].input_norm : final_norm_;
     std::tie(x, normed) = add_rms_norm(x, mlp(w, normed), next);
   }
-  return head(normed, last_only);
+  return head(normed, last_only, keep);
 }
 
 }  // namespace mage::runtime

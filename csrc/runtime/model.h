@@ -27,9 +27,10 @@ class QwenModel {
                         at::Device device = at::Device(at::kCPU));
 
   // ids/positions int64 [batch, B] on the model's device. Returns float32 logits [batch, B, V],
-  // or [batch, 1, V] with last_only (the last position only, as transformers' logits_to_keep=1).
+  // or [batch, 1, V] with last_only (the last position only, as transformers' logits_to_keep=1)
+  // or with `keep` (int64 [batch] on the device: row b's position keep[b]).
   at::Tensor forward(const at::Tensor& ids, const at::Tensor& positions, KVCache& cache,
-                     bool last_only) const;
+                     bool last_only, const at::Tensor& keep = {}) const;
 
   const ModelConfig& config() const { return config_; }
   at::ScalarType dtype() const { return dtype_; }
@@ -60,7 +61,7 @@ class QwenModel {
   QKV qkv_rope(const Layer& w, const at::Tensor& x, const Rotary& rot) const;
   at::Tensor output_projection(const Layer& w, const at::Tensor& attn) const;
   at::Tensor mlp(const Layer& w, const at::Tensor& x) const;  // down(silu(gate(x)) * up(x))
-  at::Tensor head(const at::Tensor& x, bool last_only) const;
+  at::Tensor head(const at::Tensor& x, bool last_only, const at::Tensor& keep) const;
 
   ModelConfig config_;
   at::ScalarType dtype_ = at::kFloat;

@@ -84,6 +84,23 @@ def test_missing_model_dir_names_the_path(tmp_path):
     assert str(missing) in r.stderr
 
 
+def test_prefill_chunks_give_the_tokens_of_python(tmp_path, passkey):
+    """A prompt of 9 full blocks + 13 tokens prefilled 1, 2, 4 or all blocks per forward (one
+    mage::block_attention call per multi-block chunk) gives Python's tokens at each chunking."""
+    lm, prompt, _ = passkey
+    prompt = prompt[:9 * 32 + 13]
+    for chunk, forwards in ((32, 9), (64, 5), (128, 3), (4096, 1)):
+        policy = mage_ext.PolicyConfig(method="mage", k=64, dense_layers=1)
+        want = mage_ext.generate(lm, input_ids=[prompt], policy=policy, max_new_tokens=40,
+                                 prefill_chunk=chunk).token_ids[0]
+        out = tmp_path / f"t{chunk}.json"
+        r = run_binary("--model", MODEL, "--ids", ",".join(map(str, prompt)), "--k", 64,
+                       "--dense-layers", 1, "--max-new-tokens", 40, "--prefill-chunk", chunk,
+                       "--timing-json", out)
+        assert [int(t) for t in r.stdout.split()] == want, f"--prefill-chunk {chunk}"
+        assert json.loads(out.read_text())["prefill_forwards"] == forwards
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--ids", "1,2"], "--model"),
     (["--model", str(MODEL), "--ids", "1,x"], "--ids"),
@@ -316,7 +333,8 @@ def test_timing_json(tmp_path, passkey):
                "--timing-json", out)
     t = json.loads(out.read_text())
     assert t["runtime"] == "cpp" and t["device"] == "cpu" and t["dtype"] == "float32"
-    assert t["prefill_forwards"] == 200 // 32 and t["prefill_s"] > 0 and t["host_peak_kb"] > 0
+    # 6 full blocks, one chunk (--prefill-chunk 4096)
+    assert t["prefill_forwards"] == 1 and t["prefill_s"] > 0 and t["host_peak_kb"] > 0
     assert t["later_ms"] > 0 and t["commit_ms"] > 0 and t["block_ms"] > 0
     kinds = {f["kind"] for f in t["forwards"]}
     assert kinds <= {"first", "later", "commit"} and "first" in kinds
@@ -332,6 +350,7 @@ def test_timing_json(tmp_path, passkey):
     (["--ids", "1", "--device", "tpu"], "--device: expected cpu, cuda or cuda:N"),
     (["--ids", "1", "--dtype", "int8"], "--dtype: expected float32, bfloat16 or float16"),
     (["--ids", "1", "--max-new-tokens", "0"], "--max-new-tokens: must be >= 1"),
+    (["--ids", "1", "--prefill-chunk", "0"], "--prefill-chunk: must be >= 1"),
     (["--ids", "1", "--threshold", "2"], "--threshold: must lie in [0, 1]"),
     (["--ids", "1", "--k", "0"], "--k: must be >= 1"),
     (["--ids", "1", "--prompt", "x"], "cannot be mixed"),

@@ -78,6 +78,7 @@ const char* kUsage =
     "  --device cpu|cuda|cuda:N   (default cuda when this build has CUDA and a GPU is present)\n"
     "  --dtype float32|bfloat16|float16   (default bfloat16 on CUDA, float32 on the CPU)\n"
     "  --no-cuda-graphs           run every forward eagerly (CUDA)\n"
+    "  --prefill-chunk N          prompt tokens per prefill forward, whole blocks (default 4096)\n"
     "  --threads N                intra-op CPU threads (default: LibTorch's)\n"
     "  --timing-json FILE         write load / prefill / per-forward timings and peak host memory\n"
     "  -h, --help\n";
@@ -222,7 +223,7 @@ int run(int argc, char** argv) {
   using Clock = std::chrono::steady_clock;
   static const std::set<std::string> kValued = {
       "--model", "--ids", "--prompt", "--prompt-file", "--policy", "--k", "--dense-layers",
-      "--n-sink", "--n-recent", "--commit-attention", "--max-new-tokens", "--block-size",
+      "--n-sink", "--n-recent", "--commit-attention", "--max-new-tokens", "--block-size", "--prefill-chunk",
       "--sub-block", "--threshold", "--dtype", "--device", "--threads", "--style", "--steps",
       "--remasking", "--temperature", "--top-p", "--seed", "--timing-json", "--ids-file"};
   static const std::set<std::string> kSwitches = {"--chat", "--no-cuda-graphs"};
@@ -301,6 +302,7 @@ int run(int argc, char** argv) {
                                         static_cast<unsigned long long>(o.seed));
   }
   o.cuda_graphs = !on.count("--no-cuda-graphs");
+  o.prefill_chunk = to_int("--prefill-chunk", get("--prefill-chunk", "4096"), 1);
   if (a.count("--threads")) at::set_num_threads(static_cast<int>(to_int("--threads", a["--threads"], 1)));
   const at::Device device = parse_device(
       get("--device", kBuiltWithCuda && at::hasCUDA() ? "cuda" : "cpu"));
