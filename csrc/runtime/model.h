@@ -39,29 +39,18 @@ class QwenModel {
  private:
   struct Layer {
     at::Tensor input_norm, post_norm;
-    at::Tensor q_w, q_b, k_w, k_b, v_w, v_b, o_w;  // biases undefined when absent
-    at::Tensor q_norm, k_norm;                     // Qwen3 only
-    at::Tensor gate_w, up_w, down_w;
+    at::Tensor qkv_w, qkv_b, o_w;   // [q; k; v] rows (as mage_ext/hf/fast_forward.py); no bias:
+                                    // undefined
+    at::Tensor q_norm, k_norm;      // Qwen3 only
+    at::Tensor gate_up_w, down_w;   // [gate; up] rows
   };
-  struct Rotary {
-    at::Tensor cos, sin;  // [batch, 1, B, d] in the activation dtype
-  };
-  struct QKV {
-    at::Tensor q, k, v;   // [batch, H, B, d], contiguous, rotary applied to q and k
+  // Halves of the fused weights until load() concatenates them.
+  struct Parts {
+    at::Tensor q_w, k_w, v_w, q_b, k_b, v_b, gate_w, up_w;
   };
 
-  // The sub-steps of forward().
-  at::Tensor embed(const at::Tensor& ids) const;
-  Rotary rotary(const at::Tensor& positions, at::ScalarType dtype) const;
-  at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight) const;
-  // residual + delta, and its RMSNorm (the fused op's contract: returns {sum, normed}).
-  std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& residual,
-                                                 const at::Tensor& delta,
-                                                 const at::Tensor& weight) const;
-  QKV qkv_rope(const Layer& w, const at::Tensor& x, const Rotary& rot) const;
-  at::Tensor output_projection(const Layer& w, const at::Tensor& attn) const;
-  at::Tensor mlp(const Layer& w, const at::Tensor& x) const;  // down(silu(gate(x)) * up(x))
-  at::Tensor head(const at::Tensor& x, bool last_only, const at::Tensor& keep) const;
+  at::Tensor head(const at::Tensor& x, const at::Tensor& residual, bool last_only,
+                  const at::Tensor& keep) const;
 
   ModelConfig config_;
   at::ScalarType dtype_ = at::kFloat;
