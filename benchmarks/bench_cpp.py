@@ -5,8 +5,8 @@ d 128, intermediate 8960, vocab 151936, bf16, sharded safetensors) is written to
 each runtime then loads it and generates from the same random prompts in its own process, so
 the host memory peak is that runtime's alone. Decoding is SDAR style with 8 steps per block of
 32, so every block is exactly 8 denoising forwards + 1 commit (the count does not depend on
-random confidences). Per run: prefill s (block-by-block), first / later / commit forward ms
-(device time, median), block ms (median of a block's 8 forwards + commit), decode tokens/s,
+random confidences). Per run: prefill s (chunks of 4096 tokens), first / later / commit forward
+ms (device time, median over the blocks after the first two, which run eagerly and capture), block ms (median of a block's 8 forwards + commit), decode tokens/s,
 load s and the host memory peak. The Python path runs with cuda_graphs=True.
 
 Rows go into benchmarks/results/e2e_h200.json's "records" with "runtime": "cpp" or "python"
@@ -70,9 +70,15 @@ def write_prompts(path: Path, shape: dict, context: int, batch: int) -> None:
     path.write_text("\n".join(" ".join(map(str, row)) for row in ids.tolist()) + "\n")
 
 
+WARM_BLOCKS = 2  # block 0 runs each kind of forward eagerly, block 1 captures its graph
+
+
 def summarize(forwards: list, prefill_s: float, load_s: float, peak_mb: float, decode_s: float,
               tokens: int) -> dict:
-    """forwards: (kind, block, device_ms) of the denoising and commit forwards."""
+    """forwards: (kind, block, device_ms) of the denoising and commit forwards; the medians
+    leave out the first WARM_BLOCKS blocks (eager and capturing forwards)."""
+    forwards = [f for f in forwards if f[1] >= WARM_BLOCKS]
+
     def med(kind):
         v = [ms for k, _, ms in forwards if k == kind]
         return median(v) if v else None
@@ -158,7 +164,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
     ap.add_argument("--policy", nargs="+", default=["exact", "mage"], choices=["exact", "mage"])
     ap.add_argument("--k", type=int, default=512)
-    ap.add_argument("--blocks", type=int, default=4, help="generation blocks (8 steps + commit)")
+    ap.add_argument("--blocks", type=int, default=6,
+                    help="generation blocks (8 steps + commit; the first 2 are not measured)")
     ap.add_argument("--runtime", nargs="+", default=["cpp", "python"], choices=["cpp", "python"])
     ap.add_argument("--binary", default=str(ROOT / "build" / "cuda" / "mage_generate"))
     ap.add_argument("--out", default=None, help="result JSON (default results/e2e_h200.json)")
@@ -170,6 +177,8 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.blocks < WARM_BLOCKS + 1:
+        ap.error(f"--blocks must be >= {WARM_BLOCKS + 1}: the first {WARM_BLOCKS} are not measured")
     if a.worker:
         a.policy = a.policy[0]
         return worker_python(a)

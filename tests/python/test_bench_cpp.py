@@ -19,7 +19,7 @@ def test_bench_cpp_smoke_merges_rows(tmp_path):
         {"shape": "smoke", "context": 100, "batch": 1, "policy": "exact", "k": None,
          "graphs": False, "runtime": "cpp", "stale": True},
         {"policy": "exact", "later_step_ms": 1.0}]}))  # another benchmark's row: kept
-    bench_cpp.main(["--smoke", "--context", "100", "--blocks", "2", "--k", "16",
+    bench_cpp.main(["--smoke", "--context", "100", "--blocks", "3", "--k", "16",
                     "--binary", str(BINARY), "--out", str(out)])
     data = json.loads(out.read_text())
     rows = data["records"]
