@@ -33,10 +33,14 @@ KVCache::KVCache(int64_t n_layers, int64_t batch, int64_t n_kv_heads, int64_t he
   // The budget clamped to what the scores can hold (selectors/mage.py _topk).
   budget_ = std::max<int64_t>(1, std::min(policy_.k, capacity));
   const auto ints = at::TensorOptions().dtype(at::kInt).device(device);
-  for (int64_t l = 0; l < n_layers; ++l) {
+  int64_t sparse = 0;
+  for (int64_t l = 0; l < n_layers; ++l) sparse += !policy_.dense_layer(l);
+  // One tensor of every sparse layer's counts: a forward's reads are one reduction over it.
+  sparse_counts_ = at::zeros({sparse, batch, n_kv_heads}, ints);
+  for (int64_t l = 0, i = 0; l < n_layers; ++l) {
     if (policy_.dense_layer(l)) continue;
     indices_[l] = at::full({batch, n_kv_heads, budget_}, -1, ints);
-    counts_[l] = at::zeros({batch, n_kv_heads}, ints);
+    counts_[l] = sparse_counts_[i++];
   }
   lens_ = at::zeros({batch}, ints);
   read_ = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device));
@@ -44,7 +48,10 @@ KVCache::KVCache(int64_t n_layers, int64_t batch, int64_t n_kv_heads, int64_t he
 }
 
 void KVCache::end_forward(int64_t block_len) {
-  if (phase_ != Phase::Prefill) ++step_;
+  if (phase_ != Phase::Prefill) {
+    count_reads();
+    ++step_;
+  }
   if (phase_ != Phase::Denoise) {  // lengths advance after every layer has written
     if (advance_.defined()) lens_.add_(advance_);
     else lens_.add_(block_len);
@@ -81,7 +88,6 @@ at::Tensor KVCache::select_and_attend(int64_t layer, const at::Tensor& q, const 
                                       const at::Tensor& v, double scale) {
   const at::Tensor &kc = keys_[layer], &vc = values_[layer];
   if (policy_.dense_layer(layer) || (phase_ == Phase::Commit && policy_.commit_exact)) {
-    count_read(nullptr);
     return std::get<0>(mage::dense_attention(q, kc, vc, lens_, k, v, scale));
   }
   if (phase_ == Phase::Denoise && step_ == 0) {
@@ -91,21 +97,27 @@ at::Tensor KVCache::select_and_attend(int64_t layer, const at::Tensor& q, const 
     const int64_t recent = std::min(policy_.n_recent, budget_ - sink);
     mage::topk_select_out(scores, lens_, budget_, sink, recent, indices_[layer], counts_[layer]);
     selected_[layer] = true;
-    count_read(nullptr);
     return out;
   }
   if (!selected_[layer])
     throw std::runtime_error("KVCache: layer " + std::to_string(layer) +
                              " has no selection; step 0 of the block must run first");
-  count_read(&counts_[layer]);
   return std::get<0>(mage::sparse_attention(q, kc, vc, indices_[layer], counts_[layer], k, v, scale));
 }
 
-void KVCache::count_read(const at::Tensor* counts) {
-  // As eval/traffic.py entries_read: entries per KV head, summed over the batch.
+void KVCache::count_reads() {
+  // As eval/traffic.py entries_read: entries per KV head, summed over the batch and the layers;
+  // once per forward (the lengths hold until end_forward advances them), a few kernels rather
+  // than a few per layer. Dense this forward: the dense layers, every layer at a block's first
+  // step (the exact, selecting pass) and at an exact commit; the rest read their selection.
+  const int64_t layers = static_cast<int64_t>(keys_.size()), sparse = sparse_counts_.size(0);
+  const bool all_dense = (phase_ == Phase::Denoise && step_ == 0) ||
+                         (phase_ == Phase::Commit && policy_.commit_exact);
+  const int64_t dense = all_dense ? layers : layers - sparse;
   at::Tensor full = lens_.to(at::kDouble).sum();
-  full_.add_(full);
-  read_.add_(counts ? counts->to(at::kDouble).mean(1).sum() : full);
+  full_.add_(full, static_cast<double>(layers));
+  read_.add_(full, static_cast<double>(dense));
+  if (dense < layers) read_.add_(sparse_counts_.to(at::kDouble).mean(2).sum());
 }
 
 double KVCache::kv_fraction() const {

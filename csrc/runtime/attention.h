@@ -77,7 +77,7 @@ class KVCache {
                                const at::Tensor& v, double scale);
   at::Tensor select_and_attend(int64_t layer, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, double scale);
-  void count_read(const at::Tensor* counts);
+  void count_reads();  // the KV entries this forward read (end_forward)
 
   std::vector<at::Tensor> keys_, values_;
   at::Tensor lens_;                       // int32 [batch], shared by all layers
@@ -85,6 +85,7 @@ class KVCache {
   int64_t block_ = 0;                     // the prefill chunk's block size
   std::vector<int64_t> starts_;           // cache lengths before the prefill chunk (host)
   std::vector<at::Tensor> indices_, counts_;  // MAGE's selection per layer (sparse layers only)
+  at::Tensor sparse_counts_;              // [sparse layers, batch, Hkv]: counts_ are its rows
   std::vector<bool> selected_;            // a step 0 has filled the layer's selection
   Policy policy_;
   int64_t capacity_, budget_ = 0, max_len_ = 0;

@@ -7,6 +7,7 @@ On the shipped tiny model with a passkey prompt, its greedy tokens must equal th
 import copy
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -44,13 +45,14 @@ def passkey():
 
 def assert_parity(lm, prompt, max_new, method, k, dense_layers):
     policy = mage_ext.PolicyConfig(method=method, k=k, dense_layers=dense_layers)
-    want = mage_ext.generate(lm, input_ids=[prompt], policy=policy,
-                             max_new_tokens=max_new).token_ids[0]
+    res = mage_ext.generate(lm, input_ids=[prompt], policy=policy, max_new_tokens=max_new)
+    want = res.token_ids[0]
     r = run_binary("--model", MODEL, "--ids", ",".join(map(str, prompt)), "--policy", method,
                    "--k", k, "--dense-layers", dense_layers, "--max-new-tokens", max_new)
     got = [int(t) for t in r.stdout.split()]
     assert got == want, f"C++ {got} != Python {want}"
-    assert "KV read" in r.stderr
+    read = re.search(r"KV read ([0-9.]+)", r.stderr)
+    assert read and float(read.group(1)) == pytest.approx(res.kv_fraction, abs=1e-3), r.stderr
 
 
 @pytest.mark.parametrize("method,k,dense_layers", [("exact", 512, 2), ("mage", 128, 2),
