@@ -50,10 +50,12 @@ def enable_mage(model, config: Optional[PolicyConfig] = None):
 
 
 def disable_mage(model):
-    """Undoes ``enable_mage``: the model gets its original config object back."""
+    """Undoes ``enable_mage``: the model gets its original config object back and no default
+    policy (a later ``generate`` without one takes PolicyConfig(), not the last call's)."""
     if is_enabled(model):
         _swap_config(model, model.config, model._mage_original_config)
         del model._mage_original_config
+        model.__dict__.pop("_mage_policy", None)
     return model
 
 

@@ -209,6 +209,24 @@ def test_generate_leaves_model_as_it_was():
     generate(model, input_ids=_prompts([10]), policy=PolicyConfig(method="exact"), block_size=8,
              max_new_tokens=4, mask_id=MASK_ID, stop_ids=[])
     assert model.config._attn_implementation == "sdpa"
+    assert not hasattr(model, "_mage_policy")
+
+
+def test_a_call_without_a_policy_does_not_inherit_the_last_ones():
+    """The default policy of a later call is PolicyConfig(), whatever an earlier call used (it
+    once kept the last call's policy: k=2 here, silently)."""
+    kw = dict(input_ids=_prompts([40]), block_size=8, max_new_tokens=24, mask_id=MASK_ID,
+              stop_ids=[])
+    fresh = generate(tiny_model("qwen2", layers=2), **kw)
+    model = tiny_model("qwen2", layers=2)
+    small = generate(model, policy=PolicyConfig(method="mage", k=2, dense_layers=0), **kw)
+    later = generate(model, **kw)
+    assert later.kv_fraction == fresh.kv_fraction != small.kv_fraction
+    assert later.token_ids == fresh.token_ids
+    enable_mage(model, PolicyConfig(method="mage", k=2, dense_layers=0))  # a default while enabled
+    assert generate(model, **kw).kv_fraction == small.kv_fraction
+    disable_mage(model)
+    assert generate(model, **kw).kv_fraction == fresh.kv_fraction
 
 
 class _WordTokenizer:
