@@ -240,6 +240,19 @@ def test_batch_matches_python_and_single_runs(random_checkpoints, style, method)
     assert got == alone
 
 
+@pytest.mark.parametrize("style", ["fast_dllm", "sdar"])
+def test_batch_in_prefill_chunks_matches_python(random_checkpoints, style):
+    """Chunks of 2 blocks: rows whose prompts end in different chunks (scratch rows, start
+    lengths per row) give Python's tokens for the same chunking."""
+    model, path = random_checkpoints["qwen2"]
+    prompts = batch_prompts()
+    policy = mage_ext.PolicyConfig(method="mage", k=16, dense_layers=1)
+    want = mage_ext.generate(model, input_ids=prompts, policy=policy, style=style, block_size=8,
+                             max_new_tokens=40, prefill_chunk=16).token_ids
+    got = binary_lines(*batch_args(path, prompts, style, "mage"), "--prefill-chunk", 16)
+    assert got == want, f"C++ {got} != Python {want}"
+
+
 # A stop id (the checkpoint's eos_token_id) that ends one row early: the batch keeps running for
 # the others and the stopped row returns only the tokens before it.
 def test_batch_stop_id(random_checkpoints, tmp_path):
