@@ -65,7 +65,8 @@ def _one_line_error(err: str, *words):
     ("--threshold", "2", "--threshold"), ("--policy", "magic", "--policy"),
     ("--steps", "0", "--steps"), ("--seed", "-3", "--seed"), ("--dtype", "int8", "--dtype"),
     ("--window", "0", "--window"), ("--fixed-steps", "0", "--fixed-steps"),
-    ("--dense-layers", "-1", "--dense-layers"), ("--sub-block", "0", "--sub-block")])
+    ("--dense-layers", "-1", "--dense-layers"), ("--sub-block", "0", "--sub-block"),
+    ("--prefill-chunk", "0", "--prefill-chunk")])
 def test_generate_bad_option_values_exit_2(capsys, opt, value, word):
     code, out, err = _run(cli.generate_main, ["--model", "x", "--prompt", "p", opt, value], capsys)
     assert code == 2 and out == ""
@@ -505,3 +506,22 @@ def test_needle_demo_runs_and_explains():
                   "from the CPU"):
         assert sum(ln.startswith(start) for ln in out.splitlines()) == 1, start
     assert "[1/2] exact attention: done" in r.stderr and "total" in r.stderr
+
+
+def test_generate_passes_prefill_chunk(capsys, monkeypatch):
+    """--prefill-chunk reaches generate() (default 4096), as the C++ binary's flag."""
+    import mage_ext.generation as generation
+
+    seen, real = [], generation.generate
+
+    def spy(*a, **kw):
+        seen.append(kw["prefill_chunk"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(generation, "generate", spy)
+    ids = ",".join(map(str, range(5, 80)))
+    runs = [_run(cli.generate_main, ["--model", TINY, "--ids", ids, "--max-new-tokens", "4",
+                                     "--threads", "1", *extra], capsys)
+            for extra in ([], ["--prefill-chunk", "32"])]
+    assert seen == [4096, 32]
+    assert runs[0][0] == runs[1][0] == 0 and runs[0][1] == runs[1][1]
