@@ -114,16 +114,16 @@ at::Tensor QwenModel::forward(const at::Tensor& ids, const at::Tensor& positions
   const ModelConfig& c = config_;
   const int64_t batch = ids.size(0), n = ids.size(1), d = c.head_dim;
   const double eps = c.rms_norm_eps, scale = std::pow(static_cast<double>(d), -0.5);
-  auto optional = [](const at::Tensor& t) {
+  auto if_defined = [](const at::Tensor& t) {  // an absent weight (no bias, no q/k norm)
     return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
   };
   at::Tensor x = at::embedding(embed_, ids), residual;
   for (size_t l = 0; l < layers_.size(); ++l) {
     const Layer& w = layers_[l];
-    auto [h, res] = mage::rms_norm(x, w.input_norm, eps, optional(residual));
-    at::Tensor qkv = at::linear(h, w.qkv_w, optional(w.qkv_b));
+    auto [h, res] = mage::rms_norm(x, w.input_norm, eps, if_defined(residual));
+    at::Tensor qkv = at::linear(h, w.qkv_w, if_defined(w.qkv_b));
     auto [q, k, v] = mage::qkv_rope(qkv, positions, inv_freq_, c.num_heads, c.num_kv_heads, d,
-                                    optional(w.q_norm), optional(w.k_norm), eps);
+                                    if_defined(w.q_norm), if_defined(w.k_norm), eps);
     at::Tensor a = cache.attend(static_cast<int64_t>(l), q, k, v, scale);  // [batch, Hq, n, d]
     x = at::linear(a.transpose(1, 2).reshape({batch, n, c.num_heads * d}), w.o_w);
     std::tie(h, residual) = mage::rms_norm(x, w.post_norm, eps, res);
