@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -199,6 +200,21 @@ def measure(fn, device, reps) -> dict:
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
 
 
+def measure_with_atomics(fn, device, reps) -> dict:
+    """measure() with MAGE_BACKWARD_ATOMICS=1: the sparse backward accumulates the context
+    gradients with scatter_add_ (atomics, run-to-run bits may differ) instead of the sorting,
+    deterministic index_put_ (the default on CUDA; on the CPU both are deterministic)."""
+    saved = os.environ.get("MAGE_BACKWARD_ATOMICS")
+    os.environ["MAGE_BACKWARD_ATOMICS"] = "1"
+    try:
+        return measure(fn, device, reps)
+    finally:
+        if saved is None:
+            os.environ.pop("MAGE_BACKWARD_ATOMICS")
+        else:
+            os.environ["MAGE_BACKWARD_ATOMICS"] = saved
+
+
 def rates(device):
     if device != "cuda":
         return None, None
@@ -237,6 +253,8 @@ def records(shapes, lengths, ks, block, device, reps, compiled, tflops, tbps):
                            "peers": peers}
                     if k is None and phase == "fwd":
                         rec["max_abs_diff_vs_flex"] = check
+                    if k is not None and phase == "fwd+bwd":  # the non-deterministic option
+                        rec["atomics"] = measure_with_atomics(fn, device, reps)
                     yield rec
             del layer, peer_fns
             if device == "cuda":
@@ -251,6 +269,9 @@ def print_table(recs):
         peak = f"{r['peak_mb']:8.0f}" if r.get("peak_mb") is not None else f"{'-':>8}"
         peers = ", ".join(f"{n}={m['time_us'] / 1e3:.2f}" if "time_us" in m else f"{n}=n/a"
                           for n, m in r["peers"].items())
+        atomics = r.get("atomics", {})
+        if "time_us" in atomics:
+            peers += f" | with atomics {atomics['time_us'] / 1e3:.2f}"
         print(f"{r['shape']:11} {r['seq_len']:6d} {r['op']:7} {str(r['k'] or '-'):>5} "
               f"{r['pass']:8} {ms} {r['floor_us'] / 1e3:8.3f} {peak}  {peers}")
 

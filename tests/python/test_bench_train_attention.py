@@ -30,6 +30,9 @@ def test_smoke_writes_the_records(tmp_path, capsys):
         assert "time_us" in r["peers"]["sdpa_flash_causal_2T"]
         if r["pass"] == "fwd":   # FlexAttention has no CPU backward: recorded as an error
             assert "time_us" in r["peers"]["flex_attention"], r["peers"]
+        # the sparse backward also timed with atomic gradient accumulation
+        assert ("atomics" in r) == (r["op"] == "sparse" and r["pass"] == "fwd+bwd")
+        assert r.get("atomics", {"time_us": 1})["time_us"] > 0
     exact_fwd = next(r for r in recs if r["op"] == "exact" and r["pass"] == "fwd")
     assert exact_fwd["max_abs_diff_vs_flex"] < 1e-4       # the same pattern as the block mask
     assert "wrote" in capsys.readouterr().out
