@@ -35,7 +35,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import RESULTS, copy_bandwidth_tbps, environment, write_result  # noqa: E402
+from common import (RESULTS, copy_bandwidth_tbps, env_set, environment,  # noqa: E402
+                    write_result)
 
 from mage_ext import PolicyConfig  # noqa: E402
 from mage_ext.core.loop import BlockLoop, DecodeConfig  # noqa: E402
@@ -181,19 +182,14 @@ def time_prefill_paths(model, context, fused, device) -> dict:
     """Prefill seconds of both attention paths of a multi-block chunk on the GPU (one
     block_attention call, or one dense_attention call per block); the CPU has one path."""
     paths = {"block_attention": "1"} if device == "cpu" else PREFILL_PATHS
-    saved = os.environ.get("MAGE_PREFILL_BLOCK_ATTENTION")
     out = {}
     enable_mage(model)
     try:
         for name, flag in paths.items():
-            os.environ["MAGE_PREFILL_BLOCK_ATTENTION"] = flag
-            out[name] = time_prefill(model, context, PolicyConfig(method="exact"), fused)
+            with env_set("MAGE_PREFILL_BLOCK_ATTENTION", flag):
+                out[name] = time_prefill(model, context, PolicyConfig(method="exact"), fused)
     finally:
         disable_mage(model)
-        if saved is None:
-            os.environ.pop("MAGE_PREFILL_BLOCK_ATTENTION", None)
-        else:
-            os.environ["MAGE_PREFILL_BLOCK_ATTENTION"] = saved
     return out
 
 

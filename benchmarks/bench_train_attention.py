@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mage_ext  # noqa: E402
-from common import SHAPES, environment  # noqa: E402
+from common import SHAPES, env_set, environment  # noqa: E402
 
 BLOCK = 32
 DEFAULT_OUT = "train_attention_h200.json"
@@ -204,15 +203,8 @@ def measure_with_atomics(fn, device, reps) -> dict:
     """measure() with MAGE_BACKWARD_ATOMICS=1: the sparse backward accumulates the context
     gradients with scatter_add_ (atomics, run-to-run bits may differ) instead of the sorting,
     deterministic index_put_ (the default on CUDA; on the CPU both are deterministic)."""
-    saved = os.environ.get("MAGE_BACKWARD_ATOMICS")
-    os.environ["MAGE_BACKWARD_ATOMICS"] = "1"
-    try:
+    with env_set("MAGE_BACKWARD_ATOMICS", "1"):
         return measure(fn, device, reps)
-    finally:
-        if saved is None:
-            os.environ.pop("MAGE_BACKWARD_ATOMICS")
-        else:
-            os.environ["MAGE_BACKWARD_ATOMICS"] = saved
 
 
 def rates(device):

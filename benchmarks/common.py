@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -13,6 +14,21 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # Per-layer attention shapes of the target models: (Hq, Hkv, head dim).
 SHAPES = {"fdllm-1.5b": (12, 2, 128), "fdllm-7b": (28, 4, 128), "sdar-4b": (32, 8, 128)}
+
+
+@contextmanager
+def env_set(name: str, value: str):
+    """Environment variable ``name`` = ``value`` inside the block (the ops read their switches
+    per call), restored after it."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 def commit() -> str:
