@@ -23,9 +23,10 @@ using CacheChunk = std::function<void(QueryRowsGrad& rows, int64_t u0, int64_t u
 AttentionGrads sequence_backward(const AttentionDims& d, T dout, OptT dlse, T q, T k_cache,
                                  T k_block, T v_block, T out, T lse, int64_t max_cache_keys,
                                  const KeysOfGroup& keys_of_group, const CacheChunk& cache_chunk) {
-  const auto acc = lse_dtype(q.scalar_type());
+  const MatmulPrecision math(q);
+  const auto acc = math.compute;
   const int64_t rows = d.group * d.block;
-  auto as_rows = [&](T t) { return t.to(acc).reshape({d.batch, d.hkv, rows, d.dim}); };
+  auto as_rows = [&](T t) { return math.op(t).reshape({d.batch, d.hkv, rows, d.dim}); };
   const auto q_rows = as_rows(q), dout_rows = as_rows(dout);
   const auto lse_rows = lse.to(acc).reshape({d.batch, d.hkv, rows});
   const auto delta = softmax_delta(dout, out, dlse.value_or(at::Tensor()), acc)
@@ -40,14 +41,13 @@ AttentionGrads sequence_backward(const AttentionDims& d, T dout, OptT dlse, T q,
   const auto plan = plan_chunks(q.device(), d.batch, d.hkv * rows, max_cache_keys + d.block);
   for (int64_t u0 = 0; u0 < d.batch; u0 += plan.units_per_group) {
     const int64_t u1 = std::min(d.batch, u0 + plan.units_per_group);
-    QueryRowsGrad g(q_rows.slice(0, u0, u1), dout_rows.slice(0, u0, u1),
+    QueryRowsGrad g(math, q_rows.slice(0, u0, u1), dout_rows.slice(0, u0, u1),
                     lse_rows.slice(0, u0, u1), delta.slice(0, u0, u1), d.scale);
     const int64_t keys = keys_of_group(u0, u1);
     for (int64_t c0 = 0; c0 < keys; c0 += plan.keys_per_chunk) {
       cache_chunk(g, u0, u1, c0, std::min(plan.keys_per_chunk, keys - c0), dk_cache, dv_cache);
     }
-    auto [dk, dv] = g.key_chunk(k_block.slice(0, u0, u1).to(acc),
-                                v_block.slice(0, u0, u1).to(acc), at::Tensor());
+    auto [dk, dv] = g.key_chunk(k_block.slice(0, u0, u1), v_block.slice(0, u0, u1), at::Tensor());
     dk_block.slice(0, u0, u1).copy_(dk);
     dv_block.slice(0, u0, u1).copy_(dv);
     dq.slice(0, u0, u1).copy_(g.dq().reshape({u1 - u0, d.hq, d.block, d.dim}));
@@ -71,7 +71,6 @@ AttentionGrads dense_attention_backward_generic(T dout, OptT dlse, T q, T k_cach
   const auto d = check_attention_inputs(op, q, k_cache, v_cache, k_block, v_block, scale);
   check_cache_lens(op, cache_lens, d, q.device());
   check_attention_grads(op, d, q, dout, dlse, out, lse);
-  const auto acc = lse_dtype(q.scalar_type());
   const auto lens = cache_lens.to(at::kLong);
 
   auto keys_of_group = [&](int64_t u0, int64_t u1) {
@@ -81,8 +80,8 @@ AttentionGrads dense_attention_backward_generic(T dout, OptT dlse, T q, T k_cach
                    T dk_cache, T dv_cache) {
     const auto valid = at::arange(c0, c0 + c, lens.options()).view({1, 1, c}) <
                        lens.slice(0, u0, u1).view({-1, 1, 1});  // [U, 1, C]
-    auto [dk, dv] = g.key_chunk(k_cache.slice(0, u0, u1).narrow(2, c0, c).to(acc),
-                                v_cache.slice(0, u0, u1).narrow(2, c0, c).to(acc), valid);
+    auto [dk, dv] = g.key_chunk(k_cache.slice(0, u0, u1).narrow(2, c0, c),
+                                v_cache.slice(0, u0, u1).narrow(2, c0, c), valid);
     dk_cache.slice(0, u0, u1).narrow(2, c0, c).copy_(dk);
     dv_cache.slice(0, u0, u1).narrow(2, c0, c).copy_(dv);
   };
@@ -97,7 +96,6 @@ AttentionGrads sparse_attention_backward_generic(T dout, OptT dlse, T q, T k_cac
   const auto d = check_attention_inputs(op, q, k_cache, v_cache, k_block, v_block, scale);
   check_selection(op, indices, counts, d, q.device());
   check_attention_grads(op, d, q, dout, dlse, out, lse);
-  const auto acc = lse_dtype(q.scalar_type());
   const auto idx = indices.to(at::kLong), cnt = counts.to(at::kLong);
   const int64_t kmax = indices.size(2);
 
@@ -107,8 +105,8 @@ AttentionGrads sparse_attention_backward_generic(T dout, OptT dlse, T q, T k_cac
     const auto valid = at::arange(c0, c0 + c, cnt.options()).view({1, 1, c}) <
                        cnt.slice(0, u0, u1).unsqueeze(-1);  // [U, Hkv, C]
     const auto pos = at::where(valid, idx.slice(0, u0, u1).narrow(2, c0, c), 0);
-    auto [dk, dv] = g.key_chunk(gather_rows(k_cache.slice(0, u0, u1), pos).to(acc),
-                                gather_rows(v_cache.slice(0, u0, u1), pos).to(acc), valid);
+    auto [dk, dv] = g.key_chunk(gather_rows(k_cache.slice(0, u0, u1), pos),
+                                gather_rows(v_cache.slice(0, u0, u1), pos), valid);
     // The gathered rows scatter back. A selection's positions are unique per (sequence, KV
     // head) and invalid slots add exact zeros (at row 0), so no two nonzero contributions meet
     // and the result does not depend on the order of the adds (atomics on CUDA included).

@@ -19,17 +19,21 @@ bool use_atomics() {
 
 }  // namespace
 
-QueryRowsGrad::QueryRowsGrad(const at::Tensor& q, const at::Tensor& dout, const at::Tensor& lse,
+QueryRowsGrad::QueryRowsGrad(const MatmulPrecision& math, const at::Tensor& q,
+                             const at::Tensor& dout, const at::Tensor& lse,
                              const at::Tensor& delta, double scale)
-    : q_scaled_(q * scale),
-      dout_(dout),
+    : math_(math),
+      q_(math.op(q)),
+      dout_(math.op(dout)),
       lse_(lse.unsqueeze(-1)),
       delta_(delta.unsqueeze(-1)),
-      dq_(at::zeros_like(q, at::MemoryFormat::Contiguous)),
+      dq_(at::zeros(q.sizes(), q.options().dtype(math.compute))),
       scale_(scale) {}
 
 std::pair<at::Tensor, at::Tensor> QueryRowsGrad::key_chunk(at::Tensor keys, at::Tensor values,
                                                            const at::Tensor& valid) {
+  keys = math_.op(keys);
+  values = math_.op(values);
   at::Tensor invalid;
   if (valid.defined()) {
     // Zero the keys/values of invalid slots (past a length or a count: stale or poisoned cache
@@ -38,15 +42,16 @@ std::pair<at::Tensor, at::Tensor> QueryRowsGrad::key_chunk(at::Tensor keys, at::
     keys = keys.masked_fill(invalid.unsqueeze(-1), 0);
     values = values.masked_fill(invalid.unsqueeze(-1), 0);
   }
-  auto p = at::matmul(q_scaled_, keys.transpose(-1, -2));  // logits [U, Hkv, R, C]
-  p.sub_(lse_).exp_();
+  auto p = math_.mm(q_, keys.transpose(-1, -2));  // logits / scale [U, Hkv, R, C]
+  p.mul_(scale_).sub_(lse_).exp_();
   if (invalid.defined()) p.masked_fill_(invalid.unsqueeze(-2), 0);
-  auto dvalues = at::matmul(p.transpose(-1, -2), dout_);  // [U, Hkv, C, d]
-  auto ds = at::matmul(dout_, values.transpose(-1, -2));  // dP
-  ds.sub_(delta_).mul_(p);                                // dS = P * (dP - D)
-  p = at::Tensor();                                       // free before the next products
-  dq_.add_(at::matmul(ds, keys));                         // times scale in dq()
-  auto dkeys = at::matmul(ds.transpose(-1, -2), q_scaled_);
+  auto dvalues = math_.mm(p.transpose(-1, -2), dout_);  // [U, Hkv, C, d]
+  auto ds = math_.mm(dout_, values.transpose(-1, -2));  // dP
+  ds.sub_(delta_).mul_(p);                              // dS = P * (dP - D)
+  p = at::Tensor();                                     // free before the next products
+  ds = math_.op(ds);
+  dq_.add_(math_.mm(ds, keys));                         // times scale in dq()
+  auto dkeys = math_.mm(ds.transpose(-1, -2), q_).mul_(scale_);
   return {dkeys, dvalues};
 }
 

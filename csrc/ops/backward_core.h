@@ -13,7 +13,8 @@
 // written once, but in this ATen form also ~10 passes over [R x C] fp32 temporaries (S/P, dP,
 // dS written and read by the elementwise steps and the matmuls), ~40*R bytes per key: at R = 192
 // and d = 128 that is ~8x the bf16 floor (read K, V, write dK, dV: 8*d bytes), so this path is
-// memory-bound where a fused kernel, keeping P and dS on chip, would be compute-bound.
+// memory-bound where a fused kernel, keeping P and dS on chip, would be compute-bound. The
+// matmuls run on the tensor cores for fp16 / bf16 CUDA inputs (ops/matmul_precision.h).
 // The next step for CUDA is that fused kernel (FlashAttention-2/3 backward turned to the decode
 // shape: few query rows, many keys, so one CTA per key tile looping over the G*B rows, dK/dV in
 // registers, written once (scattered to the selected rows), dQ through a per-split fp32 buffer
@@ -25,29 +26,34 @@
 
 #include <utility>
 
+#include "ops/matmul_precision.h"
+
 namespace mage {
 
 // The query side of a group of U attention problems ("units": a sequence, or one query block of
 // a sequence), each with Hkv KV heads and R query rows per KV head: the G*B rows of the KV head's
 // G query heads, so a KV head's gradients sum over its query heads inside the matmuls (GQA).
-// Every tensor is of the accumulation dtype (fp32; fp64 for fp64 inputs).
+// Matmul precision: MatmulPrecision of the inputs (on CUDA, fp16 / bf16 tensor-core operands with
+// fp32 accumulation; else fp32, fp64 for fp64); every other tensor is of its compute dtype.
 class QueryRowsGrad {
  public:
-  // q, dout: [U, Hkv, R, d]; lse, delta: [U, Hkv, R] (delta = softmax_delta(...)).
-  QueryRowsGrad(const at::Tensor& q, const at::Tensor& dout, const at::Tensor& lse,
-                const at::Tensor& delta, double scale);
+  // q, dout: [U, Hkv, R, d] (any dtype: taken as the operand dtype); lse, delta: [U, Hkv, R] of
+  // the compute dtype (delta = softmax_delta(...)).
+  QueryRowsGrad(const MatmulPrecision& math, const at::Tensor& q, const at::Tensor& dout,
+                const at::Tensor& lse, const at::Tensor& delta, double scale);
 
-  // One chunk of C keys of every (unit, KV head): keys, values [U, Hkv, C, d] in the
-  // accumulation dtype; valid: bool, broadcastable to [U, Hkv, C], or undefined (all valid).
+  // One chunk of C keys of every (unit, KV head): keys, values [U, Hkv, C, d] (any dtype);
+  // valid: bool, broadcastable to [U, Hkv, C], or undefined (all valid).
   // Invalid keys may hold anything (even NaN): they are zeroed first. Adds the chunk's share of
-  // dq; returns (dkeys, dvalues) [U, Hkv, C, d], exactly zero at invalid keys.
+  // dq; returns (dkeys, dvalues) [U, Hkv, C, d] of the compute dtype, exactly zero at invalid keys.
   std::pair<at::Tensor, at::Tensor> key_chunk(at::Tensor keys, at::Tensor values,
                                               const at::Tensor& valid);
 
   at::Tensor dq() const;  // [U, Hkv, R, d] (the sum over all chunks so far)
 
  private:
-  at::Tensor q_scaled_, dout_, lse_, delta_, dq_;
+  MatmulPrecision math_;
+  at::Tensor q_, dout_, lse_, delta_, dq_;
   double scale_;
 };
 

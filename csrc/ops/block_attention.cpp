@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <limits>
 
+#include "ops/matmul_precision.h"
+
 namespace mage {
 namespace {
 
@@ -23,26 +25,6 @@ struct Span {
   int64_t diag_row() const { return std::max<int64_t>(0, -off()); }  // B's first query row
   int64_t diag_key() const { return std::max<int64_t>(0, off()); }   // B's first ctx key
   int64_t blocks() const { return d.tokens / d.block; }
-};
-
-// Matmuls of the local part: fp32 (fp64) math; on CUDA, fp16/bf16 operands go to the tensor
-// cores as they are, with fp32 accumulation and output (bmm's out_dtype), as the fused kernels.
-struct LocalMath {
-  at::ScalarType compute;
-  at::ScalarType operand_dtype;
-  bool low_precision;
-
-  explicit LocalMath(const Tensor& q)
-      : compute(compute_dtype(q)),
-        low_precision(q.is_cuda() &&
-                      (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16)) {
-    operand_dtype = low_precision ? q.scalar_type() : compute;
-  }
-  Tensor operand(const Tensor& t) const { return t.to(operand_dtype); }
-  Tensor bmm(const Tensor& a, const Tensor& b) const {
-    if (low_precision) return at::bmm(a.to(operand_dtype), b.to(operand_dtype), compute);
-    return at::bmm(a.to(compute), b.to(compute));
-  }
 };
 
 // Rows of blocks [j0, j0 + nb) of t [B, Hq, T, e] (or [B, Hq, T]) in the per-block layout
@@ -109,9 +91,9 @@ int64_t local_chunk(const Span& s) {
 }
 
 // Masked, scaled local scores of blocks [j0, j0 + nb): [B*Hkv*nb, G*bs, 2*bs], -inf where hidden.
-Tensor local_scores(const LocalMath& mm, const Tensor& qb, const Tensor& keys, const Span& s,
+Tensor local_scores(const MatmulPrecision& mm, const Tensor& qb, const Tensor& keys, const Span& s,
                     int64_t j0, int64_t nb) {
-  auto scores = mm.bmm(qb, keys.transpose(1, 2)).mul_(s.d.scale);
+  auto scores = mm.mm(qb, keys.transpose(1, 2)).mul_(s.d.scale);
   scores.view({-1, nb, s.d.group, s.d.block, 2 * s.d.block})
       .masked_fill_(local_mask(s, j0, nb, qb.device()).logical_not(),
                     -std::numeric_limits<double>::infinity());
@@ -122,15 +104,15 @@ Tensor local_scores(const LocalMath& mm, const Tensor& qb, const Tensor& keys, c
 void local_forward(const Tensor& q, const Tensor& k_ctx, const Tensor& v_ctx, const Tensor& k_own,
                    const Tensor& v_own, const Span& s, Tensor& o, Tensor& lse) {
   const auto& d = s.d;
-  const LocalMath mm(q);
+  const MatmulPrecision mm(q);
   const int64_t step = local_chunk(s);
   for (int64_t j0 = 0; j0 < s.blocks(); j0 += step) {
     const int64_t nb = std::min(step, s.blocks() - j0);
-    const auto qb = mm.operand(to_blocks(q, d, j0, nb));
-    const auto scores = local_scores(mm, qb, mm.operand(local_keys(k_ctx, k_own, s, j0, nb)), s, j0, nb);
+    const auto qb = mm.op(to_blocks(q, d, j0, nb));
+    const auto scores = local_scores(mm, qb, mm.op(local_keys(k_ctx, k_own, s, j0, nb)), s, j0, nb);
     const auto row_lse = at::logsumexp(scores, -1);  // finite: the own block is always seen
     const auto p = (scores - row_lse.unsqueeze(-1)).exp_();
-    const auto ob = mm.bmm(p, mm.operand(local_keys(v_ctx, v_own, s, j0, nb)));
+    const auto ob = mm.mm(p, mm.op(local_keys(v_ctx, v_own, s, j0, nb)));
     o.narrow(2, j0 * d.block, nb * d.block).copy_(from_blocks(ob, d, s.batch, nb));
     lse.narrow(2, j0 * d.block, nb * d.block).copy_(from_blocks(row_lse, d, s.batch, nb));
   }
@@ -152,23 +134,23 @@ void local_backward(const Tensor& dout, const Tensor& q, const Tensor& k_ctx,
                     const Tensor& v_ctx, const Tensor& k_own, const Tensor& v_own,
                     const Tensor& lse, const Tensor& delta, const Span& s, Grads& g) {
   const auto& d = s.d;
-  const LocalMath mm(q);
+  const MatmulPrecision mm(q);
   const int64_t step = local_chunk(s), bs = d.block;
   for (int64_t j0 = 0; j0 < s.blocks(); j0 += step) {
     const int64_t nb = std::min(step, s.blocks() - j0);
-    const auto qb = mm.operand(to_blocks(q, d, j0, nb));
-    const auto dob = mm.operand(to_blocks(dout, d, j0, nb));
-    const auto keys = mm.operand(local_keys(k_ctx, k_own, s, j0, nb));
-    const auto values = mm.operand(local_keys(v_ctx, v_own, s, j0, nb));
+    const auto qb = mm.op(to_blocks(q, d, j0, nb));
+    const auto dob = mm.op(to_blocks(dout, d, j0, nb));
+    const auto keys = mm.op(local_keys(k_ctx, k_own, s, j0, nb));
+    const auto values = mm.op(local_keys(v_ctx, v_own, s, j0, nb));
     const auto scores = local_scores(mm, qb, keys, s, j0, nb);
     const auto p = (scores - to_blocks(lse, d, j0, nb).to(mm.compute).unsqueeze(-1)).exp_();
-    const auto ds = p * (mm.bmm(dob, values.transpose(1, 2)) -
+    const auto ds = p * (mm.mm(dob, values.transpose(1, 2)) -
                          to_blocks(delta, d, j0, nb).unsqueeze(-1));
     g.dq.narrow(2, j0 * bs, nb * bs)
-        .add_(from_blocks(mm.bmm(ds, keys).mul_(d.scale), d, s.batch, nb));
+        .add_(from_blocks(mm.mm(ds, keys).mul_(d.scale), d, s.batch, nb));
     // [B*Hkv*nb, 2bs, e] -> [B, Hkv, nb, 2bs, e]: keys [0, bs) are the tail, [bs, 2bs) own.
-    const auto dk = mm.bmm(ds.transpose(1, 2), qb).mul_(d.scale).view({s.batch, d.hkv, nb, 2 * bs, -1});
-    const auto dv = mm.bmm(p.transpose(1, 2), dob).view({s.batch, d.hkv, nb, 2 * bs, -1});
+    const auto dk = mm.mm(ds.transpose(1, 2), qb).mul_(d.scale).view({s.batch, d.hkv, nb, 2 * bs, -1});
+    const auto dv = mm.mm(p.transpose(1, 2), dob).view({s.batch, d.hkv, nb, 2 * bs, -1});
     auto rows = [&](const Tensor& t, int64_t first) {
       return t.narrow(3, first, bs).reshape({s.batch, d.hkv, nb * bs, t.size(4)});
     };

@@ -13,6 +13,7 @@
 #include "ops/attention_backward.h"
 #include "ops/backward_core.h"
 #include "ops/checks.h"
+#include "ops/matmul_precision.h"
 
 namespace mage {
 namespace {
@@ -76,11 +77,12 @@ AttentionGrads block_sparse_attention_backward_generic(
                                             block_size, scale);
   const auto& d = bd.dims;
   check_attention_grads(op, d, q, dout, dlse, out, lse);
-  const auto acc = lse_dtype(q.scalar_type());
+  const MatmulPrecision math(q);
+  const auto acc = math.compute;
   const int64_t nb = bd.n_blocks, kmax = indices.size(3);
   const int64_t rows = d.group * block_size;
 
-  const auto q_rows = to_unit_rows(q.to(acc), bd), dout_rows = to_unit_rows(dout.to(acc), bd);
+  const auto q_rows = to_unit_rows(math.op(q), bd), dout_rows = to_unit_rows(math.op(dout), bd);
   const auto lse_rows = to_unit_rows(lse.to(acc), bd);
   const auto delta = to_unit_rows(softmax_delta(dout, out, dlse.value_or(at::Tensor()), acc), bd);
   const auto k_u = to_units(k_own, nb), v_u = to_units(v_own, nb);
@@ -90,15 +92,16 @@ AttentionGrads block_sparse_attention_backward_generic(
   const auto fp = q.options().dtype(acc).memory_format(at::MemoryFormat::Contiguous);
   auto dq_rows = at::empty(q_rows.sizes(), fp);
   auto dk_u = at::empty(k_u.sizes(), fp), dv_u = at::empty(k_u.sizes(), fp);
-  // Summed over many blocks: accumulated in the accumulation dtype, cast once at the end.
-  auto dk_ctx = at::zeros(k_ctx.sizes(), fp), dv_ctx = at::zeros(k_ctx.sizes(), fp);
+  // Summed over many blocks: accumulated in the accumulation dtype, cast once at the end. dK
+  // and dV side by side ([.., 2d]), so one accumulation (one sort of the positions) takes both.
+  auto dkv_ctx = at::zeros({d.batch, d.hkv, k_ctx.size(2), 2 * d.dim}, fp);
 
   const auto plan = plan_chunks(q.device(), nb, d.hkv * rows, kmax + block_size);
   for (int64_t b = 0; b < d.batch; ++b) {
     for (int64_t j0 = 0; j0 < nb; j0 += plan.units_per_group) {
       const int64_t n = std::min(nb - j0, plan.units_per_group);
       const int64_t u0 = b * nb + j0, u1 = u0 + n;
-      QueryRowsGrad g(q_rows.slice(0, u0, u1), dout_rows.slice(0, u0, u1),
+      QueryRowsGrad g(math, q_rows.slice(0, u0, u1), dout_rows.slice(0, u0, u1),
                       lse_rows.slice(0, u0, u1), delta.slice(0, u0, u1), d.scale);
       const auto cnt = cnt_u.slice(0, u0, u1);
       const int64_t keys = cnt.is_cpu() ? cnt.max().item<int64_t>() : kmax;
@@ -107,24 +110,21 @@ AttentionGrads block_sparse_attention_backward_generic(
         const auto valid = at::arange(c0, c0 + c, cnt.options()).view({1, 1, c}) <
                            cnt.unsqueeze(-1);  // [n, Hkv, C]
         const auto pos = at::where(valid, idx_u.slice(0, u0, u1).narrow(2, c0, c), 0);
-        auto [dk, dv] =
-            g.key_chunk(gather_rows(ctx_for_units(k_ctx, b, n), pos).to(acc),
-                        gather_rows(ctx_for_units(v_ctx, b, n), pos).to(acc), valid);
-        accumulate_rows(dk_ctx[b], pos, dk);
-        accumulate_rows(dv_ctx[b], pos, dv);
+        auto [dk, dv] = g.key_chunk(gather_rows(ctx_for_units(k_ctx, b, n), pos),
+                                    gather_rows(ctx_for_units(v_ctx, b, n), pos), valid);
+        accumulate_rows(dkv_ctx[b], pos, at::cat({dk, dv}, -1));
       }
-      auto [dk, dv] = g.key_chunk(k_u.slice(0, u0, u1).to(acc), v_u.slice(0, u0, u1).to(acc),
-                                  at::Tensor());
+      auto [dk, dv] = g.key_chunk(k_u.slice(0, u0, u1), v_u.slice(0, u0, u1), at::Tensor());
       dk_u.slice(0, u0, u1).copy_(dk);
       dv_u.slice(0, u0, u1).copy_(dv);
       dq_rows.slice(0, u0, u1).copy_(g.dq());
     }
   }
   const auto dtype = q.scalar_type();
-  auto result = [&](T t) { return t.to(dtype, false, false, at::MemoryFormat::Contiguous); };
+  auto result = [&](T t) { return t.to(dtype).contiguous(); };
   const auto dq = from_units(dq_rows.unflatten(2, {d.group, block_size}).flatten(1, 2), d.batch);
-  return {result(dq), result(dk_ctx), result(dv_ctx), result(from_units(dk_u, d.batch)),
-          result(from_units(dv_u, d.batch))};
+  return {result(dq), result(dkv_ctx.narrow(3, 0, d.dim)), result(dkv_ctx.narrow(3, d.dim, d.dim)),
+          result(from_units(dk_u, d.batch)), result(from_units(dv_u, d.batch))};
 }
 
 }  // namespace mage

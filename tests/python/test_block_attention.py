@@ -427,6 +427,32 @@ def test_cuda_fused_equals_generic(kernel, monkeypatch, gen):
 
 
 @requires_cuda
+def test_cuda_auto_trains_with_cudnn_and_infers_with_flash(monkeypatch, gen):
+    """auto: on sm90+ a forward whose inputs require grad and every backward take cuDNN (faster
+    for training, measured), a forward without grad takes flash (no per-shape cuDNN graphs in a
+    prefill); the results are those of the kernel forced by name, bit for bit."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("cuDNN is the training default on sm90+ only")
+    shape = (1, 12, 2, 128, 32, 256, [0], 256)
+    t, block, start = make(shape, torch.bfloat16, "cuda", gen, requires_grad=True)
+    dout = torch.randn(1, 12, 256, 128, generator=gen).to(torch.bfloat16).cuda()
+
+    def run(kernel, grad):
+        kernel_env(monkeypatch, kernel)
+        for k in INPUTS:
+            t[k].grad = None
+        if not grad:
+            with torch.no_grad():
+                return run_op(t, block, start)[0]
+        out = run_op(t, block, start)[0]
+        out.backward(dout)
+        return torch.cat([out.flatten()] + [t[k].grad.flatten() for k in INPUTS])
+
+    assert torch.equal(run("auto", True), run("cudnn", True))
+    assert torch.equal(run("auto", False), run("flash", False))
+
+
+@requires_cuda
 def test_cuda_chunked_prefill_equals_block_by_block(monkeypatch, gen):
     kernel_env(monkeypatch, "auto")
     test_chunked_prefill_equals_block_by_block(torch.bfloat16, "cuda", gen)
