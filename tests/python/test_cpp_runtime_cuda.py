@@ -133,8 +133,11 @@ def test_random_checkpoints_batch_matches_python(checkpoints, family, style, met
     got = lines(run_binary(*common, *ids_args(prompts)))
     assert got == want, f"C++ {got} != Python {want}"
     assert lines(run_binary(*common, *ids_args(prompts), "--no-cuda-graphs")) == got  # graphs change nothing
+    # A prompt alone: the binary equals Python alone. (Not "alone == its batch row": on a GPU
+    # the batched and single GEMMs round apart, and Python's own batch and single runs part too,
+    # e.g. at token 17 of prompt 0 in bf16 with MAGE, H200.)
     alone = [lines(run_binary(*common, *ids_args([p])))[0] for p in prompts[:2]]
-    assert alone == got[:2]
+    assert alone == [python_tokens(model, dtype, [p], **kw)[0] for p in prompts[:2]]
 
 
 @pytest.mark.parametrize("style", ["fast_dllm", "sdar"])
