@@ -203,6 +203,7 @@ def main(argv=None) -> None:
                                      else RESULTS / "e2e_h200.json")
     label = "smoke" if a.smoke else "fdllm-1.5b"
     rows = []
+    env = environment(a.device)  # each row carries its own commit and date (the file mixes runs)
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "model"
         write_checkpoint(model, shape, max(a.context), getattr(torch, a.dtype), a.device)
@@ -219,7 +220,7 @@ def main(argv=None) -> None:
                         r.update(shape=label, context=context, batch=batch, policy=policy,
                                  k=a.k if policy == "mage" else None, graphs=a.device == "cuda",
                                  runtime=runtime, dtype=a.dtype, style=f"sdar {STEPS} steps",
-                                 blocks=a.blocks)
+                                 blocks=a.blocks, commit=env["commit"], date=env["date"])
                         rows.append(r)
                         fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
                         print(f"{label} {context:>7} b{batch:<3} {policy:<6} {runtime:<7} "
@@ -227,7 +228,7 @@ def main(argv=None) -> None:
                               f"later {fmt(r['later_ms'])} commit {fmt(r['commit_ms'])} "
                               f"block {fmt(r['block_ms'])} ms  host peak "
                               f"{fmt(r['host_peak_mb'])} MB", flush=True)
-    merge(out, rows, environment(a.device))
+    merge(out, rows, env)
     print(f"wrote {out}")
 
 

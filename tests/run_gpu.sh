@@ -46,7 +46,9 @@ if [[ $parts == *" pytest "* ]]; then
     files=${suite#*|}
     echo "== pytest: $name =="
     # shellcheck disable=SC2086
-    python3 -m pytest $files -q -p no:cacheprovider ${MAGE_PYTEST_ARGS:-} --junitxml="$logs/$name.xml" \
+    # -v: each result is logged with its name as it happens, so a suite cut by a time limit
+    # still names its failures (-q only prints them in the final summary)
+    python3 -m pytest $files -v -p no:cacheprovider ${MAGE_PYTEST_ARGS:-} --junitxml="$logs/$name.xml" \
       >"$logs/$name.log" 2>&1 || status=1
     tail -3 "$logs/$name.log"
     report+=(--suite "$name=$logs/$name.xml")

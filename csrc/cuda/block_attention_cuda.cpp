@@ -210,8 +210,9 @@ bool aligned(const Tensor& t) {
   return t.stride(-1) == 1;
 }
 
-// training: a backward, or a forward whose inputs require grad (its backward will follow, and
-// training repeats its shapes, so cuDNN's per-shape graph is built once).
+// training: a backward, or a forward on inputs that require grad (whatever the grad mode: the
+// signal is the inputs; inference makes its activations under no_grad / inference_mode, so
+// they do not). Training repeats its shapes, so cuDNN's per-shape graph is built once.
 const PartKernel& choose_kernel(const Tensor& q, const Tensor& k_ctx, const Tensor& v_ctx,
                                 bool training) {
   static const FlashPart flash_kernel;
