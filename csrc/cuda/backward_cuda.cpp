@@ -3,6 +3,8 @@
 // bounded key chunks, deterministic accumulation). This registration is the dispatch point for
 // a fused CUDA backward kernel (FlashAttention-2/3 style, see ops/backward_core.h): register it
 // here and keep the generic path for the shapes and dtypes the kernel does not cover.
+// block_sparse_attention_backward registers in block_sparse_backward_cuda.cpp (an opt-in
+// FlashAttention variable-length path in front of the generic one).
 #include <torch/library.h>
 
 #include "ops/attention_backward.h"
@@ -10,5 +12,4 @@
 TORCH_LIBRARY_IMPL(mage, CUDA, m) {
   m.impl("dense_attention_backward", &mage::dense_attention_backward_generic);
   m.impl("sparse_attention_backward", &mage::sparse_attention_backward_generic);
-  m.impl("block_sparse_attention_backward", &mage::block_sparse_attention_backward_generic);
 }

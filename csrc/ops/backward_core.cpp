@@ -95,4 +95,26 @@ void accumulate_rows(const at::Tensor& dst, const at::Tensor& pos, const at::Ten
   dst.scatter_add_(1, idx, src.transpose(0, 1).reshape({hkv, units * c, d}));
 }
 
+SelectedRowGrads::SelectedRowGrads(int64_t batch, int64_t hkv, int64_t n_ctx, int64_t dim,
+                                   const at::TensorOptions& options)
+    : dkv_(at::zeros({batch, hkv, n_ctx + kSpareRows, 2 * dim}, options)),
+      n_ctx_(n_ctx),
+      dim_(dim) {}
+
+void SelectedRowGrads::add(int64_t b, const at::Tensor& idx, const at::Tensor& valid,
+                           const at::Tensor& dk, const at::Tensor& dv) {
+  const int64_t n = idx.size(0), c = idx.size(2);
+  const auto spare = at::arange(n * c, idx.options()).view({n, 1, c}).remainder(kSpareRows);
+  accumulate_rows(dkv_[b], at::where(valid, idx, spare + n_ctx_),
+                  at::cat({dk.to(dkv_.scalar_type()), dv.to(dkv_.scalar_type())}, -1));
+}
+
+at::Tensor SelectedRowGrads::dk(at::ScalarType dtype) const {
+  return dkv_.narrow(2, 0, n_ctx_).narrow(3, 0, dim_).to(dtype).contiguous();
+}
+
+at::Tensor SelectedRowGrads::dv(at::ScalarType dtype) const {
+  return dkv_.narrow(2, 0, n_ctx_).narrow(3, dim_, dim_).to(dtype).contiguous();
+}
+
 }  // namespace mage

@@ -20,8 +20,6 @@ namespace {
 
 using T = const at::Tensor&;
 
-constexpr int64_t kSpareRows = 4096;  // see block_sparse_attention_backward_generic
-
 // [batch, H, T, ...] -> [batch * n_blocks, H, block_size, ...]: unit b * n_blocks + j holds
 // block j of sequence b (a copy unless it is a view already).
 at::Tensor to_units(T t, int64_t n_blocks) {
@@ -94,13 +92,7 @@ AttentionGrads block_sparse_attention_backward_generic(
   const auto fp = q.options().dtype(acc).memory_format(at::MemoryFormat::Contiguous);
   auto dq_rows = at::empty(q_rows.sizes(), fp);
   auto dk_u = at::empty(k_u.sizes(), fp), dv_u = at::empty(k_u.sizes(), fp);
-  // Summed over many blocks: accumulated in the accumulation dtype, cast once at the end. dK
-  // and dV side by side ([.., 2d]), so one accumulation (one sort of the positions) takes both.
-  // The slots past a count (their gradients are exact zeros) go to kSpareRows rows past the
-  // context, spread by slot: sent all to one row, they made one run of duplicates that the
-  // deterministic accumulation sums serially (63 ms instead of 10 at 8K, k = 2048, H200).
-  const int64_t n_ctx = k_ctx.size(2);
-  auto dkv_ctx = at::zeros({d.batch, d.hkv, n_ctx + kSpareRows, 2 * d.dim}, fp);
+  SelectedRowGrads ctx_grads(d.batch, d.hkv, k_ctx.size(2), d.dim, fp);
 
   const auto plan = plan_chunks(q.device(), nb, d.hkv * rows, kmax + block_size);
   for (int64_t b = 0; b < d.batch; ++b) {
@@ -119,8 +111,7 @@ AttentionGrads block_sparse_attention_backward_generic(
         const auto pos = at::where(valid, idx, 0);
         auto [dk, dv] = g.key_chunk(gather_rows(ctx_for_units(k_ctx, b, n), pos),
                                     gather_rows(ctx_for_units(v_ctx, b, n), pos), valid);
-        const auto spare = at::arange(n * c, idx.options()).view({n, 1, c}).remainder(kSpareRows);
-        accumulate_rows(dkv_ctx[b], at::where(valid, idx, spare + n_ctx), at::cat({dk, dv}, -1));
+        ctx_grads.add(b, idx, valid, dk, dv);
       }
       auto [dk, dv] = g.key_chunk(k_u.slice(0, u0, u1), v_u.slice(0, u0, u1), at::Tensor());
       dk_u.slice(0, u0, u1).copy_(dk);
@@ -131,8 +122,7 @@ AttentionGrads block_sparse_attention_backward_generic(
   const auto dtype = q.scalar_type();
   auto result = [&](T t) { return t.to(dtype).contiguous(); };
   const auto dq = from_units(dq_rows.unflatten(2, {d.group, block_size}).flatten(1, 2), d.batch);
-  const auto dkv = dkv_ctx.narrow(2, 0, n_ctx);
-  return {result(dq), result(dkv.narrow(3, 0, d.dim)), result(dkv.narrow(3, d.dim, d.dim)),
+  return {result(dq), ctx_grads.dk(dtype), ctx_grads.dv(dtype),
           result(from_units(dk_u, d.batch)), result(from_units(dv_u, d.batch))};
 }
 

@@ -59,12 +59,18 @@ def test_grads_dense_and_sparse(dtype, dim, hq, hkv, block, gen):
                        f"sparse k={k}")
 
 
+@pytest.mark.parametrize("backward", ["generic", "flash"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("hq,hkv,bs", [(12, 2, 32), (8, 4, 16)])
-def test_block_sparse_forward_and_grads(dtype, dim, hq, hkv, bs, gen):
+def test_block_sparse_forward_and_grads(backward, dtype, dim, hq, hkv, bs, gen, monkeypatch):
     # 12 blocks over their clean prefixes (the sparse kernels see the context with batch
     # stride 0), k = 64: later blocks select a part of their prefix, early ones all of it.
+    # backward "flash": the opt-in FlashAttention variable-length backward (fp16 / bf16; fp32
+    # takes the generic path), strict so that a failure raises instead of falling back.
+    if backward == "flash":
+        monkeypatch.setenv("MAGE_SPARSE_BACKWARD", "flash")
+        monkeypatch.setenv("MAGE_BLOCK_ATTENTION_STRICT", "1")
     tensors, idx, cnt = make_block_sparse(2, hq, hkv, 12, bs, dim, 12 * bs, 64, gen)
     ref = block_ref(idx, cnt, bs)
     with torch.no_grad():
