@@ -153,15 +153,16 @@ def summarize(loop, ends, warm_blocks: int) -> dict:
             "tokens_per_s": len(loop.seqs) * BLOCK / block_s if block_s else None}
 
 
-def time_prefill(model, context, policy, fused) -> float:
-    """Seconds to prefill one random prompt of ``context`` tokens through the loop (batch 1)."""
+def time_prefill(model, context, policy, fused, chunk=4096) -> float:
+    """Seconds to prefill one random prompt of ``context`` tokens through the loop (batch 1),
+    ``chunk`` prompt tokens per forward."""
     mask_id = model.config.vocab_size - 1
     prompt = torch.randint(0, mask_id, (context,), generator=torch.Generator().manual_seed(1))
     cache = MageCache.for_model(model, 1, context + 2 * BLOCK, policy)
     cfg = DecodeConfig(style="fast_dllm", block_size=BLOCK, mask_id=mask_id, stop_ids=set())
     device = cache.cache_lens.device
     loop = BlockLoop(_forward(model, cache, fused, device), cache, [prompt.tolist()], cfg,
-                     policy=policy)
+                     policy=policy, prefill_chunk=chunk)
     sync()
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -180,14 +181,25 @@ def default_prefill_path(device) -> str:
 
 def time_prefill_paths(model, context, fused, device) -> dict:
     """Prefill seconds of both attention paths of a multi-block chunk on the GPU (one
-    block_attention call, or one dense_attention call per block); the CPU has one path."""
+    block_attention call, or one dense_attention call per block); the CPU has one path. On the
+    GPU also two candidates for a faster default: block_attention with cuDNN's kernels (its
+    first prefill builds a cuDNN graph per chunk shape: "cold"; a second one reuses them:
+    "warm") and with 16K-token chunks (fewer, larger attention calls)."""
     paths = {"block_attention": "1"} if device == "cpu" else PREFILL_PATHS
+    exact = PolicyConfig(method="exact")
     out = {}
     enable_mage(model)
     try:
         for name, flag in paths.items():
             with env_set("MAGE_PREFILL_BLOCK_ATTENTION", flag):
-                out[name] = time_prefill(model, context, PolicyConfig(method="exact"), fused)
+                out[name] = time_prefill(model, context, exact, fused)
+        if device != "cpu":
+            with env_set("MAGE_PREFILL_BLOCK_ATTENTION", "1"):
+                out["block_attention_chunk16k"] = time_prefill(model, context, exact, fused,
+                                                               chunk=16384)
+                with env_set("MAGE_BLOCK_ATTENTION_KERNEL", "cudnn"):
+                    out["block_attention_cudnn_cold"] = time_prefill(model, context, exact, fused)
+                    out["block_attention_cudnn_warm"] = time_prefill(model, context, exact, fused)
     finally:
         disable_mage(model)
     return out
