@@ -176,3 +176,24 @@ def test_float64_is_cpu_only(gen):
     inp = make_inputs(1, 2, 1, 4, 64, [5], torch.float64, "cuda", generator=gen)
     with pytest.raises(RuntimeError, match="float64 on the CPU only"):
         mage_ext.dense_attention(*inp.args())
+
+
+def test_block_sparse_flash_backward_uneven_counts(monkeypatch, gen):
+    """The FlashAttention variable-length backward with counts that differ between KV heads and
+    blocks (each (block, KV head) is its own sequence) and empty selections: the generic path's
+    gradients, to bf16 rounding."""
+    tensors, idx, cnt = make_block_sparse(2, 8, 4, 10, 16, 128, 160, 48, gen, torch.bfloat16,
+                                          "cuda")
+    cnt = cnt.clone()
+    cnt[:, 3::2, 1] = (cnt[:, 3::2, 1] // 2)  # head 1 keeps half its selection in odd blocks
+    cnt[1, 5, 2] = 0                          # one empty selection
+    slots = torch.arange(idx.shape[-1], device="cuda")
+    idx = torch.where(slots < cnt.unsqueeze(-1), idx, -1)
+    w = torch.randn(tensors[0].shape, generator=gen).cuda()
+    monkeypatch.setenv("MAGE_BLOCK_ATTENTION_STRICT", "1")
+    generic = block_sparse_grads(tensors, idx, cnt, 16, w)
+    monkeypatch.setenv("MAGE_SPARSE_BACKWARD", "flash")
+    flash = block_sparse_grads(tensors, idx, cnt, 16, w)
+    for name, a, b in zip(DIFF, flash, generic):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2, msg=name)
