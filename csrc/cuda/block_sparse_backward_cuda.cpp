@@ -133,13 +133,13 @@ AttentionGrads flash_backward(const Tensor& dout, const Tensor& q, const Tensor&
                              q.options().dtype(at::kFloat));
   const auto valid = at::arange(kmax, long_opts).view({1, 1, kmax}) <
                      counts.to(at::kLong).reshape({d.batch * nb, hkv, 1});  // [B*nb, Hkv, kmax]
-  auto sel = [&](const Tensor& t) {
+  auto sel = [&](const Tensor& t) {  // the selected slots' rows, [B, nb, Hkv, kmax, e]
     return t.narrow(1, bs, kmax).reshape({d.batch, nb, hkv, kmax, e});
   };
-  const auto idx_u = idx.view({d.batch, nb, hkv, kmax});
+  const auto dk_sel = sel(dk_s), dv_sel = sel(dv_s);
   const auto valid_b = valid.view({d.batch, nb, hkv, kmax});
   for (int64_t b = 0; b < d.batch; ++b) {
-    ctx_grads.add(b, idx_u[b], valid_b[b], sel(dk_s)[b], sel(dv_s)[b]);
+    ctx_grads.add(b, idx[b], valid_b[b], dk_sel[b], dv_sel[b]);
   }
   const auto dtype = q.scalar_type();
   return {unpack_rows(std::get<0>(r), d.batch, hkv, nb, bs).contiguous(), ctx_grads.dk(dtype),
