@@ -153,16 +153,22 @@ def summarize(loop, ends, warm_blocks: int) -> dict:
             "tokens_per_s": len(loop.seqs) * BLOCK / block_s if block_s else None}
 
 
-def time_prefill(model, context, policy, fused, chunk=4096) -> float:
-    """Seconds to prefill one random prompt of ``context`` tokens through the loop (batch 1),
+def prefill_loop(model, context, policy, fused, chunk=4096) -> BlockLoop:
+    """The block loop of one random prompt of ``context`` tokens (batch 1), ready to prefill
     ``chunk`` prompt tokens per forward."""
     mask_id = model.config.vocab_size - 1
     prompt = torch.randint(0, mask_id, (context,), generator=torch.Generator().manual_seed(1))
     cache = MageCache.for_model(model, 1, context + 2 * BLOCK, policy)
     cfg = DecodeConfig(style="fast_dllm", block_size=BLOCK, mask_id=mask_id, stop_ids=set())
     device = cache.cache_lens.device
-    loop = BlockLoop(_forward(model, cache, fused, device), cache, [prompt.tolist()], cfg,
+    return BlockLoop(_forward(model, cache, fused, device), cache, [prompt.tolist()], cfg,
                      policy=policy, prefill_chunk=chunk)
+
+
+def time_prefill(model, context, policy, fused, chunk=4096) -> float:
+    """Seconds to prefill one random prompt of ``context`` tokens through the loop (batch 1),
+    ``chunk`` prompt tokens per forward."""
+    loop = prefill_loop(model, context, policy, fused, chunk)
     sync()
     t0 = time.perf_counter()
     with torch.no_grad():

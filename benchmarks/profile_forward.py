@@ -6,6 +6,10 @@ fused forward (or ``--stock``), eager so every kernel shows: one first (selectin
 name, sorted by total device time, with their count per forward, and the sum.
 
     python benchmarks/profile_forward.py --context 32768 --policy mage --k 512
+    python benchmarks/profile_forward.py --prefill --context 131072   # one prefill instead
+
+With --prefill: one batch-1 prefill of --context tokens (chunks of --chunk), after a warm-up
+prefill; also prints its wall time against the device time, so host-side gaps show.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_e2e import SHAPES, build_model, random_cache  # noqa: E402
+from bench_e2e import SHAPES, build_model, prefill_loop, random_cache  # noqa: E402
 
 from mage_ext import PolicyConfig  # noqa: E402
 from mage_ext.generation import _forward  # noqa: E402
@@ -36,8 +40,12 @@ def main(argv=None):
     ap.add_argument("--later", type=int, default=4)
     ap.add_argument("--stock", action="store_true", help="the transformers module forward")
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--prefill", action="store_true", help="profile a prefill of --context tokens")
+    ap.add_argument("--chunk", type=int, default=4096, help="prefill tokens per forward")
     a = ap.parse_args(argv)
     model = build_model(SHAPES[a.shape], a.context + 256, torch.bfloat16, "cuda")
+    if a.prefill:
+        return profile_prefill(model, a)
     policy = PolicyConfig(method=a.policy, k=a.k)
     enable_mage(model, policy)
     cache = random_cache(model, a.batch, a.context, a.context + 128, policy)
@@ -72,6 +80,30 @@ def main(argv=None):
           f"{sum(c for _, _, c in rows) / forwards:.0f} kernels a forward")
     for name, t, c in rows[:a.rows]:
         print(f"{t / 1e3:9.3f} ms {t / total:6.1%} {c / forwards:7.1f}/fwd  {name[:90]}")
+
+
+def profile_prefill(model, a):
+    import time
+    policy = PolicyConfig(method=a.policy, k=a.k)
+    enable_mage(model, policy)
+    fused = False if a.stock else None
+    with torch.no_grad():
+        prefill_loop(model, a.context, policy, fused, a.chunk).prefill()  # warm-up
+        loop = prefill_loop(model, a.context, policy, fused, a.chunk)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            loop.prefill()
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    rows = sorted(((e.key, e.device_time_total, e.count) for e in prof.key_averages()
+                   if e.device_time_total > 0), key=lambda r: -r[1])
+    total = sum(t for _, t, _ in rows)
+    print(f"{a.shape} prefill of {a.context} tokens, chunks of {a.chunk}, {a.policy}: wall "
+          f"{wall:.3f} s (profiled), device time {total / 1e6:.3f} s, "
+          f"{sum(c for _, _, c in rows)} kernels")
+    for name, t, c in rows[:a.rows]:
+        print(f"{t / 1e3:10.2f} ms {t / total:6.1%} {c:7d}  {name[:90]}")
 
 
 if __name__ == "__main__":
