@@ -20,9 +20,10 @@
 // The parts are non-causal or causal with Sq == Sk, so the kernels' causal alignment (flash:
 // bottom-right; cuDNN, efficient: top-left) does not matter. MAGE_BLOCK_ATTENTION_KERNEL=
 // auto|flash|cudnn|efficient|generic (read per call) picks the kernel where it applies (else
-// auto's choice); a fused kernel that raises falls back to generic with a one-time warning,
-// unless MAGE_BLOCK_ATTENTION_STRICT=1. Determinism follows torch's: the fused backward kernels
-// accumulate dQ with atomics unless torch.use_deterministic_algorithms(True).
+// auto's choice); a fused kernel that raises falls back to generic (auto's cuDNN for training:
+// to flash) with a one-time warning, unless MAGE_BLOCK_ATTENTION_STRICT=1. Determinism follows
+// torch's: the fused backward kernels accumulate dQ with atomics unless
+// torch.use_deterministic_algorithms(True).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -169,9 +170,13 @@ class EfficientPart final : public PartKernel {
 
 // A fused kernel that falls back to the generic one when it raises (a torch build without it,
 // a shape it refuses), warning once; MAGE_BLOCK_ATTENTION_STRICT=1 raises instead (the tests).
+// auto's cuDNN for training falls back to flash (itself falling back to generic): a torch
+// build whose cuDNN lacks these kernels then trains as fast as before, not on the ATen path.
 class WithFallback final : public PartKernel {
  public:
-  explicit WithFallback(const PartKernel& primary) : primary_(primary) {}
+  explicit WithFallback(const PartKernel& primary,
+                        const PartKernel& fallback = generic_part_kernel())
+      : primary_(primary), fallback_(fallback) {}
   const char* name() const override { return primary_.name(); }
   Out forward(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
               double scale) const override {
@@ -192,12 +197,13 @@ class WithFallback final : public PartKernel {
     } catch (const c10::Error& e) {
       if (env_flag("MAGE_BLOCK_ATTENTION_STRICT")) throw;
       TORCH_WARN_ONCE("mage.block_attention: the ", primary_.name(), " kernel failed (",
-                      e.what_without_backtrace(), "); using the generic ATen path instead. Set "
-                      "MAGE_BLOCK_ATTENTION_STRICT=1 to raise.");
-      return fn(generic_part_kernel());
+                      e.what_without_backtrace(), "); using the ", fallback_.name(),
+                      " kernel instead. Set MAGE_BLOCK_ATTENTION_STRICT=1 to raise.");
+      return fn(fallback_);
     }
   }
   const PartKernel& primary_;
+  const PartKernel& fallback_;
 };
 
 // 16-byte aligned rows (the fused kernels load 16-byte vectors).
@@ -219,6 +225,8 @@ const PartKernel& choose_kernel(const Tensor& q, const Tensor& k_ctx, const Tens
   static const CudnnPart cudnn_kernel;
   static const EfficientPart efficient_kernel;
   static const WithFallback flash(flash_kernel), cudnn(cudnn_kernel), efficient(efficient_kernel);
+  // (where cuDNN's kernel applies, flash's does: fp16 / bf16, d % 8 == 0, d <= 128, sm80+)
+  static const WithFallback training_cudnn(cudnn_kernel, flash);
   const auto& generic = generic_part_kernel();
   // The context is read in place (never copied), so the fused kernels need it aligned.
   if (!aligned(k_ctx) || !aligned(v_ctx)) {
@@ -235,7 +243,9 @@ const PartKernel& choose_kernel(const Tensor& q, const Tensor& k_ctx, const Tens
   if (want == "generic") return generic;
   if (want == "cudnn" && CudnnPart::applies(q)) return cudnn;
   if (want == "efficient" && EfficientPart::applies(q)) return efficient;
-  if (want == "auto" && training && sm_version() >= 90 && CudnnPart::applies(q)) return cudnn;
+  if (want == "auto" && training && sm_version() >= 90 && CudnnPart::applies(q)) {
+    return training_cudnn;
+  }
   if (FlashPart::applies(q)) return flash;
   if (EfficientPart::applies(q)) return efficient;
   return generic;
