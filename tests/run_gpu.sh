@@ -15,7 +15,10 @@
 # git history), MAGE_GPU_JSON (another path), MAGE_SANITIZE_TOOLS (default
 # "memcheck racecheck synccheck"), MAGE_SANITIZE_TIMEOUT (seconds per tool, default 1200), OUT
 # (logs go to $OUT/gpu_tests, and the JSON is copied to $OUT), MAGE_PYTEST_ARGS (extra pytest
-# arguments for every suite, e.g. "-n 8" with pytest-xdist to spread the suites over the cores).
+# arguments for every suite, e.g. "-n 8" with pytest-xdist to spread the suites over the cores),
+# MAGE_GPU_SUITES (the pytest suites to run, default "cuda cuda_graphs soak properties rest_a
+# rest_b"; rest_a / rest_b: every other test file, a-l / m-z: the whole of it took > 365 s with
+# -n 14 on the H200, so run the halves in separate device calls).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 parts=" ${*:-pytest sanitize} "
@@ -32,18 +35,26 @@ fi
 status=0
 report=()
 if [[ $parts == *" pytest "* ]]; then
-  # name | files (the CUDA-only files first; "rest": every other test file, whose CUDA
+  # name | files (the CUDA-only files first; "rest_*": every other test file, whose CUDA
   # parametrisations run here too)
   cuda_files="tests/python/test_cuda.py tests/python/test_device_errors.py"
   graph_files="tests/python/test_cuda_graphs.py"
   soak_files="tests/python/test_soak.py"
   prop_files="tests/python/test_properties.py"
-  ignore=""
-  for f in $cuda_files $graph_files $soak_files $prop_files; do ignore+=" --ignore=$f"; done
+  # every other test file, in two halves (a-l, m-z) that each fit one 10-minute device call
+  rest_a="" rest_b=""
+  for f in tests/python/test_*.py; do
+    case " $cuda_files $graph_files $soak_files $prop_files " in *" $f "*) continue ;; esac
+    case $(basename "$f") in test_[a-l]*) rest_a+=" $f" ;; *) rest_b+=" $f" ;; esac
+  done
   for suite in "cuda|$cuda_files" "cuda_graphs|$graph_files" "soak|$soak_files" \
-               "properties|$prop_files" "rest|tests/python$ignore"; do
+               "properties|$prop_files" "rest_a|$rest_a" "rest_b|$rest_b"; do
     name=${suite%%|*}
     files=${suite#*|}
+    case " ${MAGE_GPU_SUITES:-cuda cuda_graphs soak properties rest_a rest_b} " in
+      *" $name "*) ;;
+      *) continue ;;
+    esac
     echo "== pytest: $name =="
     # shellcheck disable=SC2086
     # -v: each result is logged with its name as it happens, so a suite cut by a time limit
