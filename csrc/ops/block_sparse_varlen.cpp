@@ -104,7 +104,6 @@ AttentionGrads block_sparse_backward_varlen(const Tensor& dout, const Tensor& q,
           ctx_grads.dv(dtype), own_back(dk_s), own_back(dv_s)};
 }
 
-
 std::tuple<Tensor, Tensor, Tensor> varlen_backward_reference(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
     const Tensor& lse, const Tensor& cu_q, const Tensor& cu_k, int64_t /*max_q*/,
@@ -116,7 +115,9 @@ std::tuple<Tensor, Tensor, Tensor> varlen_backward_reference(
   for (int64_t s = 0; s + 1 < cq.size(0); ++s) {
     const int64_t q0 = cq[s].item<int64_t>(), nq = cq[s + 1].item<int64_t>() - q0;
     const int64_t k0 = ck[s].item<int64_t>(), nk = ck[s + 1].item<int64_t>() - k0;
-    auto rows = [&](const Tensor& t, int64_t r0, int64_t n) { return t.narrow(0, r0, n).select(1, 0).to(acc); };
+    auto rows = [&](const Tensor& t, int64_t r0, int64_t n) {
+      return t.narrow(0, r0, n).select(1, 0).to(acc);
+    };
     const auto qs = rows(q, q0, nq), dos = rows(dout, q0, nq), os = rows(out, q0, nq);
     const auto ks = rows(k, k0, nk), vs = rows(v, k0, nk);
     const auto l = lse.reshape({-1}).narrow(0, q0, nq).to(acc).unsqueeze(1);

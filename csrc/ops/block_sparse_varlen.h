@@ -1,13 +1,14 @@
-// The packing behind block_sparse_attention's fused backward (csrc/cuda/block_sparse_backward_cuda.cpp):
-// each (sequence, block, KV head) becomes one variable-length attention problem (so counts may
-// differ between KV heads): as queries the G*block_size rows of the KV head's G query heads (one
-// head, GQA through the rows: a kernel would otherwise expand dK / dV to every query head), as
-// keys its own block then its selected context rows, gathered into one packed tensor. A
-// variable-length attention backward (FlashAttention-2's contract) runs over them; dK / dV of
-// the own block go back in place, those of the selected rows are summed into the context
-// (SelectedRowGrads, deterministic). Packing: slot t of sequence s goes to row cu_k[s] + t when
-// t < block_size + count[s], else to one dump row (never read): no host synchronisation.
-// Device-generic ATen, so the packing is tested on the CPU with a reference kernel.
+// The packing behind block_sparse_attention's fused backward
+// (csrc/cuda/block_sparse_backward_cuda.cpp): each (sequence, block, KV head) becomes one
+// variable-length attention problem (so counts may differ between KV heads): as queries the
+// G*block_size rows of the KV head's G query heads (one head, GQA through the rows: a kernel would
+// otherwise expand dK / dV to every query head), as keys its own block then its selected context
+// rows, gathered into one packed tensor. A variable-length attention backward (FlashAttention-2's
+// contract) runs over them; dK / dV of the own block go back in place, those of the selected rows
+// are summed into the context (SelectedRowGrads, deterministic). Packing: slot t of sequence s
+// goes to row cu_k[s] + t when t < block_size + count[s], else to one dump row (never read): no
+// host synchronisation. Device-generic ATen, so the packing is tested on the CPU with a
+// reference kernel.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -40,9 +40,11 @@ TEST(BlockSparseVarlen, PackingWithReferenceKernelEqualsGeneric) {
   at::manual_seed(3);
   const auto o = at::TensorOptions().dtype(at::kDouble);
   const int64_t t = kBlocks * kBlock, n_ctx = t;
-  const auto q = at::randn({kBatch, kHq, t, kDim}, o), k_ctx = at::randn({kBatch, kHkv, n_ctx, kDim}, o),
-             v_ctx = at::randn({kBatch, kHkv, n_ctx, kDim}, o), k_own = at::randn({kBatch, kHkv, t, kDim}, o),
-             v_own = at::randn({kBatch, kHkv, t, kDim}, o);
+  const auto q = at::randn({kBatch, kHq, t, kDim}, o);
+  const auto k_ctx = at::randn({kBatch, kHkv, n_ctx, kDim}, o);
+  const auto v_ctx = at::randn({kBatch, kHkv, n_ctx, kDim}, o);
+  const auto k_own = at::randn({kBatch, kHkv, t, kDim}, o);
+  const auto v_own = at::randn({kBatch, kHkv, t, kDim}, o);
   const auto [idx, cnt] = selection(n_ctx);
   const auto [out, lse] =
       mage::block_sparse_attention(q, k_ctx, v_ctx, idx, cnt, k_own, v_own, kBlock, std::nullopt);
