@@ -10,6 +10,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import mage_ext  # noqa: E402
 
+# Under pytest-xdist every worker would start one intra-op thread per core: n workers x n cores
+# threads spin against each other (float64 references crawled on the 16-core GPU machine with -n 8).
+# Each worker takes its share of the cores instead.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 # Fresh random inputs every run; MAGE_TEST_SEED=<n> replays a run (the seed is in the header).
 SESSION_SEED = int(os.environ.get("MAGE_TEST_SEED", random.randrange(2**31)))
 

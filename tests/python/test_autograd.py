@@ -62,18 +62,21 @@ def block_ref(idx, cnt, bs):
 
 
 def loss_grads(call, tensors, w_out, w_lse):
-    """Gradients of sum(out * w_out) + sum(lse * w_lse) (in float64) w.r.t. `tensors`."""
+    """Gradients of sum(out * w_out) + sum(lse * w_lse) (in float64) w.r.t. `tensors`; without
+    w_lse the loss leaves lse out (the op's backward then gets no dlse, as in training)."""
     leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
     out, lse = call(*leaves)
-    loss = (out.double() * w_out).sum() + (lse.double() * w_lse).sum()
+    loss = (out.double() * w_out).sum()
+    if w_lse is not None:
+        loss = loss + (lse.double() * w_lse).sum()
     return torch.autograd.grad(loss, leaves)
 
 
-def check_grads_fa(call, ref, tensors64, dtype, gen, what):
+def check_grads_fa(call, ref, tensors64, dtype, gen, what, lse_in_loss=True):
     """The op's gradients in `dtype` against the float64 reference (FlashAttention rule)."""
     out, lse = ref(*tensors64)
     w_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
-    w_lse = torch.randn(lse.shape, generator=gen, dtype=torch.float64)
+    w_lse = torch.randn(lse.shape, generator=gen, dtype=torch.float64) if lse_in_loss else None
     got = loss_grads(call, [t.to(dtype) for t in tensors64], w_out, w_lse)
     want = loss_grads(ref, tensors64, w_out, w_lse)
     same = loss_grads(ref, [t.to(dtype) for t in tensors64], w_out, w_lse)
