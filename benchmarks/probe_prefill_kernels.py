@@ -28,7 +28,7 @@ HEADS = {"1.5b": (12, 2), "7b": (28, 4)}
 def flash(q, k, v, causal, scale):
     return aten._flash_attention_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          None, None, q.size(2), k.size(2), 0.0, causal, False,
-                                         scale=scale)[0]
+                                         scale=scale)[0].transpose(1, 2)
 
 
 def cudnn(q, k, v, causal, scale, expand=True):

@@ -22,6 +22,7 @@ from mage_ext.cli_common import (DTYPES, CliError, Parser, PrefillProgress, Stat
                                  init_distributed, launch_rank, nonnegative_float,
                                  nonnegative_int, positive_int, probability, resolve_device,
                                  resolve_dtype, run_cli, unit_interval)
+from mage_ext.core.loop import DEFAULT_PREFILL_CHUNK
 from mage_ext.core.policy import COMMIT_MODES, METHODS
 
 PROG = "python -m mage_ext.generate"
@@ -101,9 +102,9 @@ def build_parser() -> Parser:
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
                    help="run eager forwards on a GPU (default: the forwards of a block replay "
                         "as CUDA graphs where possible)")
-    g.add_argument("--prefill-chunk", type=positive_int, default=4096, metavar="N",
-                   help="prompt tokens per prefill forward, rounded down to whole blocks "
-                        "(default 4096)")
+    g.add_argument("--prefill-chunk", type=positive_int, default=DEFAULT_PREFILL_CHUNK,
+                   metavar="N", help="prompt tokens per prefill forward, rounded down to whole "
+                                     f"blocks (default {DEFAULT_PREFILL_CHUNK})")
     g.add_argument("--no-stream", dest="stream", action="store_false",
                    help="print the output when it is complete (default: stream it block by "
                         "block when there is one prompt)")

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from .core import graphs
-from .core.loop import BlockLoop, DecodeConfig, StepRecord, n_blocks_needed
+from .core.loop import (DEFAULT_PREFILL_CHUNK, BlockLoop, DecodeConfig, StepRecord,
+                        n_blocks_needed)
 from .core.policy import PolicyConfig
 from .hf.cache import MageCache
 from .hf.enable import disable_mage, enable_mage, is_enabled
@@ -86,7 +87,7 @@ def generate(model_or_loaded, tokenizer=None, prompts=None, *, input_ids=None,
              on_block: Optional[Callable] = None, recall_meter=None, progress: bool = False,
              generator: Optional[torch.Generator] = None, prefix: Optional[Prefix] = None,
              keep_prefix: bool = False, cuda_graphs: Optional[bool] = None,
-             fused: Optional[bool] = None, prefill_chunk: int = 4096,
+             fused: Optional[bool] = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
              tp=None) -> GenerationResult:
     """Generates continuations of ``prompts`` (str or list of str, needs a tokenizer) or
     ``input_ids`` (list of id lists, or a [batch, n] tensor). See the module docstring.
@@ -322,7 +323,8 @@ def _check_prefix(p, seqs, block_size, style):
 
 
 def _check_args(model, seqs, style, block_size, sub_block, threshold, max_new_tokens, steps,
-                remasking, policy, fixed_steps=None, prefill_chunk=4096):
+                remasking, policy, fixed_steps=None,
+                prefill_chunk=DEFAULT_PREFILL_CHUNK):
     if style not in STYLES:
         raise ValueError(f"generate: style must be one of {STYLES}, got '{style}'")
     if not isinstance(policy, PolicyConfig):

@@ -4,23 +4,26 @@
 //   flash      at::_flash_attention_forward / _backward (FlashAttention-2, vendored in torch):
 //              fp16/bf16, d % 8 == 0, d <= 256, sm80+; GQA native (Hq % Hkv == 0; the backward
 //              sums dK/dV over the group itself); any row/head/batch strides with a contiguous
-//              last dim, so the cache is read in place. The default for fp16/bf16 (for
-//              training on sm90+: cudnn).
+//              last dim, so the cache is read in place. The default for fp16/bf16 below sm90,
+//              and for small calls.
 //   cudnn      at::_scaled_dot_product_cudnn_attention / _backward: fp16/bf16, d % 8 == 0,
 //              d <= 128; K/V expanded to every query head (a copy of Sk rows per head, small
-//              against the Sq x Sk work of the part). The default for training on sm90+ (the
-//              backward, and the forward when an input requires grad): measured on the H200
-//              (benchmarks/profile_train_attention.py, 1.5B heads, T = 32K, fwd+bwd of both
-//              training streams) 54 ms against flash's 82 ms. Not for inference: it builds a
-//              cuDNN graph per new shape (every chunk of a prefill has a new prefix length),
-//              where training repeats one shape.
+//              against the Sq x Sk work of the part). auto's choice on sm90+ for training (the
+//              backward, and the forward when an input requires grad) and for calls of at least
+//              kCudnnMinRows query tokens (prefill chunks): measured on the H200 about twice
+//              flash's speed (benchmarks/profile_train_attention.py: 1.5B heads, T = 32K, both
+//              training streams 54 ms against 82; benchmarks/probe_prefill_kernels.py; a 128K
+//              prefill in 16K chunks 3.6 s against 5.2). It builds a cuDNN graph per new shape
+//              (~50 ms; cached for the process): training repeats one shape, a prefill's chunks
+//              repeat across prompts (prefix lengths are multiples of the chunk), small calls
+//              (a prompt's last partial chunk, the tests) would pay it for little work.
 //   efficient  at::_efficient_attention_forward / _backward (mem-efficient CUTLASS): fp32 too;
 //              K/V expanded (no GQA in the kernel). The default for fp32.
 //   generic    the ATen chunked online softmax (fp64, other head dims, and the fallback).
 // The parts are non-causal or causal with Sq == Sk, so the kernels' causal alignment (flash:
 // bottom-right; cuDNN, efficient: top-left) does not matter. MAGE_BLOCK_ATTENTION_KERNEL=
 // auto|flash|cudnn|efficient|generic (read per call) picks the kernel where it applies (else
-// auto's choice); a fused kernel that raises falls back to generic (auto's cuDNN for training:
+// auto's choice); a fused kernel that raises falls back to generic (auto's cuDNN:
 // to flash) with a one-time warning, unless MAGE_BLOCK_ATTENTION_STRICT=1. Determinism follows
 // torch's: the fused backward kernels accumulate dQ with atomics unless
 // torch.use_deterministic_algorithms(True).
@@ -170,7 +173,7 @@ class EfficientPart final : public PartKernel {
 
 // A fused kernel that falls back to the generic one when it raises (a torch build without it,
 // a shape it refuses), warning once; MAGE_BLOCK_ATTENTION_STRICT=1 raises instead (the tests).
-// auto's cuDNN for training falls back to flash (itself falling back to generic): a torch
+// auto's cuDNN falls back to flash (itself falling back to generic): a torch
 // build whose cuDNN lacks these kernels then trains as fast as before, not on the ATen path.
 class WithFallback final : public PartKernel {
  public:
@@ -216,6 +219,9 @@ bool aligned(const Tensor& t) {
   return t.stride(-1) == 1;
 }
 
+// Query tokens from which auto takes cuDNN for inference on sm90+ (see the top of the file).
+constexpr int64_t kCudnnMinRows = 2048;
+
 // training: a backward, or a forward on inputs that require grad (whatever the grad mode: the
 // signal is the inputs; inference makes its activations under no_grad / inference_mode, so
 // they do not). Training repeats its shapes, so cuDNN's per-shape graph is built once.
@@ -226,7 +232,7 @@ const PartKernel& choose_kernel(const Tensor& q, const Tensor& k_ctx, const Tens
   static const EfficientPart efficient_kernel;
   static const WithFallback flash(flash_kernel), cudnn(cudnn_kernel), efficient(efficient_kernel);
   // (where cuDNN's kernel applies, flash's does: fp16 / bf16, d % 8 == 0, d <= 128, sm80+)
-  static const WithFallback training_cudnn(cudnn_kernel, flash);
+  static const WithFallback cudnn_then_flash(cudnn_kernel, flash);
   const auto& generic = generic_part_kernel();
   // The context is read in place (never copied), so the fused kernels need it aligned.
   if (!aligned(k_ctx) || !aligned(v_ctx)) {
@@ -243,8 +249,9 @@ const PartKernel& choose_kernel(const Tensor& q, const Tensor& k_ctx, const Tens
   if (want == "generic") return generic;
   if (want == "cudnn" && CudnnPart::applies(q)) return cudnn;
   if (want == "efficient" && EfficientPart::applies(q)) return efficient;
-  if (want == "auto" && training && sm_version() >= 90 && CudnnPart::applies(q)) {
-    return training_cudnn;
+  if (want == "auto" && sm_version() >= 90 && CudnnPart::applies(q) &&
+      (training || q.size(2) >= kCudnnMinRows)) {
+    return cudnn_then_flash;
   }
   if (FlashPart::applies(q)) return flash;
   if (EfficientPart::applies(q)) return efficient;

@@ -30,15 +30,27 @@ using VarlenBackward = std::function<std::tuple<at::Tensor, at::Tensor, at::Tens
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
     double)>;
 
+// Packed-key elements (rows x head dim) one kernel call may take: the packing's transient
+// tensors (keys, values, their gradients) stay near 8 x 2 bytes of it, ~1 GB in bf16, instead of
+// growing with T x k (15 GB at T = 32K, k = 2048 in one call).
+constexpr int64_t kVarlenBudgetElements = int64_t{64} << 20;
+
+// Blocks per kernel call: as many as fit the budget, at least one.
+int64_t varlen_group_blocks(int64_t n_blocks, int64_t seqs_per_block, int64_t slots, int64_t dim,
+                            int64_t budget_elements);
+
 // block_sparse_attention's gradients (dq, dk_ctx, dv_ctx, dk_own, dv_own) through `kernel`, on
 // inputs already checked (bd from check_block_sparse_inputs); lse_rank: the kernel's lse layout.
+// The blocks go to the kernel in groups of varlen_group_blocks (the context's gradients summed
+// over the groups in a fixed order: deterministic).
 AttentionGrads block_sparse_backward_varlen(const at::Tensor& dout, const at::Tensor& q,
                                             const at::Tensor& k_ctx, const at::Tensor& v_ctx,
                                             const at::Tensor& indices, const at::Tensor& counts,
                                             const at::Tensor& k_own, const at::Tensor& v_own,
                                             const at::Tensor& out, const at::Tensor& lse,
                                             int64_t block_size, const BlockSparseDims& bd,
-                                            const VarlenBackward& kernel, int lse_rank);
+                                            const VarlenBackward& kernel, int lse_rank,
+                                            int64_t budget_elements = kVarlenBudgetElements);
 
 // The kernel's contract in plain ATen (compute dtype, one sequence at a time, lse of rank 2;
 // reads cu_q / cu_k on the host): the tests' stand-in for the CUDA kernel.

@@ -41,7 +41,8 @@ struct GenerateOptions {
   uint64_t seed = 0;           // the sampling generator's seed (temperature > 0)
   int64_t mask_id = -1;        // -1: the checkpoint's mask_token_id
   bool cuda_graphs = true;     // replay repeated forwards as CUDA graphs (CUDA models)
-  int64_t prefill_chunk = 4096;  // prompt tokens per prefill forward (whole blocks, >= 1 block)
+  int64_t prefill_chunk = 16384;  // prompt tokens per prefill forward (whole blocks, >= 1 block;
+                                  // as mage_ext/core/loop.py's DEFAULT_PREFILL_CHUNK)
   // After each block: the tokens it added to each prompt's output (possibly none), in order.
   std::function<void(const std::vector<std::vector<int64_t>>&)> on_block;
 };

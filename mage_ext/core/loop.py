@@ -65,12 +65,19 @@ class StepRecord:
     events: Optional[tuple] = field(default=None, repr=False)
 
 
+# Prompt tokens per prefill forward. 16K: on the H200 a 128K prefill (1.5B shape) takes 3.6 s in
+# 16K chunks against 4.0 s in 4K chunks (cuDNN's kernels; fewer, larger attention calls and GEMMs),
+# and peak memory stays flat in the prompt length (bounded by the chunk: ~1 GB of activations at
+# the 1.5B shape, ~2 GB at 7B). The C++ runtime's default (csrc/runtime/generate.h) is the same.
+DEFAULT_PREFILL_CHUNK = 16384
+
+
 class BlockLoop:
     """State of one generation; methods are the phases of the loop."""
 
     def __init__(self, forward: Callable, cache, seqs: list, cfg: DecodeConfig, *,
                  policy=None, on_block: Optional[Callable] = None, progress: bool = False,
-                 use_graphs: bool = False, prefill_chunk: int = 4096):
+                 use_graphs: bool = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         self.forward, self.cache, self.seqs, self.cfg = forward, cache, seqs, cfg
         self.policy, self.on_block, self.progress = policy, on_block, progress
         self.device = cache.cache_lens.device

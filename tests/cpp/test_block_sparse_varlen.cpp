@@ -4,6 +4,7 @@
 // selections, GQA and a batch of two (fp64, both lse layouts).
 #include <gtest/gtest.h>
 
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -53,11 +54,16 @@ TEST(BlockSparseVarlen, PackingWithReferenceKernelEqualsGeneric) {
       dout, std::nullopt, q, k_ctx, v_ctx, idx, cnt, k_own, v_own, out, lse, kBlock, std::nullopt);
   const auto bd = mage::check_block_sparse_inputs("test", q, k_ctx, v_ctx, idx, cnt, k_own, v_own,
                                                   kBlock, std::nullopt);
-  // rank 3: the reference reads lse flattened, which is the same order for [S, 1, rows]
+  // rank 3: the reference reads lse flattened, which is the same order for [S, 1, rows].
+  // Budgets: every block in one call; one block per call; groups of 3 (the last one shorter).
+  const int64_t per_block = kBatch * kHkv * (kBlock + idx.size(3)) * kDim;
+  for (int64_t budget : {mage::kVarlenBudgetElements, int64_t{1}, 3 * per_block})
   for (int rank : {2, 3}) {
+    SCOPED_TRACE("budget " + std::to_string(budget) + ", lse rank " + std::to_string(rank));
     const auto got = mage::block_sparse_backward_varlen(dout, q, k_ctx, v_ctx, idx, cnt, k_own,
                                                         v_own, out, lse, kBlock, bd,
-                                                        mage::varlen_backward_reference, rank);
+                                                        mage::varlen_backward_reference, rank,
+                                                        budget);
     const std::vector<at::Tensor> g = {std::get<0>(got), std::get<1>(got), std::get<2>(got),
                                        std::get<3>(got), std::get<4>(got)};
     const std::vector<at::Tensor> w = {std::get<0>(want), std::get<1>(want), std::get<2>(want),

@@ -509,7 +509,7 @@ def test_needle_demo_runs_and_explains():
 
 
 def test_generate_passes_prefill_chunk(capsys, monkeypatch):
-    """--prefill-chunk reaches generate() (default 4096), as the C++ binary's flag."""
+    """--prefill-chunk reaches generate() (default: DEFAULT_PREFILL_CHUNK), as the binary's."""
     import mage_ext.generation as generation
 
     seen, real = [], generation.generate
@@ -523,5 +523,6 @@ def test_generate_passes_prefill_chunk(capsys, monkeypatch):
     runs = [_run(cli.generate_main, ["--model", TINY, "--ids", ids, "--max-new-tokens", "4",
                                      "--threads", "1", *extra], capsys)
             for extra in ([], ["--prefill-chunk", "32"])]
-    assert seen == [4096, 32]
+    from mage_ext.core.loop import DEFAULT_PREFILL_CHUNK
+    assert seen == [DEFAULT_PREFILL_CHUNK, 32]
     assert runs[0][0] == runs[1][0] == 0 and runs[0][1] == runs[1][1]

@@ -348,7 +348,7 @@ def test_timing_json(tmp_path, passkey):
                "--timing-json", out)
     t = json.loads(out.read_text())
     assert t["runtime"] == "cpp" and t["device"] == "cpu" and t["dtype"] == "float32"
-    # 6 full blocks, one chunk (--prefill-chunk 4096)
+    # 6 full blocks, one chunk (the default --prefill-chunk)
     assert t["prefill_forwards"] == 1 and t["prefill_s"] > 0 and t["host_peak_kb"] > 0
     assert t["later_ms"] > 0 and t["commit_ms"] > 0 and t["block_ms"] > 0
     kinds = {f["kind"] for f in t["forwards"]}

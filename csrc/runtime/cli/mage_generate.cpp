@@ -78,7 +78,7 @@ const char* kUsage =
     "  --device cpu|cuda|cuda:N   (default cuda when this build has CUDA and a GPU is present)\n"
     "  --dtype float32|bfloat16|float16   (default bfloat16 on CUDA, float32 on the CPU)\n"
     "  --no-cuda-graphs           run every forward eagerly (CUDA)\n"
-    "  --prefill-chunk N          prompt tokens per prefill forward, whole blocks (default 4096)\n"
+    "  --prefill-chunk N          prompt tokens per prefill forward, whole blocks (default 16384)\n"
     "  --threads N                intra-op CPU threads (default: LibTorch's)\n"
     "  --timing-json FILE         write load / prefill / per-forward timings and peak host memory\n"
     "  -h, --help\n";
@@ -302,7 +302,8 @@ int run(int argc, char** argv) {
                                         static_cast<unsigned long long>(o.seed));
   }
   o.cuda_graphs = !on.count("--no-cuda-graphs");
-  o.prefill_chunk = to_int("--prefill-chunk", get("--prefill-chunk", "4096"), 1);
+  o.prefill_chunk = to_int("--prefill-chunk",
+                           get("--prefill-chunk", std::to_string(o.prefill_chunk).c_str()), 1);
   if (a.count("--threads")) at::set_num_threads(static_cast<int>(to_int("--threads", a["--threads"], 1)));
   const at::Device device = parse_device(
       get("--device", kBuiltWithCuda && at::hasCUDA() ? "cuda" : "cpu"));
