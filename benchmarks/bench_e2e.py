@@ -39,7 +39,7 @@ from common import (RESULTS, copy_bandwidth_tbps, env_set, environment,  # noqa:
                     write_result)
 
 from mage_ext import PolicyConfig  # noqa: E402
-from mage_ext.core.loop import BlockLoop, DecodeConfig  # noqa: E402
+from mage_ext.core.loop import DEFAULT_PREFILL_CHUNK, BlockLoop, DecodeConfig  # noqa: E402
 from mage_ext.generation import _forward  # noqa: E402
 from mage_ext.hf.cache import MageCache  # noqa: E402
 from mage_ext.hf.checkpoint import to_dtype_keeping_rope_fp32  # noqa: E402
@@ -153,7 +153,7 @@ def summarize(loop, ends, warm_blocks: int) -> dict:
             "tokens_per_s": len(loop.seqs) * BLOCK / block_s if block_s else None}
 
 
-def prefill_loop(model, context, policy, fused, chunk=4096) -> BlockLoop:
+def prefill_loop(model, context, policy, fused, chunk=DEFAULT_PREFILL_CHUNK) -> BlockLoop:
     """The block loop of one random prompt of ``context`` tokens (batch 1), ready to prefill
     ``chunk`` prompt tokens per forward."""
     mask_id = model.config.vocab_size - 1
@@ -165,7 +165,7 @@ def prefill_loop(model, context, policy, fused, chunk=4096) -> BlockLoop:
                      policy=policy, prefill_chunk=chunk)
 
 
-def time_prefill(model, context, policy, fused, chunk=4096) -> float:
+def time_prefill(model, context, policy, fused, chunk=DEFAULT_PREFILL_CHUNK) -> float:
     """Seconds to prefill one random prompt of ``context`` tokens through the loop (batch 1),
     ``chunk`` prompt tokens per forward."""
     loop = prefill_loop(model, context, policy, fused, chunk)
@@ -177,7 +177,6 @@ def time_prefill(model, context, policy, fused, chunk=4096) -> float:
     return time.perf_counter() - t0
 
 
-PREFILL_PATHS = {"block_attention": "1", "per_block": "0"}  # MAGE_PREFILL_BLOCK_ATTENTION
 
 
 def default_prefill_path(device) -> str:
@@ -186,26 +185,27 @@ def default_prefill_path(device) -> str:
 
 
 def time_prefill_paths(model, context, fused, device) -> dict:
-    """Prefill seconds of both attention paths of a multi-block chunk on the GPU (one
-    block_attention call, or one dense_attention call per block); the CPU has one path. On the
-    GPU also two candidates for a faster default: block_attention with cuDNN's kernels (its
-    first prefill builds a cuDNN graph per chunk shape: "cold"; a second one reuses them:
-    "warm") and with 16K-token chunks (fewer, larger attention calls)."""
-    paths = {"block_attention": "1"} if device == "cpu" else PREFILL_PATHS
+    """Prefill seconds of the default path (one block_attention call per chunk of
+    DEFAULT_PREFILL_CHUNK tokens; on sm90+ its parts run on cuDNN, whose first prefill builds a
+    graph per chunk shape: "block_attention" is that first, cold run, "block_attention_warm" a
+    second one of the same length) and, on the GPU, of the alternatives: FlashAttention-2 for the
+    parts, in 16K and in 4K chunks (the default before), and one dense_attention call per block.
+    The CPU has one path."""
     exact = PolicyConfig(method="exact")
     out = {}
     enable_mage(model)
     try:
-        for name, flag in paths.items():
-            with env_set("MAGE_PREFILL_BLOCK_ATTENTION", flag):
-                out[name] = time_prefill(model, context, exact, fused)
+        with env_set("MAGE_PREFILL_BLOCK_ATTENTION", "1"):
+            out["block_attention"] = time_prefill(model, context, exact, fused)
+            if device != "cpu":
+                out["block_attention_warm"] = time_prefill(model, context, exact, fused)
+                with env_set("MAGE_BLOCK_ATTENTION_KERNEL", "flash"):
+                    out["block_attention_flash"] = time_prefill(model, context, exact, fused)
+                    out["block_attention_flash_chunk4k"] = time_prefill(model, context, exact,
+                                                                        fused, chunk=4096)
         if device != "cpu":
-            with env_set("MAGE_PREFILL_BLOCK_ATTENTION", "1"):
-                out["block_attention_chunk16k"] = time_prefill(model, context, exact, fused,
-                                                               chunk=16384)
-                with env_set("MAGE_BLOCK_ATTENTION_KERNEL", "cudnn"):
-                    out["block_attention_cudnn_cold"] = time_prefill(model, context, exact, fused)
-                    out["block_attention_cudnn_warm"] = time_prefill(model, context, exact, fused)
+            with env_set("MAGE_PREFILL_BLOCK_ATTENTION", "0"):
+                out["per_block"] = time_prefill(model, context, exact, fused)
     finally:
         disable_mage(model)
     return out

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_e2e import SHAPES, build_model, prefill_loop, random_cache  # noqa: E402
 
 from mage_ext import PolicyConfig  # noqa: E402
+from mage_ext.core.loop import DEFAULT_PREFILL_CHUNK  # noqa: E402
 from mage_ext.generation import _forward  # noqa: E402
 from mage_ext.hf.enable import enable_mage  # noqa: E402
 
@@ -41,7 +42,8 @@ def main(argv=None):
     ap.add_argument("--stock", action="store_true", help="the transformers module forward")
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--prefill", action="store_true", help="profile a prefill of --context tokens")
-    ap.add_argument("--chunk", type=int, default=4096, help="prefill tokens per forward")
+    ap.add_argument("--chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                    help="prefill tokens per forward")
     a = ap.parse_args(argv)
     model = build_model(SHAPES[a.shape], a.context + 256, torch.bfloat16, "cuda")
     if a.prefill:
