@@ -429,10 +429,11 @@ def test_cuda_fused_equals_generic(kernel, monkeypatch, gen):
 @requires_cuda
 def test_cuda_auto_trains_with_cudnn_and_infers_with_flash(monkeypatch, gen):
     """auto: on sm90+ a forward whose inputs require grad takes cuDNN (faster for training,
-    measured; its backward too), one on inputs that do not (inference: activations made under
-    no_grad / inference_mode) takes flash (no per-shape cuDNN graphs in a prefill). Forwards
-    are deterministic, so auto's output is the forced kernel's bit for bit (backwards add dQ
-    with atomics: their accuracy is test_cuda_kernels_forward_backward's)."""
+    measured; its backward too), a small one on inputs that do not (inference: activations made
+    under no_grad / inference_mode) takes flash (a cuDNN graph per shape would not pay off), a
+    prefill chunk of >= 2048 tokens cuDNN again. Forwards are deterministic, so auto's output is
+    the forced kernel's bit for bit (backwards add dQ with atomics: their accuracy is
+    test_cuda_kernels_forward_backward's)."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("cuDNN is the training default on sm90+ only")
     t, block, start = make((1, 12, 2, 128, 32, 256, [0], 256), torch.bfloat16, "cuda", gen,
@@ -447,6 +448,27 @@ def test_cuda_auto_trains_with_cudnn_and_infers_with_flash(monkeypatch, gen):
     assert torch.equal(forward("auto", t), forward("cudnn", t))
     assert torch.equal(forward("auto", frozen), forward("flash", frozen))
     assert not torch.equal(forward("cudnn", t), forward("flash", frozen))
+    chunk, block, start = make((1, 12, 2, 128, 32, 2048, [4096], 4096 + 2048), torch.bfloat16,
+                               "cuda", gen)
+    assert torch.equal(forward("auto", chunk), forward("cudnn", chunk))
+    assert not torch.equal(forward("auto", chunk), forward("flash", chunk))
+
+
+@requires_cuda
+@pytest.mark.parametrize("hq,hkv", [(12, 2), (28, 4), (8, 8)])
+def test_cuda_cudnn_prefill_chunk(hq, hkv, monkeypatch, gen):
+    """A prefill chunk (512 tokens over a prefix of up to 700, batch 2 with different starts)
+    through cuDNN, whose forward takes the GQA heads unexpanded: the float64 reference."""
+    kernel_env(monkeypatch, "cudnn")
+    t, block, start = make((2, hq, hkv, 128, 32, 512, [700, 123], 700 + 512),
+                           torch.bfloat16, "cuda", gen)
+    poison_cuda_cache()
+    with torch.no_grad():
+        out, lse = run_op(t, block, start)
+    ref64 = reference_block_attention(*(t[k] for k in INPUTS), block, start)
+    ref_pt = reference_block_attention(*(t[k] for k in INPUTS), block, start, dtype=torch.bfloat16)
+    assert_close_fa(out, ref64[0], ref_pt[0], torch.bfloat16, "cudnn chunk out")
+    assert_close_fa(lse, ref64[1], ref_pt[1], torch.bfloat16, "cudnn chunk lse")
 
 
 @requires_cuda
