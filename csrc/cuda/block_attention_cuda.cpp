@@ -10,15 +10,17 @@
 //              d <= 128. The forward hands cuDNN the GQA heads as they are (torch 2.11's takes
 //              them: 620-680 TFLOP/s on the H200 at prefill shapes, 5-17% above K/V expanded per
 //              query head); a build that refuses gets them expanded (a copy of Sk rows per head,
-//              small against the Sq x Sk work of the part), as the backward always does. auto's choice on sm90+ for training (the
-//              backward, and the forward when an input requires grad) and for calls of at least
-//              kCudnnMinRows query tokens (prefill chunks): measured on the H200 about twice
-//              flash's speed (benchmarks/profile_train_attention.py: 1.5B heads, T = 32K, both
-//              training streams 54 ms against 82; benchmarks/probe_prefill_kernels.py; a 128K
-//              prefill in 16K chunks 3.6 s against 5.2). It builds a cuDNN graph per new shape
-//              (~50 ms; cached for the process): training repeats one shape, a prefill's chunks
-//              repeat across prompts (prefix lengths are multiples of the chunk), small calls
-//              (a prompt's last partial chunk, the tests) would pay it for little work.
+//              small against the Sq x Sk work of the part), as the backward always does.
+//              auto's choice on sm90+ for training (the backward, and the forward when an input
+//              requires grad) and for large inference calls (kCudnnMinRows query tokens over
+//              kCudnnMinKeys keys: the later chunks of a long prefill): measured on the H200
+//              about twice flash's speed (benchmarks/profile_train_attention.py: 1.5B heads,
+//              T = 32K, both training streams 54 ms against 82; benchmarks/
+//              probe_prefill_kernels.py: 600-680 TFLOP/s against 350; a 128K prefill in 16K
+//              chunks 3.5 s against 5.2). Costs: ~1.8 s once per process (its first attention)
+//              and a graph per new shape (~30 ms; cached for the process): training repeats one
+//              shape, a prefill's chunks repeat across prompts (prefix lengths are multiples of
+//              the chunk); small calls would pay it for little work.
 //   efficient  at::_efficient_attention_forward / _backward (mem-efficient CUTLASS): fp32 too;
 //              K/V expanded (no GQA in the kernel). The default for fp32.
 //   generic    the ATen chunked online softmax (fp64, other head dims, and the fallback).
@@ -34,6 +36,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -234,14 +237,17 @@ bool aligned(const Tensor& t) {
   return t.stride(-1) == 1;
 }
 
-// Query tokens from which auto takes cuDNN for inference on sm90+ (see the top of the file).
-constexpr int64_t kCudnnMinRows = 2048;
+// Inference calls auto gives cuDNN on sm90+ (see the top of the file): at least this many query
+// tokens over at least this many keys. The first cuDNN attention of a process costs ~1.8 s once
+// (measured on the H200: a 32K prefill, the process's first, took 2.24 s against 0.37 s for a
+// second one); a call of 16K tokens over 48K keys saves ~0.1 s per forward of 28 layers.
+constexpr int64_t kCudnnMinRows = 2048, kCudnnMinKeys = 49152;
 
 // training: a backward, or a forward on inputs that require grad (whatever the grad mode: the
 // signal is the inputs; inference makes its activations under no_grad / inference_mode, so
 // they do not). Training repeats its shapes, so cuDNN's per-shape graph is built once.
 const PartKernel& choose_kernel(const Tensor& q, const Tensor& k_ctx, const Tensor& v_ctx,
-                                bool training) {
+                                at::IntArrayRef start, bool training) {
   static const FlashPart flash_kernel;
   static const CudnnPart cudnn_kernel;
   static const EfficientPart efficient_kernel;
@@ -264,8 +270,9 @@ const PartKernel& choose_kernel(const Tensor& q, const Tensor& k_ctx, const Tens
   if (want == "generic") return generic;
   if (want == "cudnn" && CudnnPart::applies(q)) return cudnn;
   if (want == "efficient" && EfficientPart::applies(q)) return efficient;
+  const int64_t keys = *std::max_element(start.begin(), start.end()) + q.size(2);
   if (want == "auto" && sm_version() >= 90 && CudnnPart::applies(q) &&
-      (training || q.size(2) >= kCudnnMinRows)) {
+      (training || (q.size(2) >= kCudnnMinRows && keys >= kCudnnMinKeys))) {
     return cudnn_then_flash;
   }
   if (FlashPart::applies(q)) return flash;
@@ -287,7 +294,7 @@ std::tuple<Tensor, Tensor> block_attention(const Tensor& q, const Tensor& k_ctx,
                         k_own.requires_grad() || v_own.requires_grad();
   return compute_block_attention(kernel_ready(q), k_ctx, v_ctx, kernel_ready(k_own),
                                  kernel_ready(v_own), d, start,
-                                 choose_kernel(q, k_ctx, v_ctx, training));
+                                 choose_kernel(q, k_ctx, v_ctx, start, training));
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> block_attention_backward(

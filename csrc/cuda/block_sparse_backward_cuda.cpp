@@ -6,9 +6,11 @@
 //
 // The default where it applies (fp16 / bf16, d % 8 == 0, d <= 256, sm80+, no dlse: training's
 // loss does not read lse): on the H200 (benchmarks/bench_train_attention.py, 1.5B heads, fwd+bwd)
-// 32K k 512 34.7 ms against the generic path's 42.3, k 2048 55.2 against 84.8, 8K k 512 5.6
-// against 7.7. MAGE_SPARSE_BACKWARD=generic takes the chunked ATen recompute instead. Where it
-// does not apply, or raises (unless MAGE_BLOCK_ATTENTION_STRICT=1; warned once), the generic path.
+// 32K k 512 34.9 ms against the generic path's 42.0, k 2048 57.4 against 84.5, 8K k 512 5.6
+// against 7.9 (blocks grouped, 2.3 GB peak at 32K). MAGE_SPARSE_BACKWARD=generic takes the
+// chunked ATen recompute instead, and so does deterministic mode (flash adds dQ with atomics; the
+// context's dK / dV are summed in a fixed order either way). Where it does not apply, or raises
+// (unless MAGE_BLOCK_ATTENTION_STRICT=1; warned once), the generic path.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -81,7 +83,10 @@ AttentionGrads block_sparse_attention_backward(const Tensor& dout,
                   env_is("MAGE_SPARSE_BACKWARD", "generic"),
               "mage.block_sparse_attention_backward: MAGE_SPARSE_BACKWARD must be flash or "
               "generic, got '", want, "'");
-  if (env_is("MAGE_SPARSE_BACKWARD", "generic") || dlse.has_value() || !flash_applies(q)) {
+  // FlashAttention-2 sums dQ over key blocks with atomics: under
+  // torch.use_deterministic_algorithms(True) the generic path (sorted, fixed-order sums) runs.
+  if (env_is("MAGE_SPARSE_BACKWARD", "generic") || dlse.has_value() || !flash_applies(q) ||
+      at::globalContext().deterministicAlgorithms()) {
     return generic();
   }
   const char* op = "mage.block_sparse_attention_backward";

@@ -431,7 +431,7 @@ def test_cuda_auto_trains_with_cudnn_and_infers_with_flash(monkeypatch, gen):
     """auto: on sm90+ a forward whose inputs require grad takes cuDNN (faster for training,
     measured; its backward too), a small one on inputs that do not (inference: activations made
     under no_grad / inference_mode) takes flash (a cuDNN graph per shape would not pay off), a
-    prefill chunk of >= 2048 tokens cuDNN again. Forwards are deterministic, so auto's output is
+    prefill chunk of >= 2048 tokens over >= 48K keys cuDNN again. Forwards are deterministic, so auto's output is
     the forced kernel's bit for bit (backwards add dQ with atomics: their accuracy is
     test_cuda_kernels_forward_backward's)."""
     if torch.cuda.get_device_capability() < (9, 0):
@@ -448,10 +448,13 @@ def test_cuda_auto_trains_with_cudnn_and_infers_with_flash(monkeypatch, gen):
     assert torch.equal(forward("auto", t), forward("cudnn", t))
     assert torch.equal(forward("auto", frozen), forward("flash", frozen))
     assert not torch.equal(forward("cudnn", t), forward("flash", frozen))
-    chunk, block, start = make((1, 12, 2, 128, 32, 2048, [4096], 4096 + 2048), torch.bfloat16,
+    # a prefill chunk: 2048 tokens over 46K + 2048 keys takes cuDNN, over 4K + 2048 flash
+    chunk, block, start = make((1, 12, 2, 128, 32, 2048, [47104], 47104 + 2048), torch.bfloat16,
                                "cuda", gen)
     assert torch.equal(forward("auto", chunk), forward("cudnn", chunk))
     assert not torch.equal(forward("auto", chunk), forward("flash", chunk))
+    start = [4096]
+    assert torch.equal(forward("auto", chunk), forward("flash", chunk))
 
 
 @requires_cuda
