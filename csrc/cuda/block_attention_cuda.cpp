@@ -308,7 +308,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> block_attention_backward(
   check_block_attention_grad_inputs(op, d, q, dout, out, lse);
   return compute_block_attention_backward(
       kernel_ready(dout), kernel_ready(q), k_ctx, v_ctx, kernel_ready(k_own), kernel_ready(v_own),
-      kernel_ready(out), lse, d, start, choose_kernel(q, k_ctx, v_ctx, /*training=*/true));
+      kernel_ready(out), lse, d, start, choose_kernel(q, k_ctx, v_ctx, start, /*training=*/true));
 }
 
 }  // namespace
