@@ -155,6 +155,10 @@ class GenerationCache:
         self.selector.begin_step(self.step)
         self._reads_now = []
 
+    def replayed(self, kind: str) -> None:
+        """The forward of ``kind`` ran as a CUDA graph replay (no Python ran inside it)."""
+        self.selector.replayed(kind)
+
     def forward_kind(self) -> str:
         """'prefill', 'first' (a block's all-[MASK] step), 'later' or 'commit'."""
         if self.phase == "denoise":

@@ -148,7 +148,11 @@ class BlockLoop:
             key = graph_kind(self.policy, kind)
             if key not in self.graphs:
                 self.graphs[key] = StepGraph(fn, self.device, self.pool)
-            self.graphs[key]()
+            graph = self.graphs[key]
+            replay = graph.captured
+            graph()
+            if replay:
+                self.cache.replayed(kind)
         record.issue_s = time.perf_counter() - t0
         if self.cuda:
             events[1].record()

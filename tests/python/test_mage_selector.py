@@ -104,6 +104,30 @@ def test_later_step_without_first_step_is_an_error(gen):
                    LayerKV(inp.k_cache, inp.v_cache, inp.cache_lens))
 
 
+def test_replayed_first_step_restores_the_selection(gen):
+    """A block whose first forward is a CUDA graph replay runs no Python: the selection lives only
+    in the fixed buffers the graph wrote. replayed("first") takes it from there, so a later step
+    that does run Python (its graph's warm-up or capture) finds it (the H200 run found a
+    generation that raised here: an earlier block had ended after its first step)."""
+    inp = _inputs(gen)
+    kv = LayerKV(inp.k_cache, inp.v_cache, inp.cache_lens)
+    sel = make_selector(PolicyConfig(method="mage", k=5, dense_layers=0))
+    sel.reset(2, 3)
+    sel.begin_block()
+    sel.attend(_ctx(1, 0), inp.q, inp.k_block, inp.v_block, kv)  # block 0, eager first step
+    chosen = _selected(sel.selections[1])
+    sel.begin_block()  # block 1: its first forward replays (the buffers hold its selection)
+    with pytest.raises(RuntimeError, match="step 0 of the block must run first"):
+        sel.attend(_ctx(1, 1), inp.q, inp.k_block, inp.v_block, kv)
+    sel.replayed("later")  # only the first forward selects
+    assert sel.selections[1] is None
+    sel.replayed("first")
+    out, used = sel.attend(_ctx(1, 1), inp.q, inp.k_block, inp.v_block, kv)
+    assert _selected(used) == chosen and sel.selections[0] is None  # layer 0 never selected
+    ref, _, _ = reference_attention(inp, used.indices, used.counts, scale=SCALE)
+    assert torch.allclose(out.double(), ref, atol=1e-5)
+
+
 def test_sink_recent_and_budget_above_capacity(gen):
     inp = _inputs(gen, lens=(3, 34))
     kv = LayerKV(inp.k_cache, inp.v_cache, inp.cache_lens)

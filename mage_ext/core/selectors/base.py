@@ -82,6 +82,11 @@ class Selector:
     def begin_step(self, step: int) -> None:
         """Before layer 0 of a forward of the current block."""
 
+    def replayed(self, kind: str) -> None:
+        """A forward of ``kind`` ('first', 'later', 'commit') ran as a CUDA graph replay: its
+        device work happened, its Python did not. Host state that forward would have set must
+        be taken from the device buffers the graph wrote."""
+
     def end_step(self, step: int) -> None:
         """After the last layer of a forward (deferred, cross-layer work such as adaptive budgets)."""
 

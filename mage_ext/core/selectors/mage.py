@@ -61,6 +61,13 @@ class MageSelector(Selector):
         self.selections = [None] * self.n_layers
         self._pending = {}
 
+    def replayed(self, kind: str) -> None:
+        # A replayed first forward wrote this block's selections into the fixed buffers (the
+        # copies _keep captured). Without this, a later step that runs Python (its graph's
+        # warm-up or capture, when an earlier block ended after its first step) found none.
+        if kind == "first":
+            self.selections = [self._buffers.get(layer) for layer in range(self.n_layers)]
+
     def attend(self, ctx: StepContext, q: Tensor, k_block: Tensor, v_block: Tensor,
                kv: LayerKV) -> tuple[Tensor, Optional[Selection]]:
         cfg = self.config
