@@ -17,8 +17,8 @@
 //              about twice flash's speed (benchmarks/profile_train_attention.py: 1.5B heads,
 //              T = 32K, both training streams 54 ms against 82; benchmarks/
 //              probe_prefill_kernels.py: 600-680 TFLOP/s against 350; a 128K prefill in 16K
-//              chunks 3.5 s against 5.2). Costs: ~1.8 s once per process (its first attention)
-//              and a graph per new shape (~30 ms; cached for the process): training repeats one
+//              chunks 3.6 s against 5.1). Costs: ~0.8 s once per process (its first attention)
+//              and a graph per new shape (~65 ms; cached for the process): training repeats one
 //              shape, a prefill's chunks repeat across prompts (prefix lengths are multiples of
 //              the chunk); small calls would pay it for little work.
 //   efficient  at::_efficient_attention_forward / _backward (mem-efficient CUTLASS): fp32 too;
@@ -238,9 +238,10 @@ bool aligned(const Tensor& t) {
 }
 
 // Inference calls auto gives cuDNN on sm90+ (see the top of the file): at least this many query
-// tokens over at least this many keys. The first cuDNN attention of a process costs ~1.8 s once
-// (measured on the H200: a 32K prefill, the process's first, took 2.24 s against 0.37 s for a
-// second one); a call of 16K tokens over 48K keys saves ~0.1 s per forward of 28 layers.
+// tokens over at least this many keys. cuDNN's first attention in a process costs ~0.8 s and each
+// new shape ~65 ms (H200, benchmarks/results/cold_prefill_h200_34695aa.txt); with cuDNN for every
+// chunk a 32K prefill, the process's first, took 2.24 s against 0.49 s on flash. A 16K-token
+// chunk over 48K keys saves ~0.12 s per 28-layer forward, and more as the prefix grows.
 constexpr int64_t kCudnnMinRows = 2048, kCudnnMinKeys = 49152;
 
 // training: a backward, or a forward on inputs that require grad (whatever the grad mode: the
