@@ -98,7 +98,10 @@ def block_sparse_attention(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, indices: Ten
     [batch, Hkv, T, d]. Query block j attends to ctx rows indices[b, j, h, :counts[b, j, h]] of
     its KV head plus the keys of its own block j (bidirectionally). Differentiable in q, the
     context and the own keys/values; many blocks selecting one context row sum their gradients
-    there (in a fixed order: deterministic).
+    there in a fixed order. On CUDA (fp16 / bf16) the backward runs on FlashAttention-2's
+    variable-length kernel, whose dq sums use atomics (bits may vary run to run); under
+    ``torch.use_deterministic_algorithms(True)``, or ``MAGE_SPARSE_BACKWARD=generic``, the
+    chunked recompute runs instead, deterministic throughout.
     """
     return _ops.block_sparse_attention.default(q, k_ctx, v_ctx, indices, counts, k_own, v_own,
                                                block_size, scale)
