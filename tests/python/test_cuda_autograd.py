@@ -209,3 +209,12 @@ def test_block_sparse_flash_backward_uneven_counts(monkeypatch, gen):
     for name, a, b in zip(DIFF, flash, generic):
         assert torch.isfinite(a).all(), name
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2, msg=name)
+
+
+def test_block_sparse_backward_switch_is_checked(monkeypatch, gen):
+    """MAGE_SPARSE_BACKWARD takes flash or generic; anything else is an error naming it."""
+    tensors, idx, cnt = make_block_sparse(1, 4, 2, 4, 16, 64, 64, 16, gen, torch.bfloat16, "cuda")
+    w = torch.randn(tensors[0].shape, generator=gen).cuda()
+    monkeypatch.setenv("MAGE_SPARSE_BACKWARD", "fast")
+    with pytest.raises(RuntimeError, match="MAGE_SPARSE_BACKWARD must be flash or generic"):
+        block_sparse_grads(tensors, idx, cnt, 16, w)
