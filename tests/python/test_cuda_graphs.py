@@ -30,6 +30,24 @@ def test_graph_replay_gives_the_eager_tokens(policy, style):
     assert sum(r.phase == "denoise" for r in graphed.steps) >= 6  # enough steps to replay
 
 
+@requires_cuda
+@pytest.mark.parametrize("style", ["fast_dllm", "sdar"])
+def test_blocks_of_one_step_then_more(style):
+    """Confident random weights (initializer_range 1.0) finish some blocks in their first step:
+    a later block's first forward then REPLAYS (no Python) while its later steps' graph is still
+    being warmed up / captured (Python): the MAGE selection must come from the replayed graph's
+    buffers (MageSelector.replayed). It raised "no selection for step 1" before (H200, 34695aa)."""
+    model = tiny_model("qwen2", layers=3, head_dim=64, seed=7, initializer_range=1.0).to("cuda")
+    kw = dict(policy=PolicyConfig(method="mage", k=16, dense_layers=1), style=style,
+              block_size=16, threshold=0.5, steps=4, max_new_tokens=64, mask_id=MASK_ID,
+              stop_ids=[], remasking="low_confidence_dynamic" if style == "sdar"
+              else "low_confidence_static")
+    for prompt in _prompts([19, 64], seed=11):
+        eager = generate(model, input_ids=[prompt], **kw)
+        graphed = generate(model, input_ids=[prompt], cuda_graphs=True, **kw)
+        assert graphed.token_ids == eager.token_ids
+
+
 def test_graph_errors_name_the_obstacle():
     model = tiny_model("qwen2", layers=2)
     kw = dict(input_ids=_prompts([20]), block_size=8, max_new_tokens=8, mask_id=MASK_ID,
