@@ -67,8 +67,9 @@ class StepRecord:
 
 # Prompt tokens per prefill forward. 16K: on the H200 a 128K prefill (1.5B shape) takes 3.6 s in
 # 16K chunks against 4.0 s in 4K chunks (cuDNN's kernels; fewer, larger attention calls and GEMMs),
-# and peak memory stays flat in the prompt length (bounded by the chunk: ~1 GB of activations at
-# the 1.5B shape, ~2 GB at 7B). The C++ runtime's default (csrc/runtime/generate.h) is the same.
+# and peak memory stays flat in the prompt length (bounded by the chunk: by estimate ~1 GB of
+# activations at the 1.5B shape, ~2 GB at 7B; not measured). The C++ runtime's default
+# (csrc/runtime/generate.h) is the same.
 DEFAULT_PREFILL_CHUNK = 16384
 
 
