@@ -179,6 +179,29 @@ def time_prefill(model, context, policy, fused, chunk=DEFAULT_PREFILL_CHUNK) -> 
 
 
 
+def prefill_peak_gb(model, context, fused) -> float:
+    """Peak GPU memory (GB above what was allocated before) of one batch-1 prefill on the default
+    path, its cache included: the counterpart of the stock peer's peak (which includes its
+    DynamicCache)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    enable_mage(model)
+    try:
+        loop = prefill_loop(model, context, PolicyConfig(method="exact"), fused)
+        with torch.no_grad():
+            loop.prefill()
+        sync()
+        peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+    finally:
+        disable_mage(model)
+    del loop
+    gc.collect()
+    torch.cuda.empty_cache()
+    return peak
+
+
 def default_prefill_path(device) -> str:
     from mage_ext.core.cache import _block_attention_on_gpu
     return "block_attention" if device == "cpu" or _block_attention_on_gpu() else "per_block"
@@ -303,10 +326,12 @@ def main(argv=None):
         d = cfg.hidden_size // cfg.num_attention_heads
         for context in a.contexts:
             peers = {} if a.no_peers else stock_peers(model, context)
-            prefill_s, prefill_paths = {}, {}
+            prefill_s, prefill_paths, prefill_peak = {}, {}, None
             if a.prefill_contexts is None or context in a.prefill_contexts:
                 prefill_paths = time_prefill_paths(model, context, fused, device)
                 prefill_s = prefill_paths[default_prefill_path(device)]
+                if device == "cuda":
+                    prefill_peak = prefill_peak_gb(model, context, fused)
             for batch in a.batches:
                 kv_gb = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * \
                     (context + a.blocks * BLOCK + BLOCK) * d * 2 / 1e9
@@ -338,7 +363,8 @@ def main(argv=None):
                                "graphs": device == "cuda" and not a.eager,
                                "runtime": "python",
                                "prefill_s": prefill_s if batch == 1 and prefill_s else None,
-                               "prefill_s_paths": prefill_paths if batch == 1 else {}}
+                               "prefill_s_paths": prefill_paths if batch == 1 else {},
+                               "prefill_peak_gb": prefill_peak if batch == 1 else None}
                         rec.update(summarize(loop, ends, warm))
                         rec.update(floors_ms(model, batch, context, policy, bw))
                         rec["peers"] = dict(peers) if batch == 1 else {}
@@ -379,6 +405,9 @@ def _print(rows: dict) -> None:
               f" x{f(r.get('block_speedup_vs_exact'), 5)} tok/s{f(r['tokens_per_s'], 9, 0)}"
               f" steps{f(r['steps_per_block'], 5, 1)}"
               + "".join(f" | prefill {k}{f(v)}s" for k, v in r["prefill_s_paths"].items())
+              + (f" | prefill peak{f(r['prefill_peak_gb'])} GB vs stock"
+                 f"{f(peers.get('stock_sdpa_prefill_peak_gb'))} GB"
+                 if r.get("prefill_peak_gb") is not None else "")
               + (f" | stock prefill{f(peers.get('stock_sdpa_prefill_s'))}s"
                  f" denoise{f(peers.get('stock_denoise_forward_ms'))}ms" if peers else ""),
               flush=True)
