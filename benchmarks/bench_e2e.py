@@ -177,29 +177,14 @@ def time_prefill(model, context, policy, fused, chunk=DEFAULT_PREFILL_CHUNK) -> 
     return time.perf_counter() - t0
 
 
-
-
-def prefill_peak_gb(model, context, fused) -> float:
-    """Peak GPU memory (GB above what was allocated before) of one batch-1 prefill on the default
-    path, its cache included: the counterpart of the stock peer's peak (which includes its
-    DynamicCache)."""
+def with_peak_gb(fn):
+    """(fn(), peak GPU memory in GB above what was allocated before the call)."""
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    enable_mage(model)
-    try:
-        loop = prefill_loop(model, context, PolicyConfig(method="exact"), fused)
-        with torch.no_grad():
-            loop.prefill()
-        sync()
-        peak = (torch.cuda.max_memory_allocated() - base) / 1e9
-    finally:
-        disable_mage(model)
-    del loop
-    gc.collect()
-    torch.cuda.empty_cache()
-    return peak
+    result = fn()
+    return result, (torch.cuda.max_memory_allocated() - base) / 1e9
 
 
 def default_prefill_path(device) -> str:
@@ -207,21 +192,23 @@ def default_prefill_path(device) -> str:
     return "block_attention" if device == "cpu" or _block_attention_on_gpu() else "per_block"
 
 
-def time_prefill_paths(model, context, fused, device) -> dict:
+def time_prefill_paths(model, context, fused, device) -> tuple:
     """Prefill seconds of the default path (one block_attention call per chunk of
     DEFAULT_PREFILL_CHUNK tokens; on sm90+ its parts run on cuDNN, whose first prefill builds a
     graph per chunk shape: "block_attention" is that first, cold run, "block_attention_warm" a
     second one of the same length) and, on the GPU, of the alternatives: FlashAttention-2 for the
     parts, in 16K and in 4K chunks (the default before), and one dense_attention call per block.
-    The CPU has one path."""
+    The CPU has one path. Also returns the warm run's peak GPU memory (GB above what was
+    allocated before it, its cache included, as the stock peer's peak; None on the CPU)."""
     exact = PolicyConfig(method="exact")
-    out = {}
+    out, peak = {}, None
     enable_mage(model)
     try:
         with env_set("MAGE_PREFILL_BLOCK_ATTENTION", "1"):
             out["block_attention"] = time_prefill(model, context, exact, fused)
             if device != "cpu":
-                out["block_attention_warm"] = time_prefill(model, context, exact, fused)
+                out["block_attention_warm"], peak = with_peak_gb(
+                    lambda: time_prefill(model, context, exact, fused))
                 with env_set("MAGE_BLOCK_ATTENTION_KERNEL", "flash"):
                     out["block_attention_flash"] = time_prefill(model, context, exact, fused)
                     out["block_attention_flash_chunk4k"] = time_prefill(model, context, exact,
@@ -231,7 +218,7 @@ def time_prefill_paths(model, context, fused, device) -> dict:
                 out["per_block"] = time_prefill(model, context, exact, fused)
     finally:
         disable_mage(model)
-    return out
+    return out, peak
 
 
 def sync():
@@ -328,10 +315,8 @@ def main(argv=None):
             peers = {} if a.no_peers else stock_peers(model, context)
             prefill_s, prefill_paths, prefill_peak = {}, {}, None
             if a.prefill_contexts is None or context in a.prefill_contexts:
-                prefill_paths = time_prefill_paths(model, context, fused, device)
+                prefill_paths, prefill_peak = time_prefill_paths(model, context, fused, device)
                 prefill_s = prefill_paths[default_prefill_path(device)]
-                if device == "cuda":
-                    prefill_peak = prefill_peak_gb(model, context, fused)
             for batch in a.batches:
                 kv_gb = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * \
                     (context + a.blocks * BLOCK + BLOCK) * d * 2 / 1e9
