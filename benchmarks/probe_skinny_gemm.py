@@ -3,7 +3,8 @@
 A later MAGE forward at batch 1 spends over half its time in cuBLAS GEMMs with 32 rows, which
 read every weight once and so are bound by memory bandwidth, not FLOPs. This probe times the
 GEMMs of one whole forward (each layer's QKV, O, gate|up and down on its own weights, then the
-LM head), captured in one CUDA graph, for each GEMM backend on offer, and prints the effective
+LM head), captured in one CUDA graph, with cuBLAS (F.linear) and with mage.linear's few-row
+split-K kernel (its own split plan and each fixed split count), and prints the effective
 bandwidth next to the copy bandwidth measured in the same run.
 
     python benchmarks/probe_skinny_gemm.py [--rows 32 512] [--shapes 1.5b 7b]
@@ -32,24 +33,24 @@ def layer_shapes(model: str) -> list:
 
 
 def backends() -> dict:
-    out = {"cublas": lambda x, w: F.linear(x, w)}
-    try:
-        import mage_ext  # noqa: F401
-        if hasattr(torch.ops.mage, "skinny_linear"):
-            out["mage"] = lambda x, w: torch.ops.mage.skinny_linear(x, w, None)
-    except ImportError:
-        pass
+    """name -> (linear, environment): cuBLAS (F.linear), and mage.linear with its own split
+    plan and with each fixed split count (MAGE_SKINNY_SPLITS)."""
+    import mage_ext  # noqa: F401
+    cublas = lambda x, w: F.linear(x, w)  # noqa: E731
+    mage = lambda x, w: torch.ops.mage.linear(x, w, None)  # noqa: E731
+    out = {"cublas": (cublas, {}), "mage": (mage, {})}
+    for s in (1, 2, 4, 8):
+        out[f"mage/{s}"] = (mage, {"MAGE_SKINNY_SPLITS": str(s)})
     return out
 
 
-def time_forward(model: str, rows: int, linear, lib: str, only: str = "") -> float:
+def time_forward(model: str, rows: int, linear, only: str = "") -> float:
     h, _, _, _, _, layers, vocab = MODELS[model]
     shapes = [s for s in layer_shapes(model) if not only or s[0] == only]
     ws = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _, n, k in shapes]
           for _ in range(layers)]
     xs = {k: torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for _, _, k in shapes}
     head = torch.randn(vocab, h, device="cuda", dtype=torch.bfloat16) * 0.02 if not only else None
-    torch.backends.cuda.preferred_blas_library(lib)
 
     def run():
         for lw in ws:
@@ -74,21 +75,22 @@ def main() -> None:
     records = []
     for model in args.shapes:
         for rows in args.rows:
-            for name, fn in backends().items():
-                libs = ["cublas", "cublaslt"] if name == "cublas" else ["cublas"]
-                for lib in libs:
-                    label = name if name != "cublas" else lib
-                    for only in [""] + [s[0] for s in layer_shapes(model)]:
-                        us, nbytes = time_forward(model, rows, fn, lib, only)
-                        floor = nbytes / (bw * 1e12) * 1e6  # bench_e2e's floor: bytes read / copy bandwidth
-                        rec = dict(model=model, rows=rows, backend=label, gemms=only or "forward",
-                                   us=us, floor_us=floor, ratio=us / floor,
-                                   tbps=nbytes / (us * 1e-6) / 1e12)
-                        records.append(rec)
-                        print(f"{model:5s} rows {rows:4d} {label:9s} {rec['gemms']:8s} "
-                              f"{us:9.1f} us  floor {floor:8.1f}  x{rec['ratio']:.2f}  "
-                              f"{rec['tbps']:.2f} TB/s")
-    torch.backends.cuda.preferred_blas_library("cublas")
+            for label, (fn, env) in backends().items():
+                if rows > 32 and label != "cublas":  # mage.linear takes <= 32 rows
+                    continue
+                os.environ.update(env)
+                for only in [""] + [s[0] for s in layer_shapes(model)]:
+                    us, nbytes = time_forward(model, rows, fn, only)
+                    floor = nbytes / (bw * 1e12) * 1e6  # bench_e2e's floor: bytes / copy bandwidth
+                    rec = dict(model=model, rows=rows, backend=label, gemms=only or "forward",
+                               us=us, floor_us=floor, ratio=us / floor,
+                               tbps=nbytes / (us * 1e-6) / 1e12)
+                    records.append(rec)
+                    print(f"{model:5s} rows {rows:4d} {label:9s} {rec['gemms']:8s} "
+                          f"{us:9.1f} us  floor {floor:8.1f}  x{rec['ratio']:.2f}  "
+                          f"{rec['tbps']:.2f} TB/s")
+                for name in env:
+                    os.environ.pop(name)
     write_results("skinny_gemm_probe_h200.json",
                   dict(environment(), copy_bw_tbps=bw, records=records))
 

@@ -14,7 +14,8 @@ Shapes (see csrc/include/mage/ops.h for the full contract):
   counts      [batch, Hkv] int32
 
 Fused layer ops (rms_norm, qkv_rope, silu_mul): the values of the transformers Qwen2 / Qwen3
-modules they replace, bit for bit on the same device (csrc/include/mage/ops.h).
+modules they replace, bit for bit on the same device (csrc/include/mage/ops.h). linear: the
+decoding forward's GEMMs (a few-row split-K kernel on CUDA).
 
 Autograd: attention_with_scores, dense_attention, sparse_attention and block_sparse_attention are
 differentiable (registered in C++, csrc/autograd: the same path serves LibTorch callers). out and
@@ -44,6 +45,7 @@ __all__ = [
     "rms_norm",
     "qkv_rope",
     "silu_mul",
+    "linear",
     "rms_norm_out",
     "qkv_rope_out",
     "silu_mul_out",
@@ -244,6 +246,16 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     return _ops.silu_mul.default(gate_up)
 
 
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """x @ weight.T + bias, torch.nn.functional.linear's contract (and its autograd when a
+    gradient is wanted). On CUDA, fp16 / bf16 inputs of at most 32 rows (one decoding block:
+    the GEMMs of a denoising step) take a split-K kernel that reads the weight at memory
+    bandwidth, where cuBLAS leaves most SMs idle for the small matrices; it sums in fp32 in a
+    fixed order (deterministic) but not in cuBLAS's order, so values differ from F.linear in the
+    last bits. MAGE_SKINNY_GEMM=off sends every call to cuBLAS."""
+    return _ops.linear.default(x, weight, bias)
+
+
 def rms_norm_out(x, weight, eps, residual, out, residual_out) -> None:
     """rms_norm into preallocated out / residual_out (CUDA-graph safe). residual_out may be
     residual itself (in-place update) and out may be x; out and residual_out must differ."""
@@ -430,6 +442,13 @@ def _qkv_rope_fake(qkv, positions, inv_freq, n_q_heads, n_kv_heads, head_dim,
 def _silu_mul_fake(gate_up):
     torch._check(gate_up.shape[-1] % 2 == 0, lambda: "gate_up must be [..., 2 * I]")
     return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
+@torch.library.register_fake("mage::linear")
+def _linear_fake(x, weight, bias=None):
+    torch._check(weight.dim() == 2 and x.shape[-1] == weight.shape[1],
+                 lambda: "x must be [..., K] and weight [N, K]")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.register_fake("mage::rms_norm_out")

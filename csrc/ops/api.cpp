@@ -140,6 +140,11 @@ at::Tensor silu_mul(T gate_up) {
   return op.call(gate_up);
 }
 
+at::Tensor linear(T x, T weight, OptT bias) {
+  static auto op = op_handle<at::Tensor(T, T, OptT)>("mage::linear");
+  return op.call(x, weight, bias);
+}
+
 void rms_norm_out(T x, T weight, double eps, OptT residual, T out, T residual_out) {
   static auto op = op_handle<void(T, T, double, OptT, T, T)>("mage::rms_norm_out");
   op.call(x, weight, eps, residual, out, residual_out);

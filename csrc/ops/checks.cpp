@@ -626,4 +626,24 @@ void check_block_attention_grad_inputs(const char* op, const BlockAttentionDims&
   check_same_device(op, "lse", lse, q.device());
 }
 
+LinearDims check_linear_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias) {
+  check_defined(op, "x", x);
+  check_rank(op, "weight", weight, 2, "[N, K] (out_features, in_features)");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), op, ": x must be [..., K] with K = ",
+              "weight.size(1) = ", weight.size(1), ", got x of shape ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be a floating-point tensor, got ",
+              x.scalar_type());
+  check_like(op, "weight", weight, "x", x);
+  LinearDims d;
+  d.in = weight.size(1);
+  d.out = weight.size(0);
+  d.rows = d.in == 0 ? 0 : x.numel() / d.in;
+  if (bias.has_value() && bias->defined()) {
+    check_like(op, "bias", *bias, "x", x);
+    check_shape(op, "bias", *bias, {d.out}, "[N] (out_features)");
+  }
+  return d;
+}
+
 }  // namespace mage

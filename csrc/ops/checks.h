@@ -190,4 +190,14 @@ void check_block_attention_grad_inputs(const char* op, const BlockAttentionDims&
                                        const at::Tensor& q, const at::Tensor& dout,
                                        const at::Tensor& out, const at::Tensor& lse);
 
+// mage.linear: x [..., K] floating point, weight [N, K] and bias [N] (optional) of x's dtype
+// and device (torch.nn.functional.linear's contract).
+struct LinearDims {
+  int64_t rows = 0;  // x.numel() / K
+  int64_t in = 0;    // K
+  int64_t out = 0;   // N
+};
+LinearDims check_linear_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias);
+
 }  // namespace mage

@@ -79,6 +79,8 @@ TORCH_LIBRARY(mage, m) {
       "Tensor(a!) q, Tensor(b!) k, Tensor(c!) v) -> ()");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("silu_mul_out(Tensor gate_up, Tensor(a!) out) -> ()");
+  // y = x W^T + b (torch.nn.functional.linear); a few-row GEMM kernel on CUDA (ops/linear.cpp).
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   // Block-causal attention over a context plus the own block (chunked prefill, block-diffusion
   // training); lse carries no gradient. See ops/block_attention.h.
   m.def(

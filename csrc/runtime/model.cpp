@@ -1,6 +1,7 @@
 // The forward of mage_ext/hf/fast_forward.py (the Python fast path) on the same fused ops
 // (mage/ops.h: rms_norm with the residual add, qkv_rope, silu_mul; CPU and CUDA kernels that
-// give transformers' Qwen2 / Qwen3 rounding), one QKV GEMM and one gate|up GEMM per layer.
+// give transformers' Qwen2 / Qwen3 rounding), one QKV GEMM and one gate|up GEMM per layer, every
+// GEMM through mage::linear (the few-row CUDA kernel for a decoding block's 32 rows).
 #include "runtime/model.h"
 
 #include <cmath>
@@ -106,7 +107,7 @@ at::Tensor QwenModel::head(const at::Tensor& x, const at::Tensor& residual, bool
   };
   at::Tensor h = std::get<0>(mage::rms_norm(pick(x), final_norm_, config_.rms_norm_eps,
                                             pick(residual)));
-  return at::linear(h, lm_head_).to(at::kFloat);
+  return mage::linear(h, lm_head_).to(at::kFloat);
 }
 
 at::Tensor QwenModel::forward(const at::Tensor& ids, const at::Tensor& positions, KVCache& cache,
@@ -121,13 +122,13 @@ at::Tensor QwenModel::forward(const at::Tensor& ids, const at::Tensor& positions
   for (size_t l = 0; l < layers_.size(); ++l) {
     const Layer& w = layers_[l];
     auto [h, res] = mage::rms_norm(x, w.input_norm, eps, if_defined(residual));
-    at::Tensor qkv = at::linear(h, w.qkv_w, if_defined(w.qkv_b));
+    at::Tensor qkv = mage::linear(h, w.qkv_w, if_defined(w.qkv_b));
     auto [q, k, v] = mage::qkv_rope(qkv, positions, inv_freq_, c.num_heads, c.num_kv_heads, d,
                                     if_defined(w.q_norm), if_defined(w.k_norm), eps);
     at::Tensor a = cache.attend(static_cast<int64_t>(l), q, k, v, scale);  // [batch, Hq, n, d]
-    x = at::linear(a.transpose(1, 2).reshape({batch, n, c.num_heads * d}), w.o_w);
+    x = mage::linear(a.transpose(1, 2).reshape({batch, n, c.num_heads * d}), w.o_w);
     std::tie(h, residual) = mage::rms_norm(x, w.post_norm, eps, res);
-    x = at::linear(mage::silu_mul(at::linear(h, w.gate_up_w)), w.down_w);
+    x = mage::linear(mage::silu_mul(mage::linear(h, w.gate_up_w)), w.down_w);
   }
   return head(x, residual, last_only, keep);
 }

@@ -9,7 +9,8 @@ or the attention. This forward reads the same parameters and runs a layer as
     -> one gate|up GEMM -> SiLU * up -> down GEMM
 
 with the fused ops of mage_ext.ops (rms_norm, qkv_rope, silu_mul: CPU and CUDA kernels that
-reproduce the transformers modules' rounding). The q/k/v and gate/up weights are concatenated
+reproduce the transformers modules' rounding) and its GEMMs through ops.linear (cuBLAS, or on
+CUDA for a block of at most 32 rows a split-K kernel that streams the weights at bandwidth). The q/k/v and gate/up weights are concatenated
 once per model and the modules' own parameters re-pointed at views of the concatenation, so no
 weight is held twice and the stock forward keeps working on the same storage.
 
@@ -169,19 +170,19 @@ class FastForward:
         residual = None
         for i, w in enumerate(self.layers):
             h, residual = ops.rms_norm(x, w.in_norm, self.eps, residual)
-            qkv = F.linear(h, w.qkv_w, w.qkv_b)
+            qkv = ops.linear(h, w.qkv_w, w.qkv_b)
             q, k, v = ops.qkv_rope(qkv, pos, self.inv_freq, self.hq, self.hkv, self.d,
                                    w.q_norm, w.k_norm, self.eps)
             a = self.cache.attend(i, q, k, v, self.scale)          # [batch, Hq, n, d]
-            x = self._reduce(F.linear(a.transpose(1, 2).reshape(batch, n, self.hq * self.d),
+            x = self._reduce(ops.linear(a.transpose(1, 2).reshape(batch, n, self.hq * self.d),
                                       w.o_w))
             h, residual = ops.rms_norm(x, w.post_norm, self.eps, residual)
-            x = self._reduce(F.linear(ops.silu_mul(F.linear(h, w.gate_up_w)), w.down_w))
+            x = self._reduce(ops.linear(ops.silu_mul(ops.linear(h, w.gate_up_w)), w.down_w))
         if keep is not None:  # the final norm is per position: keep only what is needed
             rows = torch.arange(batch, device=ids.device)
             x, residual = x[rows, keep].unsqueeze(1), residual[rows, keep].unsqueeze(1)
         h, _ = ops.rms_norm(x, self.final_norm, self.eps, residual)
-        return F.linear(h, self.lm_head)
+        return ops.linear(h, self.lm_head)
 
     def _reduce(self, partial: Tensor) -> Tensor:
         """The sum over ranks of a row-parallel GEMM's partial outputs (identity on one rank)."""

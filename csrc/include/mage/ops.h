@@ -154,6 +154,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(
 // * up: silu in fp32 rounded to the dtype, then the product rounded).
 at::Tensor silu_mul(const at::Tensor& gate_up);
 
+// y = x W^T + b (at::linear's contract): x [..., K], weight [N, K], bias [N] or none. On CUDA,
+// fp16 / bf16 inputs of at most 32 rows (one decoding block) take a split-K GEMM kernel that
+// streams the weight at memory bandwidth; other inputs and the CPU run at::linear.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias = std::nullopt);
+
 // Preallocated-output forms (contiguous outputs, nothing allocated: usable under CUDA graph
 // capture). residual_out may be the residual tensor itself (an in-place update) and out may be x;
 // out and residual_out must differ.
