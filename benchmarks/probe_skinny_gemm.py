@@ -38,9 +38,10 @@ def backends() -> dict:
     import mage_ext  # noqa: F401
     cublas = lambda x, w: F.linear(x, w)  # noqa: E731
     mage = lambda x, w: torch.ops.mage.linear(x, w, None)  # noqa: E731
-    out = {"cublas": (cublas, {}), "mage": (mage, {})}
+    on = {"MAGE_SKINNY_GEMM": "on"}
+    out = {"cublas": (cublas, {}), "mage": (mage, on)}
     for s in (1, 2, 4, 8):
-        out[f"mage/{s}"] = (mage, {"MAGE_SKINNY_SPLITS": str(s)})
+        out[f"mage/{s}"] = (mage, dict(on, MAGE_SKINNY_SPLITS=str(s)))
     return out
 
 

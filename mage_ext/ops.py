@@ -15,7 +15,7 @@ Shapes (see csrc/include/mage/ops.h for the full contract):
 
 Fused layer ops (rms_norm, qkv_rope, silu_mul): the values of the transformers Qwen2 / Qwen3
 modules they replace, bit for bit on the same device (csrc/include/mage/ops.h). linear: the
-decoding forward's GEMMs (a few-row split-K kernel on CUDA).
+decoding forward's GEMMs (cuBLAS; an experimental few-row split-K kernel behind an opt-in).
 
 Autograd: attention_with_scores, dense_attention, sparse_attention and block_sparse_attention are
 differentiable (registered in C++, csrc/autograd: the same path serves LibTorch callers). out and
@@ -248,11 +248,11 @@ def silu_mul(gate_up: Tensor) -> Tensor:
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """x @ weight.T + bias, torch.nn.functional.linear's contract (and its autograd when a
-    gradient is wanted). On CUDA, fp16 / bf16 inputs of at most 32 rows (one decoding block:
-    the GEMMs of a denoising step) take a split-K kernel that reads the weight at memory
-    bandwidth, where cuBLAS leaves most SMs idle for the small matrices; it sums in fp32 in a
-    fixed order (deterministic) but not in cuBLAS's order, so values differ from F.linear in the
-    last bits. MAGE_SKINNY_GEMM=off sends every call to cuBLAS."""
+    gradient is wanted): cuBLAS on CUDA. Experimental, MAGE_SKINNY_GEMM=on: fp16 / bf16 inputs
+    of at most 32 rows (one decoding block) take a split-K kernel meant to read the weight at
+    memory bandwidth where cuBLAS leaves SMs idle for the small matrices; it sums in fp32 in a
+    fixed order (deterministic), not cuBLAS's, and is still slower than cuBLAS on the H200
+    (benchmarks/results/skinny_gemm_probe_h200.json), hence off by default."""
     return _ops.linear.default(x, weight, bias)
 
 

@@ -1,6 +1,6 @@
-// CUDA kernel of mage.linear (ops/linear.cpp): the few-row split-K GEMM (skinny_gemm.cu) where
-// it applies, at::linear (cuBLAS) elsewhere. MAGE_SKINNY_GEMM=off sends every call to cuBLAS
-// (for comparisons); MAGE_SKINNY_SPLITS=1..8 fixes the K splits (for tuning).
+// CUDA kernel of mage.linear (ops/linear.cpp): at::linear (cuBLAS), or with MAGE_SKINNY_GEMM=on
+// the few-row split-K GEMM (skinny_gemm.cu) where it applies (experimental: slower than cuBLAS
+// so far); MAGE_SKINNY_SPLITS=1..8 fixes its K splits (for tuning).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -20,14 +20,16 @@ namespace {
 using T = const at::Tensor&;
 using OptT = const std::optional<at::Tensor>&;
 
+// Off by default: measured on the H200 the kernel is still slower than cuBLAS for a whole
+// forward's GEMMs (benchmarks/results/skinny_gemm_probe_h200.json: wave quantisation and each
+// CTA's pipeline fill and cluster sum; a stream-K schedule is the next step). MAGE_SKINNY_GEMM=on
+// takes it where it applies.
 bool skinny_enabled() {
   const char* v = std::getenv("MAGE_SKINNY_GEMM");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0 || std::strcmp(v, "on") == 0) {
-    return true;
-  }
-  TORCH_CHECK(std::strcmp(v, "off") == 0, "mage.linear: MAGE_SKINNY_GEMM must be 'auto', 'on' or ",
-              "'off', got '", v, "'");
-  return false;
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "off") == 0) return false;
+  TORCH_CHECK(std::strcmp(v, "on") == 0, "mage.linear: MAGE_SKINNY_GEMM must be 'on' or 'off', ",
+              "got '", v, "'");
+  return true;
 }
 
 int forced_splits() {

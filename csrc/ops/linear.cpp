@@ -1,7 +1,6 @@
 // mage.linear: y = x W^T + b, torch.nn.functional.linear's contract, for the GEMMs of the lean
-// decoding forward (mage_ext/hf/fast_forward.py, the C++ runtime's model.cpp). On CUDA a few-row
-// input takes the split-K kernel of csrc/cuda/skinny_gemm.cu (what a decoding step's GEMMs are);
-// everything else, and the CPU, is at::linear. When a gradient is wanted the call is at::linear
+// decoding forward (mage_ext/hf/fast_forward.py, the C++ runtime's model.cpp): at::linear, or on
+// CUDA with MAGE_SKINNY_GEMM=on the experimental few-row split-K kernel (csrc/cuda/linear_cuda.cpp). When a gradient is wanted the call is at::linear
 // too, so autograd differentiates it as torch's own op.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>

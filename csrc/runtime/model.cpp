@@ -1,7 +1,7 @@
 // The forward of mage_ext/hf/fast_forward.py (the Python fast path) on the same fused ops
 // (mage/ops.h: rms_norm with the residual add, qkv_rope, silu_mul; CPU and CUDA kernels that
 // give transformers' Qwen2 / Qwen3 rounding), one QKV GEMM and one gate|up GEMM per layer, every
-// GEMM through mage::linear (the few-row CUDA kernel for a decoding block's 32 rows).
+// GEMM through mage::linear (cuBLAS, or the experimental few-row kernel: MAGE_SKINNY_GEMM=on).
 #include "runtime/model.h"
 
 #include <cmath>

@@ -9,8 +9,8 @@ or the attention. This forward reads the same parameters and runs a layer as
     -> one gate|up GEMM -> SiLU * up -> down GEMM
 
 with the fused ops of mage_ext.ops (rms_norm, qkv_rope, silu_mul: CPU and CUDA kernels that
-reproduce the transformers modules' rounding) and its GEMMs through ops.linear (cuBLAS, or on
-CUDA for a block of at most 32 rows a split-K kernel that streams the weights at bandwidth). The q/k/v and gate/up weights are concatenated
+reproduce the transformers modules' rounding) and its GEMMs through ops.linear (cuBLAS; the
+experimental few-row kernel with MAGE_SKINNY_GEMM=on). The q/k/v and gate/up weights are concatenated
 once per model and the modules' own parameters re-pointed at views of the concatenation, so no
 weight is held twice and the stock forward keeps working on the same storage.
 

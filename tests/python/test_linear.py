@@ -1,5 +1,5 @@
 """mage.linear (the decoding forward's GEMMs): torch.nn.functional.linear's values and autograd
-on the CPU; on a GPU the few-row split-K kernel against an fp64 reference with the
+on the CPU; on a GPU the experimental few-row split-K kernel (MAGE_SKINNY_GEMM=on) against an fp64 reference with the
 FlashAttention tolerance rule (within 2x cuBLAS's own error in the same dtype), on odd shapes,
 every row count it takes, with and without bias, deterministic, inside a CUDA graph; the inputs it
 does not take go to cuBLAS unchanged; bad inputs fail by name."""
@@ -55,6 +55,12 @@ def test_bad_inputs_fail_by_name(bad, match):
 
 # -- GPU ----------------------------------------------------------------------------------------
 
+@pytest.fixture
+def skinny(monkeypatch):
+    """The experimental kernel switched on (cuBLAS is the default)."""
+    monkeypatch.setenv("MAGE_SKINNY_GEMM", "on")
+    return monkeypatch
+
 def _case(n, k, rows, dtype, bias, seed):
     g = torch.Generator().manual_seed(seed)
     # activations of a normed hidden state (~1) and weights of a trained layer (~0.02)
@@ -75,7 +81,7 @@ def _assert_within_cublas_error(got, x, w, b):
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n, k", SHAPES)
-def test_skinny_kernel_against_fp64(n, k, dtype):
+def test_skinny_kernel_against_fp64(n, k, dtype, skinny):
     for rows, bias in [(32, True), (1, False), (7, True), (17, False), (31, False)]:
         x, w, b = _case(n, k, rows, dtype, bias, seed=n + k + rows)
         y = ops.linear(x.cuda(), w.cuda(), None if b is None else b.cuda())
@@ -84,7 +90,7 @@ def test_skinny_kernel_against_fp64(n, k, dtype):
 
 
 @requires_cuda
-def test_batch_shapes_strides_and_determinism():
+def test_batch_shapes_strides_and_determinism(skinny):
     x, w, b = _case(300, 520, 32, torch.bfloat16, True, seed=3)
     x3 = x.cuda().view(2, 16, 520)
     y = ops.linear(x3, w.cuda(), b.cuda())
@@ -98,14 +104,15 @@ def test_batch_shapes_strides_and_determinism():
 
 @requires_cuda
 @pytest.mark.parametrize("splits", ["1", "3", "8"])
-def test_every_split_count_gives_the_same_values_within_tolerance(splits, monkeypatch):
-    monkeypatch.setenv("MAGE_SKINNY_SPLITS", splits)
+def test_every_split_count_gives_the_same_values_within_tolerance(splits, skinny):
+    skinny.setenv("MAGE_SKINNY_SPLITS", splits)
     x, w, b = _case(640, 2056, 32, torch.bfloat16, True, seed=5)
     _assert_within_cublas_error(ops.linear(x.cuda(), w.cuda(), b.cuda()), x, w, b)
 
 
 @requires_cuda
-def test_inputs_outside_the_kernel_go_to_cublas(monkeypatch):
+def test_inputs_outside_the_kernel_go_to_cublas(skinny):
+    monkeypatch = skinny
     cases = [_case(64, 64, 33, torch.bfloat16, True, 1),    # more than 32 rows
              _case(64, 60, 8, torch.bfloat16, True, 2),     # K not a multiple of 8
              _case(64, 64, 8, torch.float32, True, 3)]      # fp32
@@ -113,19 +120,20 @@ def test_inputs_outside_the_kernel_go_to_cublas(monkeypatch):
         x, w, b = x.cuda(), w.cuda(), b.cuda()
         assert torch.equal(ops.linear(x, w, b), F.linear(x, w, b))
     x, w, b = (t.cuda() for t in _case(64, 64, 8, torch.bfloat16, True, 4))
-    monkeypatch.setenv("MAGE_SKINNY_GEMM", "off")
-    assert torch.equal(ops.linear(x, w, b), F.linear(x, w, b))
+    for off in ("off", ""):  # the default
+        monkeypatch.setenv("MAGE_SKINNY_GEMM", off)
+        assert torch.equal(ops.linear(x, w, b), F.linear(x, w, b))
     monkeypatch.setenv("MAGE_SKINNY_GEMM", "fast")
     with pytest.raises(RuntimeError, match="MAGE_SKINNY_GEMM must be"):
         ops.linear(x, w, b)
-    monkeypatch.setenv("MAGE_SKINNY_GEMM", "auto")
+    monkeypatch.setenv("MAGE_SKINNY_GEMM", "on")
     monkeypatch.setenv("MAGE_SKINNY_SPLITS", "9")
     with pytest.raises(RuntimeError, match="MAGE_SKINNY_SPLITS must be"):
         ops.linear(x, w, b)
 
 
 @requires_cuda
-def test_in_a_cuda_graph():
+def test_in_a_cuda_graph(skinny):
     x, w, b = (t.cuda() for t in _case(1000, 1536, 32, torch.bfloat16, True, 6))
     want = ops.linear(x, w, b)
     out = {}

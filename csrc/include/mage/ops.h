@@ -154,9 +154,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(
 // * up: silu in fp32 rounded to the dtype, then the product rounded).
 at::Tensor silu_mul(const at::Tensor& gate_up);
 
-// y = x W^T + b (at::linear's contract): x [..., K], weight [N, K], bias [N] or none. On CUDA,
-// fp16 / bf16 inputs of at most 32 rows (one decoding block) take a split-K GEMM kernel that
-// streams the weight at memory bandwidth; other inputs and the CPU run at::linear.
+// y = x W^T + b (at::linear's contract): x [..., K], weight [N, K], bias [N] or none; at::linear.
+// Experimental, on CUDA with MAGE_SKINNY_GEMM=on: fp16 / bf16 inputs of at most 32 rows (one
+// decoding block) take a split-K GEMM kernel (csrc/cuda/skinny_gemm.h; slower than cuBLAS so far).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias = std::nullopt);
 
