@@ -9,7 +9,8 @@ Memory is sampled per finished block through generate's on_block callback:
   probe that picks the stop ids) warms torch's per-shape caches;
 * GPU (skips without one): a random model of the Fast-dLLM v2 1.5B shape cut to 4 layers,
   bf16, CUDA graphs; torch.cuda.memory_allocated must be constant after warm-up.
-Every sequence's tokens equal those of a run on that prompt alone (greedy).
+Every sequence's tokens equal those of a run on that prompt alone (greedy; on the GPU up to
+fp32 summation order, see the test).
 """
 import ctypes
 import gc
@@ -140,6 +141,16 @@ def test_gpu_soak_with_a_1_5b_shaped_model():
     assert len(tail) >= 10 and max(tail) == tail[0] and len(set(tail[-10:])) == 1, (
         f"device memory changes per block: {[s - tail[0] for s in tail]} bytes")
     assert any(res.stopped) and not all(res.stopped), "the stop ids should end some sequences"
+    # cuBLAS picks its fp32 kernel by row count, so the batch's and a single prompt's sums differ
+    # in order; over 1280 greedy tokens of random weights a near-tie can flip late (H200,
+    # cacaa98: prompt 7 of 8 at token 1196). A batching bug (wrong rows, lengths, caches) shows at
+    # once and in many sequences: at most one may diverge, and not in its first 20 blocks.
+    diverged = []
     for i, p in enumerate(prompts):
         alone = generate(model, input_ids=[p], max_new_tokens=max_new, stop_ids=stops, **kw)
-        assert alone.token_ids[0] == res.token_ids[i], f"prompt {i}: batch != single"
+        a, b = alone.token_ids[0], res.token_ids[i]
+        if a != b:
+            first = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            diverged.append((i, first))
+    assert len(diverged) <= 1 and all(first >= 20 * 32 for _, first in diverged), (
+        f"batch != single: (prompt, first differing token) {diverged}")
