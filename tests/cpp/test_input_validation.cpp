@@ -137,3 +137,15 @@ TEST(InputValidation, AppendOverflow) {
 }
 
 }  // namespace
+
+// mage::linear (every GEMM of the C++ runtime's forward): at::linear's values on the CPU, and its
+// own checks by name.
+TEST(InputValidation, Linear) {
+  const at::Tensor x = at::randn({2, 3, 16}), w = at::randn({5, 16}), b = at::randn({5});
+  EXPECT_TRUE(at::equal(mage::linear(x, w, b), at::linear(x, w, b)));
+  EXPECT_TRUE(at::equal(mage::linear(x, w), at::linear(x, w)));
+  expect_error([&] { mage::linear(x, at::randn({5, 15})); }, "x must be [..., K] with K");
+  expect_error([&] { mage::linear(x, at::randn({16})); }, "weight must be a 2-D tensor");
+  expect_error([&] { mage::linear(x, w.to(at::kDouble)); }, "weight has dtype");
+  expect_error([&] { mage::linear(x, w, at::randn({4})); }, "bias must have shape");
+}
