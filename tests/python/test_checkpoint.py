@@ -150,8 +150,8 @@ def _edit_config(path, **changes):
     (path / "config.json").write_text(json.dumps(cfg))
 
 
-# Bad checkpoint directories: (how, error type, message). The README's table of user-surface
-# errors lists these ids.
+# Bad checkpoint directories: (how, error type, message). docs/errors.md lists these ids
+# (test_errors_doc.py).
 LOAD_ERRORS = [
     ("config", FileNotFoundError, "missing config.json"),
     ("config_not_json", ValueError, r"config\.json \(.*config\.json\) is not valid JSON"),
