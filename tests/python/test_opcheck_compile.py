@@ -72,6 +72,9 @@ def test_opcheck_every_op(device, dtype, gen):
           out.normal_(), lse.normal_(), 2, [19, 5], None)),
         (ops.take_error.default, (torch.device(device),)),
         (ops.check_errors.default, (torch.device(device),)),
+        (ops.linear.default, (inp.q.reshape(-1, inp.q.shape[-1]),
+                              inp.k_cache[0, 0, :5].contiguous(), inp.k_cache[0, 1, 0, :5])),
+        (ops.linear.default, (inp.q[0], inp.v_cache[0, 0, :3].contiguous(), None)),
     ] + backward_cases(inp, idx, cnt, gen)
     covered = set()
     for op, args in cases:
