@@ -1,7 +1,8 @@
 // mage.linear: y = x W^T + b, torch.nn.functional.linear's contract, for the GEMMs of the lean
 // decoding forward (mage_ext/hf/fast_forward.py, the C++ runtime's model.cpp): at::linear, or on
-// CUDA with MAGE_SKINNY_GEMM=on the experimental few-row split-K kernel (csrc/cuda/linear_cuda.cpp). When a gradient is wanted the call is at::linear
-// too, so autograd differentiates it as torch's own op.
+// CUDA with MAGE_SKINNY_GEMM=on the experimental few-row split-K kernel
+// (csrc/cuda/linear_cuda.cpp). When a gradient is wanted the call is at::linear too, so autograd
+// differentiates it as torch's own op.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <torch/library.h>
