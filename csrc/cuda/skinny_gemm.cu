@@ -12,8 +12,10 @@
 // tile form a cluster (one per slice, at most 8) so that small matrices still give every SM
 // work. W and x stream through a ring of four shared-memory stages of 128 K filled by cp.async
 // (three stages in flight while one multiplies): each thread copies the W vectors it will feed
-// to its own MMAs, the CTA copies x's slice together and all four warps read it. At the end each CTA leaves its fp32 partial tile in shared memory and the
-// cluster sums the partials in rank order through distributed shared memory (deterministic).
+// to its own MMAs, the CTA copies x's slice together and all four warps read it. At the end
+// each CTA leaves its fp32 partial tile in shared memory and the cluster sums the partials in
+// rank order through distributed shared memory (deterministic). Opt-in and slower than cuBLAS
+// so far: skinny_gemm.h says what bounds it.
 #include <cooperative_groups.h>
 
 #include <algorithm>
