@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from mage_ext.train import TrainLayout
-from mage_ext.train.objective import MASK_EPS, noise, shift_sources  # noqa: F401 (re-exported)
+from mage_ext.train.objective import (  # noqa: F401 (MASK_EPS, noise: re-exported)
+    MASK_EPS, noise, shift_sources, upcast_logits)
 
 ATTENTIONS = ("sdpa", "mage")
 
@@ -115,7 +116,7 @@ def loss(model, tokens, weight, force_mask, keep, xt_blocks, block_size, mask_id
     rows, cols = sel.nonzero(as_tuple=True)
     if rows.numel() == 0:
         return h.sum() * 0.0, {"tokens": 0}
-    logits = model.lm_head(h[rows.to(device), src[cols].to(device)]).float()
+    logits = upcast_logits(model.lm_head(h[rows.to(device), src[cols].to(device)]))
     target = tokens[:, idx][rows, cols].to(device)
     ce = F.cross_entropy(logits, target, reduction="none")
     wsel = w[rows, cols].to(device)

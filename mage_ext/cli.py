@@ -237,6 +237,10 @@ def _end_distributed() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        # Every rank done before any tears gloo down: a rank that destroyed its group while a
+        # peer still used the connection aborted at exit once in CI ("terminate called without
+        # an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 

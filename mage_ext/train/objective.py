@@ -68,14 +68,20 @@ def shift_sources(xt_blocks: list[int], block_size: int) -> torch.Tensor:
     return src
 
 
+def upcast_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in at least fp32 for the softmax: a bf16 / fp16 model's in fp32, an fp64 model's
+    (the tests' references) left in fp64 rather than rounded to fp32."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def _chunk_terms(head, h_student, h_teacher, targets, weights):
-    logp = head(h_student).float().log_softmax(-1)
+    logp = upcast_logits(head(h_student)).log_softmax(-1)
     ce = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     ce_sum = (ce * weights).sum()
     if h_teacher is None:
         return ce_sum, ce_sum.new_zeros(())
     with torch.no_grad():
-        logq = head(h_teacher).float().log_softmax(-1)
+        logq = upcast_logits(head(h_teacher)).log_softmax(-1)
     kl = (logp.exp() * (logp - logq)).sum(-1)                 # KL(p_student || p_teacher)
     return ce_sum, (kl * weights).sum()
 
