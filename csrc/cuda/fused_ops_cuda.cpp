@@ -111,8 +111,7 @@ void silu_mul_out(T gate_up_in, T out) {
   a.out = out.data_ptr();
   a.rows = d.rows;
   a.inter = static_cast<int>(d.inter);
-  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  a.vec16 = aligned(a.gate_up) && aligned(a.out);
+  a.vec16 = is_aligned16(gate_up) && is_aligned16(out);
   C10_CUDA_CHECK(launch_silu_mul(dtype_of(gate_up), a, at::cuda::getCurrentCUDAStream()));
 }
 

@@ -18,8 +18,13 @@ inline Dtype dtype_of(const at::Tensor& t) {
   }
 }
 
+// Whether t's data starts at a 16-byte aligned address (the kernels' vector loads).
+inline bool is_aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
 inline void check_aligned(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name,
+  TORCH_CHECK(is_aligned16(t), op, ": ", name,
               " must start at a 16-byte aligned address for the CUDA kernels (a view with an "
               "odd storage offset?); call .contiguous() or clone() it");
 }

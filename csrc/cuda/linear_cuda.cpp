@@ -42,8 +42,6 @@ int forced_splits() {
   return static_cast<int>(n);
 }
 
-bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
-
 // The kernel's domain: fp16 / bf16, 1..32 rows, K a multiple of 8 (16-byte loads), a contiguous
 // weight and bias, a grid that fits (N / 64 row tiles in gridDim.y).
 bool skinny_applies(const LinearDims& d, T x, T weight, OptT bias) {
@@ -51,7 +49,7 @@ bool skinny_applies(const LinearDims& d, T x, T weight, OptT bias) {
   if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
   if (d.rows < 1 || d.rows > kSkinnyMaxRows || d.in % 8 != 0 || d.in > INT32_MAX / 2) return false;
   if ((d.out + kSkinnyRowsPerCta - 1) / kSkinnyRowsPerCta > 65535) return false;
-  if (!weight.is_contiguous() || !aligned16(weight)) return false;
+  if (!weight.is_contiguous() || !is_aligned16(weight)) return false;
   if (bias.has_value() && bias->defined() && !bias->is_contiguous()) return false;
   return skinny_enabled();
 }
@@ -61,7 +59,7 @@ at::Tensor linear_cuda(T x_in, T weight, OptT bias) {
   if (!skinny_applies(d, x_in, weight, bias)) return at::linear(x_in, weight, bias);
   const c10::cuda::CUDAGuard guard(x_in.device());
   auto x = x_in.contiguous();
-  if (!aligned16(x)) x = x.clone();
+  if (!is_aligned16(x)) x = x.clone();
   auto shape = x_in.sizes().vec();
   shape.back() = d.out;
   auto y = at::empty(shape, x.options());
