@@ -10,9 +10,9 @@ or the attention. This forward reads the same parameters and runs a layer as
 
 with the fused ops of mage_ext.ops (rms_norm, qkv_rope, silu_mul: CPU and CUDA kernels that
 reproduce the transformers modules' rounding) and its GEMMs through ops.linear (cuBLAS; the
-experimental few-row kernel with MAGE_SKINNY_GEMM=on). The q/k/v and gate/up weights are concatenated
-once per model and the modules' own parameters re-pointed at views of the concatenation, so no
-weight is held twice and the stock forward keeps working on the same storage.
+experimental few-row kernel with MAGE_SKINNY_GEMM=on). The q/k/v and gate/up weights are
+concatenated once per model and the modules' own parameters re-pointed at views of the
+concatenation, so no weight is held twice and the stock forward keeps working on the same storage.
 
 Tensor parallelism (a model sharded by mage_ext/hf/tensor_parallel.py): the same forward on this
 rank's shards (its query / KV heads and MLP columns, read as local tensors of the DTensor
@@ -175,7 +175,7 @@ class FastForward:
                                    w.q_norm, w.k_norm, self.eps)
             a = self.cache.attend(i, q, k, v, self.scale)          # [batch, Hq, n, d]
             x = self._reduce(ops.linear(a.transpose(1, 2).reshape(batch, n, self.hq * self.d),
-                                      w.o_w))
+                                        w.o_w))
             h, residual = ops.rms_norm(x, w.post_norm, self.eps, residual)
             x = self._reduce(ops.linear(ops.silu_mul(ops.linear(h, w.gate_up_w)), w.down_w))
         if keep is not None:  # the final norm is per position: keep only what is needed
