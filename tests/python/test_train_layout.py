@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from mage_ext.train import TrainLayout
+from mage_ext.train.objective import upcast_logits
 from mage_ext.train.layout import (causal_lm, disable_train_attention,
                                    enable_activation_checkpointing)
 from conftest import requires_cuda
@@ -42,7 +43,7 @@ def reference_hidden_sdpa(model, layout, noisy, clean):
 
 
 def ce_loss(model, hidden, targets, weights):
-    logits = causal_lm(model).lm_head(hidden).float()
+    logits = upcast_logits(causal_lm(model).lm_head(hidden))
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
     return (ce * weights.flatten()).sum()
 
