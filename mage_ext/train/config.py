@@ -52,6 +52,7 @@ class FTConfig:
     n_sink: int = 0
     n_recent: int = 0
     lam: float = DEFAULT_LAMBDA                  # JSON key "lambda"
+    teacher: str = "model"                       # KL teacher: "model" (the trained one) or "base"
     token_shift: Optional[bool] = None           # None: by family (Fast-dLLM v2 yes, SDAR no)
     complementary: bool = True
     loss_chunk: int = 1024
@@ -137,6 +138,10 @@ def validate(raw: dict) -> FTConfig:
     _choice("mode", cfg.mode, ("lora", "full"))
     _choice("schedule", cfg.schedule, ("cosine", "constant"))
     _choice("precision", cfg.precision, ("fp32", "bf16"))
+    _choice("teacher", cfg.teacher, ("model", "base"))
+    if cfg.teacher == "base" and cfg.mode != "lora":
+        raise ConfigError("config key 'teacher': \"base\" needs 'mode' \"lora\" (the base model is "
+                          "the adapters switched off; full fine-tuning keeps no frozen copy)")
     _num("lr", cfg.lr, 0, allow_none=True, open_low=True)
     _num("weight_decay", cfg.weight_decay, 0)
     _num("min_lr_ratio", cfg.min_lr_ratio, 0, 1)

@@ -245,6 +245,9 @@ def finetune(config, *, _stop_after=None) -> dict:
         token_shift=(lm.family == "fast_dllm") if cfg.token_shift is None else cfg.token_shift,
         complementary=cfg.complementary, n_sink=cfg.n_sink, n_recent=cfg.n_recent,
         loss_chunk=cfg.loss_chunk)
+    def teacher_ctx(m):   # "base": the KL's teacher is the model with its adapters off
+        return m.disable_adapter if cfg.teacher == "base" else None
+
     step = 0
     if saved is not None and ranks.sharded:
         sharded_checkpoint.load(ckpt_path, root, opt)
@@ -295,7 +298,7 @@ def finetune(config, *, _stop_after=None) -> dict:
                 with autocast:
                     loss, st = root(lambda m: mage_ft_loss(
                         m, b["tokens"], b["weight"], b["force_mask"], b["keep"], obj, gen,
-                        recall=recall, rows=rows))
+                        recall=recall, rows=rows, frozen_teacher=teacher_ctx(m)))
                 (loss / cfg.grad_accum).backward()
                 stats.append(dict(st, loss=float(loss.detach())))
             grad_norm = clip_grad_norm(params, cfg.grad_clip)

@@ -15,6 +15,10 @@ MAGE-FT, per batch (mage_ft_loss):
      layers >= dense_layers (the student);
   3. loss = CE(student) + lambda * KL(p_student || p_teacher) on the masked positions (weighted
      means over the same positions), gradients through the student only.
+With a frozen teacher (``frozen_teacher``: LoRA's adapters switched off) the KL's teacher is the
+model before fine-tuning, in a pass of its own; the selection and the recall stay the trained
+model's (what MAGE runs at inference). A teacher that trains with the student can lower the KL by
+leaning less on the context in both (finetune/README.md, MAGE-FT: runs c and h).
 CE and KL run over chunks of positions, each chunk under activation checkpointing: its
 [chunk x vocab] fp32 logits exist only while the chunk is computed (and again in the backward),
 never the whole [positions x vocab].
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
@@ -185,16 +189,20 @@ def bd_loss(model, tokens, weight, force_mask, keep, obj: MageFTObjective,
 
 def mage_ft_loss(model, tokens, weight, force_mask, keep, obj: MageFTObjective,
                  gen: Optional[torch.Generator] = None, recall: bool = True,
-                 rows: slice = slice(None)):
+                 rows: slice = slice(None),
+                 frozen_teacher: Optional[Callable[[], ContextManager]] = None):
     """One MAGE-FT loss on a batch: tokens [batch, L] (L a multiple of the block size) and
     per-token weight / force_mask / keep (CPU); returns (loss, stats). ``recall`` measures the
     selection against the teacher (its scores cost one attention_with_scores per block chunk).
     stats["t_select"]: seconds of the no-grad selection + teacher forward.
     ``rows`` (data parallelism): only these sequences run; loss, ce and kl are their share of the
-    whole batch's (summed over disjoint rows they give the whole batch's), with the same noise."""
+    whole batch's (summed over disjoint rows they give the whole batch's), with the same noise.
+    ``frozen_teacher``: a context manager factory under which ``model`` is the KL's teacher
+    (peft's ``model.disable_adapter``); None: the teacher is ``model`` itself."""
     b = _Batch(model, tokens, weight, force_mask, keep, obj, gen, rows)
     layout = b.layout(obj)
-    teacher = obj.lam > 0 or recall
+    shared = obj.lam > 0 and frozen_teacher is None   # the KL's teacher rides the selection pass
+    teacher = shared or recall
     t0 = time.perf_counter()
     training = model.training
     model.eval()           # (LoRA dropout off for the selection and the teacher)
@@ -203,8 +211,13 @@ def mage_ft_loss(model, tokens, weight, force_mask, keep, obj: MageFTObjective,
         h_t = layout.hidden_states(model, [torch.full_like(b.x0, obj.mask_id)]
                                    + (b.copies if teacher else []), b.x0, modes)
         # only the teacher rows the KL reads are kept ([all-[MASK] | copies | x_0]: offset L)
-        teacher_rows = b.rows_of(h_t, b.length) if obj.lam > 0 and b.n_positions else None
+        teacher_rows = b.rows_of(h_t, b.length) if shared and b.n_positions else None
         del h_t
+        if obj.lam > 0 and frozen_teacher is not None and b.n_positions:
+            with frozen_teacher():
+                h_f = layout.hidden_states(model, b.copies, b.x0, ["exact"] * len(b.copies))
+            teacher_rows = b.rows_of(h_f)
+            del h_f
     model.train(training)
     _sync(b.device)
     t1 = time.perf_counter()

@@ -18,7 +18,8 @@ import torch
 import mage_ext
 from mage_ext.train.config import ConfigError, load_config
 from mage_ext.train.mage_ft import INTERRUPTED_EXIT, finetune
-from mage_ext.train.objective import MageFTObjective, bd_loss, chunked_ce_kl, mage_ft_loss
+from mage_ext.train.objective import (MageFTObjective, _Batch, bd_loss, chunked_ce_kl,
+                                      mage_ft_loss)
 from conftest import requires_cuda
 from tiny_models import one_thread  # noqa: F401
 
@@ -158,6 +159,50 @@ def test_sparse_student_has_kl_and_gradients(ckpt, gen):
                for n, p in lm.model.named_parameters() if "layers.1.self_attn.k_proj" in n)
 
 
+def test_frozen_teacher_is_the_base_model(ckpt, gen):
+    """frozen_teacher (LoRA's adapters off): the KL's teacher is the untouched base model in
+    exact attention, the student and the selection stay the adapted model's."""
+    import copy
+    peft = pytest.importorskip("peft")
+    lm = _tiny_lm(ckpt)
+    base = copy.deepcopy(lm.model)
+    model = peft.get_peft_model(lm.model, peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    tokens, w, force, keep = _batch(gen)
+    obj = MageFTObjective(block_size=BS, mask_id=lm.mask_id, k=4, dense_layers=1, lam=0.5)
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    loss, st = mage_ft_loss(model, tokens, w, force, keep, obj, torch.Generator().manual_seed(seed),
+                            frozen_teacher=model.disable_adapter)
+    b = _Batch(model, tokens, w, force, keep, obj, torch.Generator().manual_seed(seed))
+    layout = b.layout(obj)
+    with torch.no_grad():
+        layout.hidden_states(model, [torch.full_like(b.x0, obj.mask_id)], b.x0, ["select"])
+        h_base = layout.hidden_states(base, b.copies, b.x0, ["exact"] * len(b.copies))
+        h_student = layout.hidden_states(model, b.copies, b.x0, ["sparse"] * len(b.copies))
+        ce, kl = b.terms(h_student, b.rows_of(h_base), obj.loss_chunk)
+    assert st["kl"] > 0 and abs(st["kl"] - float(kl)) < 1e-7 and abs(st["ce"] - float(ce)) < 1e-7
+    _, shared = mage_ft_loss(model, tokens, w, force, keep, obj, torch.Generator().manual_seed(seed))
+    assert abs(shared["kl"] - st["kl"]) > 1e-6            # the adapters' teacher differs
+    assert shared["mass_recall"] == st["mass_recall"]      # one selection, one recall
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def test_run_with_the_base_teacher(uninterrupted, ckpt, tmp_path):
+    """teacher "base": step 1 (adapters start at zero) is the default run's step 1; the run
+    trains and exports like any other."""
+    out = tmp_path / "base"
+    result = finetune(config(ckpt, out, teacher="base", steps=2))
+    assert result["status"] == "done"
+    got, want = losses(read_log(out)), losses(read_log(uninterrupted[0]))
+    assert got[0] == pytest.approx(want[0], rel=1e-6, abs=1e-9)
+    assert got[1]["kl"] != pytest.approx(want[1]["kl"], rel=1e-6)
+
+
 # -- runs, resumption, outputs ------------------------------------------------------------------
 def test_run_writes_log_checkpoint_and_loadable_outputs(uninterrupted, ckpt):
     out, result = uninterrupted
@@ -266,6 +311,8 @@ def test_jsonl_packing_and_position(ckpt, tmp_path):
     ({"data": {"jsonl": "x", "synthetic": {"filler": 1}}}, "exactly one of 'jsonl'"),
     ({"data": {"synthetic": {"sudoku": 1}}}, "'data.synthetic': expected a kind"),
     ({"n_sink": 8, "n_recent": 8}, "exceed the budget 'k'"),
+    ({"teacher": "exact"}, "'teacher': expected one of"),
+    ({"teacher": "base", "mode": "full"}, "needs 'mode' \"lora\""),
 ])
 def test_bad_config_values(ckpt, tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
