@@ -199,8 +199,8 @@ def test_run_with_the_base_teacher(uninterrupted, ckpt, tmp_path):
     result = finetune(config(ckpt, out, teacher="base", steps=2))
     assert result["status"] == "done"
     got, want = losses(read_log(out)), losses(read_log(uninterrupted[0]))
-    assert got[0] == pytest.approx(want[0], rel=1e-6, abs=1e-9)
-    assert got[1]["kl"] != pytest.approx(want[1]["kl"], rel=1e-6)
+    assert got[0] == pytest.approx(want[0], rel=1e-5, abs=1e-9)   # (fp32: two passes vs one)
+    assert abs(got[1]["kl"] - want[1]["kl"]) > 1e-3 * want[1]["kl"]   # (2% apart when written)
 
 
 # -- runs, resumption, outputs ------------------------------------------------------------------
