@@ -179,8 +179,12 @@ class _Stop:
             signal.signal(s, h)
 
 
+# Config keys added after checkpoints were first written, with the value that older runs had.
+KEYS_ADDED_LATER = {"teacher": "model"}
+
+
 def _check_resumable(saved: dict, cfg: FTConfig, path: str) -> None:
-    now = cfg.to_json()
+    saved, now = {**KEYS_ADDED_LATER, **saved}, cfg.to_json()
     diff = sorted(k for k in set(saved) | set(now)
                   if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
     if diff:

@@ -367,6 +367,13 @@ def test_resume_refuses_a_changed_config_and_a_foreign_output_dir(ckpt, tmp_path
     finetune(config(ckpt, out, steps=1))
     with pytest.raises(ConfigError, match=r"keys \['k'\] differ"):
         finetune(config(ckpt, out, steps=2, k=10))
+    with pytest.raises(ConfigError, match=r"keys \['teacher'\] differ"):
+        finetune(config(ckpt, out, steps=2, teacher="base"))
+    # a checkpoint written before the 'teacher' key existed resumes with its old behaviour
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    del saved["config"]["teacher"]
+    torch.save(saved, out / "checkpoint.pt")
+    assert finetune(config(ckpt, out, steps=2))["step"] == 2
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
