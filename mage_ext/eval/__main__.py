@@ -4,7 +4,8 @@ Runs every method at every budget (and dense-layer setting) on the synthetic tas
 seed, and writes the records to runs/eval/eval-<UTC time>.json (git-ignored) unless --out names
 a file: top-level model, commit, device, torch, dtype, date, stage, steps, lambda, note, config,
 records (stage, method, k, adaptive, dense_layers, task, context_len, seed, accuracy, recall,
-mass_recall, kv_fraction, n), heatmap, needle_mass. --stage before / after marks a run before or
+mass_recall, kv_fraction, n), heatmap, needle_mass, complete (false while records are still
+being added: the file is rewritten after each one). --stage before / after marks a run before or
 after MAGE-FT (with the fine-tuning's --steps and --lambda; python -m mage_ext.eval.stages joins a
 before and an after file). Prints markdown tables and, with --heatmaps DIR, one needle heatmap
 per method. A committed file (git ls-files) is never overwritten without --force.
@@ -135,7 +136,7 @@ def _main(argv):
                    device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                    torch=torch.__version__, dtype=str(dtype).removeprefix("torch."),
                    date=now.isoformat(timespec="seconds"), stage=a.stage, steps=a.steps,
-                   **{"lambda": a.lam}, note=a.note, config=config, records=[])
+                   **{"lambda": a.lam}, note=a.note, config=config, complete=False, records=[])
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def write_partial(rec):  # a long run that is cut short keeps what it finished
@@ -147,7 +148,7 @@ def _main(argv):
         part = evaluate(lm, dataclasses.replace(cfg, seed=seed), on_record=write_partial)
         for key, rows in part.items():
             report[key] += [dict(stage=a.stage, **r) for r in rows] if key == "records" else rows
-    payload.update(report)
+    payload.update(report, complete=True)
     out.write_text(json.dumps(payload, indent=1) + "\n")
     print(records_table(report["records"]))
     print()

@@ -27,6 +27,9 @@ def combine(before: dict, after: dict) -> dict:
         if run.get("stage") != stage:
             raise ValueError(f"{name}: expected a run with stage '{stage}', got "
                              f"{run.get('stage')!r} (python -m mage_ext.eval --stage {stage})")
+        if run.get("complete") is False:   # (files of older versions carry no flag)
+            raise ValueError(f"{name}: an unfinished run ({len(run.get('records', []))} records "
+                             f"written so far): wait for it to end, or run it again")
     differ = [k for k in GRID if before["config"].get(k) != after["config"].get(k)]
     if differ:
         raise ValueError(f"the runs used different grids: {', '.join(differ)} differ")

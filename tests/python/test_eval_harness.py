@@ -108,6 +108,12 @@ def test_command_line_stage_seeds_and_dense_settings(tiny_dir, tmp_path):
         stages_main([str(out), str(other), "--out", str(both)])
     with pytest.raises(CliError, match="stage 'before'"):
         stages_main([str(after), str(other), "--out", str(both)])
+    cut = json.loads(after.read_text())   # a run still going (or cut short) is refused
+    cut.update(complete=False, records=cut["records"][:3])
+    (tmp_path / "cut.json").write_text(json.dumps(cut))
+    with pytest.raises(CliError, match="an unfinished run \\(3 records"):
+        stages_main([str(out), str(tmp_path / "cut.json"), "--out", str(both)])
+    assert json.loads(after.read_text())["complete"] is True
     with pytest.raises(CliError, match="--steps and --lambda"):
         _main(base + ["--stage", "after", "--steps", "3", "--out", str(after)])
     with pytest.raises(CliError, match="--stage"):
