@@ -249,6 +249,7 @@ def finetune(config, *, _stop_after=None) -> dict:
         token_shift=(lm.family == "fast_dllm") if cfg.token_shift is None else cfg.token_shift,
         complementary=cfg.complementary, n_sink=cfg.n_sink, n_recent=cfg.n_recent,
         loss_chunk=cfg.loss_chunk)
+
     def teacher_ctx(m):   # "base": the KL's teacher is the model with its adapters off
         return m.disable_adapter if cfg.teacher == "base" else None
 
