@@ -18,6 +18,7 @@ with "error" and the run goes on.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -144,6 +145,16 @@ def main(argv=None):
         device, shapes, modes, lengths, reps, block, k = (
             torch.device("cuda"), a.shapes, a.modes, a.lengths, a.reps, BLOCK, K)
     records = []
+    env = environment(device.type)
+
+    def save():   # after every configuration: a run stopped at a time limit keeps its rows
+        payload = {**env, "records": records}
+        if a.out:
+            Path(a.out).write_text(json.dumps(payload, indent=1) + "\n")
+            return Path(a.out), payload
+        from common import write_results
+        return write_results(DEFAULT_OUT, payload), payload
+
     for shape in shapes:
         for mode in modes:
             for t in lengths:
@@ -154,15 +165,10 @@ def main(argv=None):
                            "error": f"OutOfMemoryError: {str(e).splitlines()[0][:200]}"}
                 records.append(rec)
                 print(json.dumps({key: rec[key] for key in rec if key != "passes"}), flush=True)
+                out, payload = save()
+                gc.collect()              # an out-of-memory traceback can hold the model
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    payload = {**environment(device.type), "records": records}
-    if a.out:
-        out = Path(a.out)
-        out.write_text(json.dumps(payload, indent=1) + "\n")
-    else:
-        from common import write_results
-        out = write_results(DEFAULT_OUT, payload)
     print(f"wrote {out}")
     return payload
 
