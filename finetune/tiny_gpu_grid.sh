@@ -7,7 +7,8 @@
 #   3. evaluate both results (stage "after") on the same grid.
 # fp32 throughout (training and evaluation), so merged LoRA weights are not rounded to bf16.
 # Writes under $OUT: before.json, after_base3.json, after_control.json (mage_ext.eval files;
-# join with python -m mage_ext.eval.stages), log_base3.jsonl, log_control.jsonl, grid.log.
+# join with python -m mage_ext.eval.stages), log_base3.jsonl, log_control.jsonl, grid.log and
+# adapters.tar (both LoRA adapters with their configs: re-evaluate with --model DIR/adapter).
 #   OUT=/tmp/grid bash finetune/tiny_gpu_grid.sh    # GPU; SEQ K STEPS LR LENGTHS SAMPLES SEEDS override
 #   OUT=/tmp/g DEVICE=cpu SEQ=256 K=16 STEPS=2 LENGTHS=256 SAMPLES=1 SEEDS=0 bash finetune/tiny_gpu_grid.sh
 set -uo pipefail
@@ -51,6 +52,7 @@ EOF
   python3 -m mage_ext.finetune --config "$dir.config.json" >>"$OUT/grid.log" 2>&1 \
     || { log "$name: training FAILED"; continue; }
   cp "$dir/log.jsonl" "$OUT/log_$name.jsonl"
+  tar -C "$WORK" -rf "$OUT/adapters.tar" "$name/adapter" "$name.config.json"   # small: LoRA only
   log "$name: eval"
   python3 -m mage_ext.eval --model "$dir/adapter" "${EVAL[@]}" --stage after --steps "$STEPS" \
     --lambda "$lam" --note "$name: teacher $teacher, seq $SEQ, k $K, lr $LR; tiny_gpu_grid.sh" \
