@@ -2,7 +2,8 @@
 
 BEFORE and AFTER are files of ``python -m mage_ext.eval --stage before`` / ``--stage after``
 over the same grid (tasks, lengths, depths, samples, methods, budgets, dense layers, seeds;
-checked). The output keeps every record of both (each carries its ``stage``), the after run's
+checked). Either may list several comma-separated files of one stage that differ only in their
+seeds (a grid split over several runs): they are joined first (``join_seeds``). The output keeps every record of both (each carries its ``stage``), the after run's
 ``steps`` and ``lambda``, the top-level ``device``, ``torch``, ``commit`` and ``date`` of the after
 run, and each run's own header under ``runs``. A committed file is never overwritten without
 --force. It then prints a before / after table (accuracy per task, mass recall; means over seeds).
@@ -18,7 +19,8 @@ PROG = "python -m mage_ext.eval.stages"
 # config entries that must agree (the rest, e.g. batch size or progress, may differ)
 GRID = ("tasks", "lengths", "depths", "samples_per_depth", "methods", "ks", "dense_layers",
         "seeds", "recall")
-HEADER = ("model", "commit", "device", "torch", "dtype", "date", "stage", "steps", "lambda", "note")
+HEADER = ("model", "commit", "commits", "device", "torch", "dtype", "date", "stage", "steps",
+          "lambda", "note")
 
 
 def combine(before: dict, after: dict) -> dict:
@@ -41,6 +43,34 @@ def combine(before: dict, after: dict) -> dict:
                 config=after["config"],
                 runs={r["stage"]: {k: r.get(k) for k in HEADER} for r in (before, after)},
                 records=before["records"] + after["records"])
+
+
+def join_seeds(runs: list) -> dict:
+    """One run from runs of the same stage, model, device and grid over disjoint seeds (a grid
+    split over calls); records in the order given, ``commit`` / ``date`` of the last, the
+    commits of all under ``commits``."""
+    if len(runs) == 1:
+        return runs[0]
+    first, seen = runs[0], set()
+    for i, run in enumerate(runs):
+        differ = [k for k in GRID if k != "seeds" and run["config"].get(k) != first["config"].get(k)]
+        differ += [k for k in ("model", "stage", "steps", "lambda", "device", "dtype")
+                   if run.get(k) != first.get(k)]
+        if differ:
+            raise ValueError(f"file {i + 1} of one stage differs from the first in: "
+                             f"{', '.join(differ)} (only the seeds may differ)")
+        if run.get("complete") is False:
+            raise ValueError(f"file {i + 1} of one stage is an unfinished run")
+        seeds = set(run["config"]["seeds"])
+        if seeds & seen:
+            raise ValueError(f"file {i + 1} of one stage repeats seeds {sorted(seeds & seen)}")
+        seen |= seeds
+    last = runs[-1]
+    return dict(last, config=dict(last["config"], seeds=[s for r in runs
+                                                         for s in r["config"]["seeds"]]),
+                commits=[r.get("commit") for r in runs],
+                note="; ".join(dict.fromkeys(r.get("note") or "" for r in runs)) or None,
+                records=[rec for r in runs for rec in r["records"]])
 
 
 def _mean(values) -> float:
@@ -77,8 +107,9 @@ def table(evidence: dict) -> str:
 
 def build_parser() -> Parser:
     p = Parser(PROG, __doc__)
-    p.add_argument("before", metavar="BEFORE", help="results of the --stage before run")
-    p.add_argument("after", metavar="AFTER", help="results of the --stage after run")
+    p.add_argument("before", metavar="BEFORE", help="results of the --stage before run "
+                   "(several files of disjoint seeds: comma-separated)")
+    p.add_argument("after", metavar="AFTER", help="results of the --stage after run (likewise)")
     p.add_argument("--out", required=True, metavar="FILE", help="the combined file")
     p.add_argument("--force", action="store_true", help="allow --out to replace a committed file")
     return p
@@ -95,7 +126,8 @@ def _main(argv) -> None:
     a = build_parser().parse_args(argv)
     refuse_committed(a.out, a.force, "--out")
     try:
-        data = combine(_load(a.before), _load(a.after))
+        data = combine(*(join_seeds([_load(f) for f in arg.split(",")])
+                         for arg in (a.before, a.after)))
     except (KeyError, ValueError) as e:
         raise CliError(f"{a.before} + {a.after}: {e}") from None
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

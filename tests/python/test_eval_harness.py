@@ -97,6 +97,26 @@ def test_command_line_stage_seeds_and_dense_settings(tiny_dir, tmp_path):
     assert (data["steps"], data["lambda"], data["torch"]) == (200, 0.5, torch.__version__)
     assert [r["stage"] for r in data["records"]] == ["before"] * len(recs) + ["after"] * len(recs)
     assert set(data["runs"]) == {"before", "after"} and data["runs"]["before"]["note"] == "smoke"
+    # a grid split over two runs by seed joins to the same evidence
+    whole = json.loads(out.read_text())
+    parts = []
+    for seed in (0, 1):
+        part = tmp_path / f"before_seed{seed}.json"
+        part.write_text(json.dumps(dict(
+            whole, commit=f"c{seed}", config=dict(whole["config"], seeds=[seed]),
+            records=[r for r in whole["records"] if r["seed"] == seed])))
+        parts.append(str(part))
+    joined = tmp_path / "joined.json"
+    stages_main([",".join(parts), str(after), "--out", str(joined)])
+    joined_data = json.loads(joined.read_text())
+    key = lambda r: (r["seed"], r["method"], r["dense_layers"], r["k"])  # noqa: E731
+    assert sorted(map(key, joined_data["records"])) == sorted(map(key, data["records"]))
+    assert joined_data["config"]["seeds"] == [0, 1]
+    assert joined_data["runs"]["before"]["commits"] == ["c0", "c1"]
+    with pytest.raises(CliError, match="repeats seeds \\[0\\]"):
+        stages_main([f"{parts[0]},{parts[0]}", str(after), "--out", str(joined)])
+    with pytest.raises(CliError, match="differs from the first in: stage"):
+        stages_main([f"{parts[0]},{after}", str(after), "--out", str(joined)])
     from mage_ext.eval.stages import table
 
     rows = table(data).splitlines()  # a header, a rule, one row per (method, dense layers, k)
