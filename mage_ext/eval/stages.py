@@ -3,10 +3,11 @@
 BEFORE and AFTER are files of ``python -m mage_ext.eval --stage before`` / ``--stage after``
 over the same grid (tasks, lengths, depths, samples, methods, budgets, dense layers, seeds;
 checked). Either may list several comma-separated files of one stage that differ only in their
-seeds (a grid split over several runs): they are joined first (``join_seeds``). The output keeps every record of both (each carries its ``stage``), the after run's
-``steps`` and ``lambda``, the top-level ``device``, ``torch``, ``commit`` and ``date`` of the after
-run, and each run's own header under ``runs``. A committed file is never overwritten without
---force. It then prints a before / after table (accuracy per task, mass recall; means over seeds).
+seeds (a grid split over several runs): they are joined first (``join_seeds``). The output keeps
+every record of both (each carries its ``stage``), the after run's ``steps`` and ``lambda``,
+the top-level ``device``, ``torch``, ``commit`` and ``date`` of the after run, and each run's
+own header under ``runs``. A committed file is never overwritten without --force. It then
+prints a before / after table (accuracy per task, mass recall; means over seeds).
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def join_seeds(runs: list) -> dict:
         return runs[0]
     first, seen = runs[0], set()
     for i, run in enumerate(runs):
-        differ = [k for k in GRID if k != "seeds" and run["config"].get(k) != first["config"].get(k)]
+        differ = [k for k in GRID
+                  if k != "seeds" and run["config"].get(k) != first["config"].get(k)]
         differ += [k for k in ("model", "stage", "steps", "lambda", "device", "dtype")
                    if run.get(k) != first.get(k)]
         if differ:
