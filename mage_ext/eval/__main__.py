@@ -4,7 +4,8 @@ Runs every method at every budget (and dense-layer setting) on the synthetic tas
 seed, and writes the records to runs/eval/eval-<UTC time>.json (git-ignored) unless --out names
 a file: top-level model, commit, device, torch, dtype, date, stage, steps, lambda, note, config,
 records (stage, method, k, adaptive, dense_layers, task, context_len, seed, accuracy, recall,
-mass_recall, kv_fraction, n), heatmap, needle_mass, complete (false while records are still
+mass_recall, oracle_mass: the mass the step's own top-k holds, mass recall's ceiling,
+kv_fraction, n), heatmap, needle_mass, complete (false while records are still
 being added: the file is rewritten after each one). --stage before / after marks a run before or
 after MAGE-FT (with the fine-tuning's --steps and --lambda; python -m mage_ext.eval.stages joins a
 before and an after file). Prints markdown tables and, with --heatmaps DIR, one needle heatmap

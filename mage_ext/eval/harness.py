@@ -184,6 +184,7 @@ def evaluate(model, cfg: Optional[EvalConfig] = None, *, device=None, dtype=None
                        task=task, context_len=length, seed=cfg.seed,
                        accuracy=sum(c for _, c in cell.correct) / len(cell.correct),
                        recall=summ.get("set_recall"), mass_recall=summ.get("mass_recall"),
+                       oracle_mass=summ.get("oracle_mass"),
                        kv_fraction=sum(cell.kv_fracs) / len(cell.kv_fracs), n=len(cell.correct))
             records.append(rec)
             for depth in cfg.depths:

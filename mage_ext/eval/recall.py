@@ -5,6 +5,8 @@ O = top-k of the exact block/group-averaged scores at this step (``ops.attention
   set recall  = |T & O| / k     (the spec's definition, section 4; k = the oracle budget)
   mass recall = sum of the exact scores inside T / sum over the whole cache
                 (the share of this step's cache attention mass that the selection read).
+  oracle mass = the same for O: the most mass any selection of k entries can read at this
+                step (mass recall's ceiling; below 1 where attention is spread thin).
 Where the cache holds fewer than k entries, O is the whole cache and a selection that reads all
 of it scores length / k, not 1: set recall is the spec's |T & O| / k at every length (the paper's
 numbers are computed that way; dividing by |O| = min(k, length) would report 1.0 there). Mass
@@ -28,6 +30,7 @@ from ..core.selectors.base import LayerKV, Selection, StepContext
 class StepRecall:
     set_recall: Tensor   # float64 [batch, Hkv]
     mass_recall: Tensor  # float64 [batch, Hkv]
+    oracle_mass: Tensor  # float64 [batch, Hkv]: mass recall of O itself (the ceiling)
 
 
 def membership(indices: Tensor, counts: Tensor, capacity: int) -> Tensor:
@@ -90,9 +93,13 @@ def oracle_recall(q: Tensor, k_block: Tensor, v_block: Tensor, kv: LayerKV,
     nan = torch.full_like(n_oracle, float("nan"))
     set_recall = torch.where(n_oracle > 0, hits / budget.clamp(min=1), nan)
     s = scores.double()
-    total, inside = s.sum(-1), (s * chosen).sum(-1)
-    mass_recall = torch.where(total > 0, inside / torch.where(total > 0, total, 1.0), nan)
-    return StepRecall(set_recall.cpu(), mass_recall.cpu())
+    total = s.sum(-1)
+    share = lambda members: torch.where(  # noqa: E731
+        total > 0, (s * members).sum(-1) / torch.where(total > 0, total, 1.0), nan)
+    return StepRecall(set_recall.cpu(), share(chosen).cpu(), share(oracle).cpu())
+
+
+METRICS = ("set_recall", "mass_recall", "oracle_mass")  # StepRecall's fields, as averaged
 
 
 class RecallMeter:
@@ -107,7 +114,8 @@ class RecallMeter:
         if k is not None and int(k) <= 0:
             raise ValueError(f"k: the oracle budget must be > 0 or None, got {k}")
         self.k, self.min_step = k, int(min_step)
-        self._acc: dict[tuple[int, int, int], list[float]] = {}  # set sum, set n, mass sum, mass n
+        # per (layer, head, step): [sum, n] for each of METRICS, flattened
+        self._acc: dict[tuple[int, int, int], list[float]] = {}
 
     def record(self, ctx: StepContext, q: Tensor, k_block: Tensor, v_block: Tensor,
                kv: LayerKV, selection: Optional[Selection]) -> Optional[StepRecall]:
@@ -115,32 +123,32 @@ class RecallMeter:
             return None
         r = oracle_recall(q, k_block, v_block, kv, selection, self.k, ctx.scale)
         for h in range(r.set_recall.shape[1]):
-            acc = self._acc.setdefault((ctx.layer, h, ctx.step), [0.0, 0, 0.0, 0])
-            for i, vals in ((0, r.set_recall[:, h]), (2, r.mass_recall[:, h])):
+            acc = self._acc.setdefault((ctx.layer, h, ctx.step), [0.0, 0] * len(METRICS))
+            for j, name in enumerate(METRICS):
+                vals = getattr(r, name)[:, h]
                 ok = ~vals.isnan()
-                acc[i] += float(vals[ok].sum())
-                acc[i + 1] += int(ok.sum())
+                acc[2 * j] += float(vals[ok].sum())
+                acc[2 * j + 1] += int(ok.sum())
         return r
 
     def summary(self) -> dict:
-        """{'set_recall', 'mass_recall', 'n', 'per_layer': {layer: {...}}, 'records': [...]}.
+        """{'set_recall', 'mass_recall', 'oracle_mass', 'n', 'per_layer': {layer: {...}},
+        'records': [...]}.
 
         Overall and per-layer values are means over every recorded (sequence, KV head, step)
         (layer too, for the overall ones); None where nothing was recorded. Only layers that
         made a selection are recorded, so dense layers never enter the means.
         """
-        def mean(s, n):
-            return s / n if n else None
+        def means(acc) -> dict:
+            out = {name: acc[2 * i] / acc[2 * i + 1] if acc[2 * i + 1] else None
+                   for i, name in enumerate(METRICS)}
+            return dict(out, n=acc[1])
 
-        records, layers, total = [], {}, [0.0, 0, 0.0, 0]
+        records, layers, total = [], {}, [0.0, 0] * len(METRICS)
         for (layer, head, step), acc in sorted(self._acc.items()):
-            records.append({"layer": layer, "head": head, "step": step,
-                            "set_recall": mean(acc[0], acc[1]),
-                            "mass_recall": mean(acc[2], acc[3]), "n": acc[1]})
-            for dst in (layers.setdefault(layer, [0.0, 0, 0.0, 0]), total):
-                for i in range(4):
-                    dst[i] += acc[i]
-        per_layer = {layer: {"set_recall": mean(a[0], a[1]), "mass_recall": mean(a[2], a[3]),
-                             "n": a[1]} for layer, a in layers.items()}
-        return {"set_recall": mean(total[0], total[1]), "mass_recall": mean(total[2], total[3]),
-                "n": total[1], "per_layer": per_layer, "records": records}
+            records.append({"layer": layer, "head": head, "step": step, **means(acc)})
+            for dst in (layers.setdefault(layer, [0.0, 0] * len(METRICS)), total):
+                for i, v in enumerate(acc):
+                    dst[i] += v
+        per_layer = {layer: means(a) for layer, a in layers.items()}
+        return dict(means(total), per_layer=per_layer, records=records)

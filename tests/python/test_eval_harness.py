@@ -36,12 +36,14 @@ def test_grid_records(tiny_dir):
     assert set(recs) == set(METHOD_NAMES)
     for r in rep["records"]:
         assert set(r) >= {"method", "k", "adaptive", "task", "context_len", "accuracy", "recall",
-                          "mass_recall", "kv_fraction"}
+                          "mass_recall", "oracle_mass", "kv_fraction"}
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 < r["kv_fraction"] <= 1.0
     assert recs["exact"]["kv_fraction"] == 1.0 and recs["exact"]["recall"] is None
     for m in ("mage", "mage_l1", "quest"):
         assert recs[m]["kv_fraction"] < 1.0
         assert 0.0 <= recs[m]["recall"] <= 1.0 and 0.0 <= recs[m]["mass_recall"] <= 1.0
+        # a selection of k entries reads at most the mass of the step's own top-k
+        assert recs[m]["mass_recall"] <= recs[m]["oracle_mass"] + 1e-9 <= 1.0 + 1e-9
     assert recs["mage_adaptive"]["adaptive"] and recs["control"]["k"] == 32
     assert len(rep["heatmap"]) == len(METHOD_NAMES) * 2
     assert rep["needle_mass"] and all(v is None or 0 <= v <= 1

@@ -38,7 +38,9 @@ def test_hand_made_recall():
     r = oracle_recall(q, kb, vb, kv, sel_of([[[1, 2]], [[]]], 2), 2, 1.0)
     assert r.set_recall[0, 0].item() == pytest.approx(0.5)
     assert r.mass_recall[0, 0].item() == pytest.approx((e[1] + e[2]) / sum(e), rel=1e-6)
+    assert r.oracle_mass[0, 0].item() == pytest.approx((e[4] + e[1]) / sum(e), rel=1e-6)
     assert math.isnan(r.set_recall[1, 0].item()) and math.isnan(r.mass_recall[1, 0].item())
+    assert math.isnan(r.oracle_mass[1, 0].item())
     r = oracle_recall(q, kb, vb, kv, sel_of([[[0, 1, 2, 3, 4]], [[]]], 5), 3, 1.0)
     assert r.set_recall[0, 0].item() == 1.0 and r.mass_recall[0, 0].item() == pytest.approx(1.0)
     r = oracle_recall(q, kb, vb, kv, sel_of([[[]], [[]]], 2), 2, 1.0)  # read nothing
@@ -56,7 +58,7 @@ def brute_force(inp, sel, ks, scale):
     _, _, scores = reference_attention(inp, scale=scale)
     batch, hkv, _ = scores.shape
     set_r = torch.full((batch, hkv), float("nan"), dtype=torch.float64)
-    mass_r = set_r.clone()
+    mass_r, oracle_r = set_r.clone(), set_r.clone()
     for b, n in enumerate(inp.cache_lens.tolist()):
         for h in range(hkv):
             row = scores[b, h, :n]
@@ -66,7 +68,8 @@ def brute_force(inp, sel, ks, scale):
                 set_r[b, h] = len(chosen & oracle) / int(ks[b, h])
             if n:
                 mass_r[b, h] = row[sorted(chosen)].sum() / row.sum()
-    return set_r, mass_r
+                oracle_r[b, h] = row[sorted(oracle)].sum() / row.sum()
+    return set_r, mass_r, oracle_r
 
 
 @pytest.mark.parametrize("k_kind", ["int", "none", "tensor"])
@@ -82,9 +85,13 @@ def test_recall_matches_brute_force(k_kind, gen):
          "tensor": torch.randint(1, 12, (4, hkv), generator=gen, dtype=torch.int32)}[k_kind]
     ks = counts if k is None else (torch.full((4, hkv), k) if isinstance(k, int) else k)
     r = oracle_recall(inp.q, inp.k_block, inp.v_block, kv, sel, k, 0.3)
-    ref_set, ref_mass = brute_force(inp, sel, ks, 0.3)
+    ref_set, ref_mass, ref_oracle = brute_force(inp, sel, ks, 0.3)
     assert torch.allclose(r.set_recall, ref_set, equal_nan=True)
     assert torch.allclose(r.mass_recall, ref_mass, atol=1e-6, equal_nan=True)
+    assert torch.allclose(r.oracle_mass, ref_oracle, atol=1e-6, equal_nan=True)
+    if k_kind == "none":   # O has the selection's size: no selection of it reads more mass
+        ok = ~r.mass_recall.isnan()
+        assert (r.mass_recall[ok] <= r.oracle_mass[ok] + 1e-12).all()
 
 
 @pytest.mark.parametrize("length", [1, 3, 7, 8, 9])
@@ -100,7 +107,7 @@ def test_set_recall_at_short_contexts_divides_by_k(length, gen):
     assert torch.allclose(r.set_recall, want)
     assert torch.allclose(r.mass_recall, torch.ones(1, hkv, dtype=torch.float64))
     ks = torch.full((1, hkv), k)
-    ref_set, _ = brute_force(inp, everything, ks, 0.25)
+    ref_set, _, _ = brute_force(inp, everything, ks, 0.25)
     assert torch.allclose(r.set_recall, ref_set)
     # the meter averages the same values
     meter = RecallMeter(k=k)
@@ -132,6 +139,10 @@ def test_meter_skips_dense_commit_and_first_step_and_averages(gen):
     assert sorted(out["per_layer"]) == [2, 3]
     layer3 = torch.stack([expect[(3, s)].mass_recall for s in (1, 2)])
     assert out["per_layer"][3]["mass_recall"] == pytest.approx(layer3.mean().item())
+    assert out["oracle_mass"] == pytest.approx(
+        torch.stack([r.oracle_mass for r in expect.values()]).mean().item())
+    assert out["per_layer"][2]["oracle_mass"] == pytest.approx(
+        torch.stack([expect[(2, s)].oracle_mass for s in (1, 2)]).mean().item())
     rec = [x for x in out["records"] if (x["layer"], x["head"], x["step"]) == (2, 1, 2)]
     assert rec[0]["set_recall"] == pytest.approx(expect[(2, 2)].set_recall[:, 1].mean().item())
     assert RecallMeter().summary()["set_recall"] is None
