@@ -66,6 +66,9 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], None], prog: str,
             raise
         sys.stderr.write(f"\n{prog}: interrupted\n")
         sys.exit(130)
+    except BrokenPipeError:  # the reader left (`... | head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        sys.exit(1)
     except Exception as e:  # noqa: BLE001  (every error reaches the user as one line)
         if debug:
             raise

@@ -99,6 +99,17 @@ def test_generate_missing_checkpoint_one_line(tmp_path, capsys):
     _one_line_error(err, "does not exist")
 
 
+def test_a_closed_pipe_ends_the_command_quietly():
+    """`python -m ... | head -1`: the reader leaves early; no error line, no traceback."""
+    code = ("from mage_ext.cli_common import run_cli\n"
+            "run_cli(lambda argv: [print('row ' * 20) for _ in range(200000)], 'prog', [])\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run(f"{sys.executable} -c \"{code}\" | head -1", shell=True, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.startswith("row ") and proc.stdout.count("\n") == 1
+    assert proc.stderr == ""
+
+
 def test_generate_debug_shows_the_exception(ckpt):
     with pytest.raises(cli_common.CliError, match="vocabulary"):
         cli.generate_main(["--model", ckpt, "--ids", "1,99999", "--debug", "--device", "cpu"])
