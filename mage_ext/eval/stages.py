@@ -7,7 +7,8 @@ seeds (a grid split over several runs): they are joined first (``join_seeds``). 
 every record of both (each carries its ``stage``), the after run's ``steps`` and ``lambda``,
 the top-level ``device``, ``torch``, ``commit`` and ``date`` of the after run, and each run's
 own header under ``runs``. A committed file is never overwritten without --force. It then
-prints a before / after table (accuracy per task, mass recall; means over seeds).
+prints a before / after table (accuracy per task, mass recall and its ceiling; means over
+seeds).
 """
 from __future__ import annotations
 
@@ -81,14 +82,15 @@ def _mean(values) -> float:
 
 
 def table(evidence: dict) -> str:
-    """Markdown: one row per (method, dense layers, k), each task's accuracy and the mass recall
-    before -> after, each a mean over the seeds (records weighted alike: equal prompts a cell)."""
+    """Markdown: one row per (method, dense layers, k), each task's accuracy, the mass recall and
+    its ceiling (``oracle_mass``) before -> after, each a mean over the seeds (records weighted
+    alike: equal prompts a cell)."""
     tasks = evidence["config"]["tasks"]
     cells: dict = {}
     for r in evidence["records"]:
         key = (r["method"], r.get("dense_layers"), r.get("k"))
         cells.setdefault(key, {}).setdefault(r["stage"], []).append(r)
-    head = ["method", "dense layers", "k"] + tasks + ["mass recall"]
+    head = ["method", "dense layers", "k"] + tasks + ["mass recall", "mass ceiling"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def pair(rows_by_stage, pick) -> str:
@@ -103,6 +105,7 @@ def table(evidence: dict) -> str:
         for t in tasks:
             row.append(pair(by_stage, lambda rs: [r["accuracy"] for r in rs if r["task"] == t]))
         row.append(pair(by_stage, lambda rs: [r.get("mass_recall") for r in rs]))
+        row.append(pair(by_stage, lambda rs: [r.get("oracle_mass") for r in rs]))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

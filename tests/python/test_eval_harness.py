@@ -161,6 +161,10 @@ def test_dense_layer_settings_seeds_and_matched_controls(tiny_dir):
     table = summary_table(recs)
     assert "| random | 16 | 0 |" in table and "| random | 16 | 2 |" in table
     assert "| exact | - | - |" in table
+    head, rule, *rows = table.splitlines()
+    assert "| mass recall | mass ceiling | KV read |" in head
+    assert all(row.count("|") == head.count("|") == rule.count("|") for row in rows)
+    assert summary_table([dict(r, oracle_mass=None) for r in recs])   # files from before the key
 
 
 def test_bad_config():
