@@ -47,6 +47,11 @@ def combine(before: dict, after: dict) -> dict:
                 records=before["records"] + after["records"])
 
 
+def _seeds(run: dict) -> list:
+    config = run["config"]   # files written before the seeds list carry one "seed"
+    return list(config["seeds"]) if "seeds" in config else [config.get("seed", 0)]
+
+
 def join_seeds(runs: list) -> dict:
     """One run from runs of the same stage, model, device and grid over disjoint seeds (a grid
     split over calls); records in the order given, ``commit`` / ``date`` of the last, the
@@ -64,13 +69,12 @@ def join_seeds(runs: list) -> dict:
                              f"{', '.join(differ)} (only the seeds may differ)")
         if run.get("complete") is False:
             raise ValueError(f"file {i + 1} of one stage is an unfinished run")
-        seeds = set(run["config"]["seeds"])
+        seeds = set(_seeds(run))
         if seeds & seen:
             raise ValueError(f"file {i + 1} of one stage repeats seeds {sorted(seeds & seen)}")
         seen |= seeds
     last = runs[-1]
-    return dict(last, config=dict(last["config"], seeds=[s for r in runs
-                                                         for s in r["config"]["seeds"]]),
+    return dict(last, config=dict(last["config"], seeds=[s for r in runs for s in _seeds(r)]),
                 commits=[r.get("commit") for r in runs],
                 note="; ".join(dict.fromkeys(r.get("note") or "" for r in runs)) or None,
                 records=[rec for r in runs for rec in r["records"]])

@@ -1,5 +1,6 @@
 """The evaluation harness end to end on a tiny random model with the project's vocabulary (CPU)."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,6 +118,11 @@ def test_command_line_stage_seeds_and_dense_settings(tiny_dir, tmp_path):
     assert joined_data["runs"]["before"]["commits"] == ["c0", "c1"]
     with pytest.raises(CliError, match="repeats seeds \\[0\\]"):
         stages_main([f"{parts[0]},{parts[0]}", str(after), "--out", str(joined)])
+    old_style = json.loads(Path(parts[1]).read_text())   # one "seed", as older files have
+    old_style["config"]["seed"] = old_style["config"].pop("seeds")[0]
+    Path(parts[1]).write_text(json.dumps(old_style))
+    stages_main([",".join(parts), str(after), "--out", str(joined)])
+    assert json.loads(joined.read_text())["config"]["seeds"] == [0, 1]
     with pytest.raises(CliError, match="differs from the first in: stage"):
         stages_main([f"{parts[0]},{after}", str(after), "--out", str(joined)])
     from mage_ext.eval.stages import table
